@@ -1,0 +1,1 @@
+"""Command-line tools: thin adapters over diffpose_ros.core (no ROS needed)."""

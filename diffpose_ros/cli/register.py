@@ -1,0 +1,61 @@
+"""``diffpose-register``: refine an initial C-arm pose against one X-ray and print the result as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ..core.geometry import Intrinsics
+from ..core.io import load_pose, read_xray, save_json, write_overlay
+from ..core.preprocess import check_image, line_integrals_from_transmission
+from ..core.register import Registrar
+from .common import add_ct_arguments, load_attenuation, run_cli
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(prog="diffpose-register", description=__doc__)
+    add_ct_arguments(parser)
+    parser.add_argument("--camera-info", required=True, help="ROS camera-calibration YAML of the image")
+    parser.add_argument("--image", required=True, help=".npy line integrals, or PNG/TIFF transmission image")
+    parser.add_argument("--init", required=True, help="initial pose JSON (T_ct_source, mm)")
+    parser.add_argument("--out", help="write the result JSON here (it is always printed)")
+    parser.add_argument("--mirror", action="store_true", help="the device shows the image from the detector side")
+    parser.add_argument("--overlay", help="write a PNG of the image with the DRR's edges at the result")
+    args = parser.parse_args(argv)
+
+    intrinsics = Intrinsics.from_yaml(args.camera_info)
+    init = load_pose(args.init)
+    raw, kind = read_xray(args.image)
+    if kind == "transmission":
+        image = line_integrals_from_transmission(raw, mirror=args.mirror)
+    else:
+        image = check_image(raw, "line-integral image")
+        image = image.flip(-1) if args.mirror else image
+    if tuple(image.shape) != (intrinsics.height, intrinsics.width):
+        raise ValueError(
+            f"image {args.image} is {image.shape[1]}x{image.shape[0]} but the camera info says "
+            f"{intrinsics.width}x{intrinsics.height}"
+        )
+    registrar = Registrar(load_attenuation(args))
+    result = registrar.register(image, intrinsics, init)
+    record = result.as_dict()
+    text = json.dumps(record, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        save_json(args.out, record)
+    if args.overlay:
+        with torch.no_grad():
+            drr = registrar.renderer().render(result.pose, intrinsics)
+        write_overlay(args.overlay, image, drr)
+    if result.failed:
+        print("warning: registration failed its checks (see 'converged' and 'similarity')", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)

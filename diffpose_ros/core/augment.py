@@ -1,0 +1,105 @@
+"""Training augmentations that make a DRR-trained network survive real fluoroscopy.
+
+All functions take a batch of line-integral images ``(B, H, W)`` (what the renderer makes) and
+return what preprocessing of a device frame would give: quantum noise is applied to the
+transmission image ``I0 exp(-L)`` and undone with the same ``log``; contrast, blur, detector gain,
+collimation and occluders act where they act on a real device. Randomness comes from one
+``torch.Generator`` so a seed reproduces a batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["AugmentConfig", "augment"]
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Ranges of the augmentations (see ``config/training.yaml``).
+
+    ``i0``: photons per unattenuated pixel, drawn log-uniformly; ``gamma``: exponent on the line
+    integrals (nonlinear detector response / scatter); ``blur_px``: Gaussian detector blur sigma;
+    ``collimation``: probability and largest fraction of the width cut off per side (set to the
+    collimator's level); ``erase``: probability of one random occluding rectangle (tools, leads) of
+    up to ``erase_size`` of the image side; ``offset``: additive line-integral offset (scatter, unknown
+    I0 estimate), as a fraction of the image's mean.
+    """
+
+    i0: tuple[float, float] = (500.0, 2e4)
+    gamma: tuple[float, float] = (0.8, 1.25)
+    blur_px: tuple[float, float] = (0.0, 1.2)
+    collimation: tuple[float, float] = (0.3, 0.15)
+    erase: float = 0.3
+    erase_size: float = 0.25
+    offset: tuple[float, float] = (-0.1, 0.1)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "AugmentConfig":
+        d = dict(d or {})
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown augmentation keys: {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    def as_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def _uniform(lo_hi, n, g, log=False):
+    lo, hi = lo_hi
+    u = torch.rand(n, generator=g)
+    if log:
+        return torch.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
+    return lo + u * (hi - lo)
+
+
+def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Per-image separable Gaussian blur of ``(B, H, W)`` with sigmas ``(B,)`` (pixels; 0 = none)."""
+    radius = 3
+    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (offsets[None] / sigma.clamp(min=1e-3)[:, None]) ** 2)
+    k = k / k.sum(1, keepdim=True)  # (B, 2r+1)
+    B = x.shape[0]
+    y = F.pad(x[None], (radius, radius, radius, radius), mode="replicate")  # (1, B, H+2r, W+2r)
+    y = F.conv2d(y, k[:, None, None, :], groups=B)
+    y = F.conv2d(y, k[:, None, :, None], groups=B)
+    return y[0]
+
+
+def augment(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Augmented copies of line-integral images ``(B, H, W)`` (float32)."""
+    x = images.float()
+    B, H, W = x.shape
+    g = generator
+    # Nonlinear response first (on the physics), then quantum noise on the transmission image.
+    x = x.clamp(min=0) ** _uniform(config.gamma, B, g)[:, None, None]
+    i0 = _uniform(config.i0, B, g, log=True)[:, None, None]
+    counts = torch.poisson(i0 * torch.exp(-x), generator=g)
+    x = torch.log(i0) - torch.log(counts.clamp(min=0.5))
+    x = _blur(x, _uniform(config.blur_px, B, g))
+    x = x + _uniform(config.offset, B, g)[:, None, None] * x.mean((1, 2), keepdim=True)
+    # Collimation: a band at each side at the collimator's (high-attenuation) level.
+    p_col, max_frac = config.collimation
+    level = x.amax((1, 2)) * 1.1
+    cols = torch.arange(W)[None, None, :]
+    rows = torch.arange(H)[None, :, None]
+    for edge in range(4):
+        on = torch.rand(B, generator=g) < p_col
+        width = (torch.rand(B, generator=g) * max_frac * (W if edge < 2 else H)).long() * on
+        w = width[:, None, None]
+        mask = [cols < w, cols >= W - w, rows < w, rows >= H - w][edge]
+        x = torch.where(mask, level[:, None, None], x)
+    # One random occluder (a tool or lead) per chosen image, opaque-ish.
+    on = torch.rand(B, generator=g) < config.erase
+    size = (torch.rand(B, 2, generator=g) * config.erase_size * torch.tensor([H, W])).long() + 1
+    top = (torch.rand(B, generator=g) * H).long()
+    left = (torch.rand(B, generator=g) * W).long()
+    box = (rows >= top[:, None, None]) & (rows < (top + size[:, 0])[:, None, None])
+    box = box & (cols >= left[:, None, None]) & (cols < (left + size[:, 1])[:, None, None]) & on[:, None, None]
+    x = torch.where(box, level[:, None, None] * torch.rand(B, 1, 1, generator=g), x)
+    return x

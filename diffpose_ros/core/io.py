@@ -1,0 +1,95 @@
+"""Files the command-line tools read and write: pose JSON and X-ray images.
+
+Pose files are JSON ``{"T_ct_source": [[4x4 row-major]]}`` in millimetres and contract frames.
+Images: ``.npy`` holds float line integrals (``H x W``); PNG/TIFF (8- or 16-bit, one channel)
+hold transmission images as a detector delivers them. Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+__all__ = ["load_pose", "save_json", "read_xray", "write_png", "overlay_edges", "write_overlay"]
+
+
+def load_pose(path: str | Path) -> torch.Tensor:
+    """``T_ct_source`` (4x4 float64, mm) from a pose JSON file; ``ValueError`` if it is not a rigid transform."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pose file not found: {path}")
+    try:
+        T = torch.tensor(json.loads(path.read_text())["T_ct_source"], dtype=torch.float64)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path} is not a pose JSON with a 4x4 'T_ct_source': {err}") from err
+    if T.shape != (4, 4) or not torch.isfinite(T).all():
+        raise ValueError(f"{path}: T_ct_source must be a finite 4x4 matrix, got shape {tuple(T.shape)}")
+    R = T[:3, :3]
+    if not torch.allclose(R.T @ R, torch.eye(3, dtype=torch.float64), atol=1e-4) or float(torch.det(R)) < 0:
+        raise ValueError(f"{path}: the rotation part of T_ct_source is not a proper rotation")
+    if not torch.allclose(T[3], torch.tensor([0.0, 0, 0, 1], dtype=torch.float64)):
+        raise ValueError(f"{path}: the last row of T_ct_source must be [0, 0, 0, 1]")
+    return T
+
+
+def save_json(path: str | Path, data: dict) -> None:
+    """Write ``data`` as indented JSON (tensors and arrays become lists)."""
+
+    def plain(x):
+        if isinstance(x, (torch.Tensor, np.ndarray)):
+            return x.tolist()
+        raise TypeError(f"cannot write {type(x).__name__} to JSON")
+
+    Path(path).write_text(json.dumps(data, indent=2, default=plain) + "\n")
+
+
+def read_xray(path: str | Path) -> tuple[np.ndarray, str]:
+    """Read an X-ray: ``(array, kind)`` with kind ``"line_integrals"`` (.npy) or ``"transmission"`` (PNG/TIFF)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    if path.suffix.lower() == ".npy":
+        try:
+            return np.load(path, allow_pickle=False).astype(np.float32), "line_integrals"
+        except ValueError as err:
+            raise ValueError(f"{path} is not a plain numeric .npy array: {err}") from err
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ValueError(f"cannot read {path} as an image (PNG/TIFF 8/16-bit or .npy)")
+    if image.ndim == 3:
+        raise ValueError(f"{path} has {image.shape[2]} channels; X-rays must be single-channel")
+    return image, "transmission"
+
+
+def write_png(path: str | Path, image: np.ndarray | torch.Tensor) -> None:
+    """Save a picture of ``image``, min-max scaled to 8 bits (bright = high value)."""
+    a = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image, dtype=np.float64)
+    lo, hi = np.percentile(a, [0.5, 99.5])
+    cv2.imwrite(str(path), np.clip((a - lo) / max(hi - lo, 1e-12) * 255, 0, 255).astype(np.uint8))
+
+
+def overlay_edges(xray: np.ndarray | torch.Tensor, drr: np.ndarray | torch.Tensor) -> np.ndarray:
+    """``(H, W, 3)`` BGR uint8 picture: the X-ray in grey with the DRR's edges (Canny) in green.
+
+    Both inputs are line-integral-like images on the same pixel grid (bright = more attenuation).
+    """
+
+    def to8(a):
+        a = np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a, dtype=np.float64)
+        lo, hi = np.percentile(a, [0.5, 99.5])
+        return np.clip((a - lo) / max(hi - lo, 1e-12) * 255, 0, 255).astype(np.uint8)
+
+    grey = to8(xray)
+    edges = cv2.Canny(cv2.GaussianBlur(to8(drr), (5, 5), 1.0), 30, 90) > 0
+    picture = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+    picture[edges] = (0, 255, 0)
+    return picture
+
+
+def write_overlay(path: str | Path, xray: np.ndarray | torch.Tensor, drr: np.ndarray | torch.Tensor) -> None:
+    """Save :func:`overlay_edges` of ``xray`` and ``drr`` as a PNG."""
+    cv2.imwrite(str(path), overlay_edges(xray, drr))

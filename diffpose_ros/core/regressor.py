@@ -1,0 +1,79 @@
+"""The patient-specific pose CNN: an X-ray in, ``T_ct_source`` out.
+
+Backbone: a timm model (default ``resnet18``), one input channel, GroupNorm (batch statistics
+would tie a prediction to its batch), not pretrained (no weights can be downloaded). Head: one
+zero-initialised linear layer with 9 outputs, so an untrained network predicts the reference pose.
+
+Pose representation (chosen for conditioning, not the se(3) log of the paper):
+
+- rotation: the 6D representation (two columns, Gram-Schmidt; continuous, unlike Euler angles or
+  the log map near pi) of a correction ``R_delta`` applied in the source frame,
+  ``R_source_ct = R_delta R_ref``;
+- translation: the position ``p`` of an anchor point (the CT centre) in the source frame, in units
+  of 100 mm around the reference. In-plane position and depth of the anatomy are then separate
+  outputs, instead of a translation entangled with the rotation about a far-away source.
+
+``T_source_ct = [R_source_ct | p - R_source_ct anchor]``; the output is its inverse ``T_ct_source``
+(mm, contract frames).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import roma
+import timm
+import torch
+from timm.layers import GroupNorm
+from torch import nn
+
+from . import se3
+
+__all__ = ["PoseRegressor"]
+
+_P_SCALE = 100.0  # mm per output unit of the anchor position
+
+
+class PoseRegressor(nn.Module):
+    """CNN pose regressor for one patient.
+
+    ``reference_pose``: ``T_ct_source`` (4x4, mm) the head's zero output stands for (the centre of
+    the training range); ``anchor_ct``: the anchor point (``ct``, mm); ``backbone``: a timm model
+    name; ``image_size``: the square input size in pixels (inputs from :meth:`prepare`).
+    """
+
+    def __init__(self, reference_pose: torch.Tensor, anchor_ct: torch.Tensor, backbone: str = "resnet18", image_size: int = 64):
+        super().__init__()
+        self.backbone_name = backbone
+        self.image_size = int(image_size)
+        self.backbone = timm.create_model(
+            backbone, pretrained=False, in_chans=1, num_classes=0, norm_layer=functools.partial(GroupNorm, num_groups=8)
+        )
+        self.head = nn.Linear(self.backbone.num_features, 9)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        T_source_ct = se3.inverse(reference_pose.to(torch.float64))
+        anchor = anchor_ct.to(torch.float64)
+        self.register_buffer("ref_rotation", T_source_ct[:3, :3].float())
+        self.register_buffer("ref_anchor_source", (T_source_ct[:3, :3] @ anchor + T_source_ct[:3, 3]).float())
+        self.register_buffer("anchor_ct", anchor.float())
+
+    @staticmethod
+    def prepare(images: torch.Tensor) -> torch.Tensor:
+        """Network input ``(B, 1, S, S)`` from line-integral images ``(B, S, S)``: per-image zero mean, unit std."""
+        x = images.float().flatten(1)
+        x = (x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-6)
+        return x.reshape(images.shape[0], 1, *images.shape[-2:])
+
+    def decode(self, out: torch.Tensor) -> torch.Tensor:
+        """``T_ct_source`` ``(B, 4, 4)`` (float32, mm) from head outputs ``(B, 9)``."""
+        eye = torch.eye(3, 2, dtype=out.dtype, device=out.device)
+        R_delta = roma.special_gramschmidt(eye + out[:, :6].reshape(-1, 3, 2))
+        R = R_delta @ self.ref_rotation
+        p = self.ref_anchor_source + _P_SCALE * out[:, 6:9]
+        t = p - R @ self.anchor_ct
+        return se3.inverse(se3.make_pose(R, t))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Poses ``T_ct_source`` ``(B, 4, 4)`` for prepared inputs ``(B, 1, S, S)``."""
+        return self.decode(self.head(self.backbone(x)))

@@ -1,0 +1,308 @@
+"""Preoperative, self-supervised training of the pose CNN on one patient's CT.
+
+Each step draws views over the clinical range (:mod:`.sampling`), renders their DRRs with our
+renderer on a coarsened attenuation volume, applies device-like augmentations (:mod:`.augment`),
+and regresses the pose (:mod:`.regressor`). The loss is the 3D mean target registration error
+(mm, over the target points) plus a small rotation term (degrees): the metric we report, directly.
+
+Rendering is the costly half, so renders are pooled and reused with an exact augmentation: a view
+with in-plane roll ``gamma`` is ``T(gamma = 0) Rz(gamma)`` (a rotation about the principal ray),
+so the pool holds renders at ``gamma = 0`` on a slightly larger detector and each use rotates the
+image about the principal point by a fresh ``gamma`` and crops it, with fresh noise on top.
+
+The schedule is set by wall-clock time (the user's budget): cosine decay of the learning rate over
+the budget after a short warm-up. Checkpoints are safetensors (weights and optimiser state) plus a
+JSON state; a run resumes from them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from . import metrics, se3
+from .augment import AugmentConfig, augment
+from .geometry import Intrinsics, carm_pose
+from .regressor import PoseRegressor
+from .render import Renderer
+from .sampling import ViewRange, sample_views
+from .volume import Volume, hu_to_mu
+
+__all__ = ["TrainConfig", "Trainer", "validation_errors"]
+
+
+@dataclass
+class TrainConfig:
+    """Training settings (``config/training.yaml`` holds the defaults in readable form).
+
+    Detector: ``sdd_mm``, ``detector_pixels``, ``pixel_mm`` define the device-independent working
+    camera; the CNN sees it resampled to ``image_size`` pixels. ``voxel_mm``: training volume voxel
+    size; ``bone_scales``: bone attenuation multipliers (one volume each, drawn per batch).
+    """
+
+    image_size: int = 64
+    sdd_mm: float = 1020.0
+    detector_pixels: int = 256
+    pixel_mm: float = 1.2
+    voxel_mm: float = 2.8
+    bone_scales: tuple[float, ...] = (1.0, 1.6, 2.4)
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    backbone: str = "resnet18"
+    pool_size: int = 1024
+    pool_refresh: int = 8
+    validation_views: int = 64
+    validation_every_s: float = 60.0
+    checkpoint_every_s: float = 120.0
+    rotation_weight: float = 1.0
+    seed: int = 0
+    view_range: ViewRange = field(default_factory=ViewRange)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "TrainConfig":
+        d = dict(d or {})
+        view = ViewRange.from_dict(d.pop("view_range", None))
+        aug = AugmentConfig.from_dict(d.pop("augment", None))
+        known = {f for f in cls.__dataclass_fields__} - {"view_range", "augment"}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown training keys: {sorted(unknown)}")
+        if "bone_scales" in d:
+            d["bone_scales"] = tuple(d["bone_scales"])
+        return cls(view_range=view, augment=aug, **d)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["view_range"] = self.view_range.as_dict()
+        d["augment"] = self.augment.as_dict()
+        d["bone_scales"] = list(self.bone_scales)
+        return d
+
+    @property
+    def intrinsics(self) -> Intrinsics:
+        """The CNN's working camera: the configured detector resampled to ``image_size``."""
+        full = Intrinsics.from_detector(self.sdd_mm, self.detector_pixels, self.detector_pixels, self.pixel_mm)
+        return full.resized(self.image_size)
+
+
+def _roll(images: torch.Tensor, angles: torch.Tensor, size: int) -> torch.Tensor:
+    """Rotate ``(B, S', S')`` images by ``angles`` (rad) about their centre and crop the central ``size``.
+
+    A source-frame roll ``Rz(g)`` maps pixel offset ``(du, dv)`` to ``R(g)^T (du, dv)``: sampling the
+    rolled image at ``q`` reads the original at ``R(g) q``.
+    """
+    B, S, _ = images.shape
+    c, s = torch.cos(angles).float(), torch.sin(angles).float()
+    scale = size / S
+    theta = torch.stack([torch.stack([c * scale, -s * scale, torch.zeros_like(c)], -1),
+                         torch.stack([s * scale, c * scale, torch.zeros_like(c)], -1)], 1)
+    grid = F.affine_grid(theta, (B, 1, size, size), align_corners=False)
+    return F.grid_sample(images[:, None].float(), grid, mode="bilinear", align_corners=False)[:, 0]
+
+
+def validation_errors(estimates: torch.Tensor, truths: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Median / mean / p90 3D mTRE (mm) and median rotation error (deg) over a set of views."""
+    errors = metrics.mtre(estimates.double(), truths.double(), targets)
+    angles = torch.rad2deg(se3.rotation_angle(estimates.double(), truths.double()))
+    return {
+        "median_mtre_mm": float(errors.median()),
+        "mean_mtre_mm": float(errors.mean()),
+        "p90_mtre_mm": float(torch.quantile(errors, 0.9)),
+        "median_rotation_deg": float(angles.median()),
+    }
+
+
+class Trainer:
+    """Trains a :class:`PoseRegressor` on one CT (``hu``: Hounsfield units in ``ct``) against ``targets``
+    (``(P, 3)`` points in ``ct``, mm)."""
+
+    def __init__(self, hu: Volume, targets: torch.Tensor, config: TrainConfig, device: str | torch.device = "cpu"):
+        self.config = config
+        self.device = torch.device(device)
+        self.targets = targets.double()
+        self.center = hu.center
+        self.generator = torch.Generator().manual_seed(config.seed)
+        backend = "torch" if self.device.type == "cuda" else "numba"
+        self.renderers = [
+            Renderer(hu_to_mu(hu, bone_scale=b).coarsened_to(config.voxel_mm), backend=backend, device=self.device)
+            for b in config.bone_scales
+        ]
+        self.camera = config.intrinsics
+        # Pool renders are larger, so that any roll in the range can be cropped back to image_size.
+        max_roll = math.radians(max(abs(g) for g in config.view_range.gamma_deg))
+        pool_px = int(math.ceil(config.image_size * (math.cos(max_roll) + math.sin(max_roll)) / 2)) * 2
+        self.pool_camera = Intrinsics(pool_px, pool_px, self.camera.fx, self.camera.fy, (pool_px - 1) / 2, (pool_px - 1) / 2)
+        mid = lambda r: sum(r) / 2  # noqa: E731
+        vr = config.view_range
+        reference = carm_pose(math.radians(mid(vr.alpha_deg)), math.radians(mid(vr.beta_deg)), 0.0, mid(vr.sod_mm), self.center)
+        self.model = PoseRegressor(reference, self.center, config.backbone, config.image_size).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.step = 0
+        self.elapsed = 0.0
+        self.history: list[dict] = []
+        self.best: dict | None = None
+        self._best_state: dict | None = None
+        self._pool_images = torch.empty(0)
+        self._pool_poses = torch.empty(0)
+        self.validation = self._make_validation()
+
+    # ----- data -----
+    def _render(self, poses: torch.Tensor, camera: Intrinsics, renderer: Renderer) -> torch.Tensor:
+        with torch.no_grad():
+            return renderer.render(poses, camera).float().cpu()
+
+    def _views(self, n: int, roll: bool) -> torch.Tensor:
+        vr = self.config.view_range
+        if not roll:
+            vr = ViewRange(vr.alpha_deg, vr.beta_deg, (0.0, 0.0), vr.sod_mm, vr.isocenter_mm)
+        return sample_views(vr, n, self.center, self.generator)[0]
+
+    def _refresh_pool(self, n: int) -> None:
+        """Render ``n`` new gamma = 0 views into the pool (evicting the oldest when full)."""
+        renderer = self.renderers[int(torch.randint(len(self.renderers), (1,), generator=self.generator))]
+        poses = self._views(n, roll=False)
+        images = self._render(poses, self.pool_camera, renderer)
+        self._pool_images = torch.cat([self._pool_images, images])[-self.config.pool_size :]
+        self._pool_poses = torch.cat([self._pool_poses, poses])[-self.config.pool_size :]
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training batch: prepared inputs ``(B, 1, S, S)`` and true poses ``(B, 4, 4)`` (float64)."""
+        cfg = self.config
+        if len(self._pool_images) < cfg.batch_size:
+            self._refresh_pool(cfg.batch_size * 4)
+        else:
+            self._refresh_pool(cfg.pool_refresh)
+        idx = torch.randint(len(self._pool_images), (cfg.batch_size,), generator=self.generator)
+        lo, hi = (math.radians(g) for g in cfg.view_range.gamma_deg)
+        gamma = lo + (hi - lo) * torch.rand(cfg.batch_size, generator=self.generator, dtype=torch.float64)
+        images = _roll(self._pool_images[idx], gamma, cfg.image_size)
+        zeros = torch.zeros_like(gamma)
+        roll = se3.exp(torch.stack([zeros, zeros, zeros, zeros, zeros, gamma], -1))
+        poses = self._pool_poses[idx] @ roll
+        return PoseRegressor.prepare(augment(images, cfg.augment, self.generator)), poses
+
+    def _make_validation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Held-out views (own seed), rendered once at full image size with fresh noise."""
+        g = torch.Generator().manual_seed(self.config.seed + 10_000)
+        poses = sample_views(self.config.view_range, self.config.validation_views, self.center, g)[0]
+        images = self._render(poses, self.camera, self.renderers[0])
+        return PoseRegressor.prepare(augment(images, self.config.augment, g)), poses
+
+    # ----- optimisation -----
+    def loss(self, predicted: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training loss and per-view mTRE (mm): ``mean mTRE + rotation_weight * mean angle (deg)``."""
+        errors = metrics.mtre(predicted, truth.to(predicted), self.targets.to(predicted))
+        angle = torch.rad2deg(se3.rotation_angle(predicted, truth.to(predicted)))
+        return errors.mean() + self.config.rotation_weight * angle.mean(), errors
+
+    def _learning_rate(self, progress: float) -> float:
+        warm = min(1.0, (self.step + 1) / self.config.warmup_steps)
+        return self.config.learning_rate * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def train_step(self, progress: float) -> dict:
+        """One optimisation step at ``progress`` (0..1 of the budget) of the schedule."""
+        x, poses = self.batch()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._learning_rate(progress)
+        self.model.train()
+        predicted = self.model(x.to(self.device)).double()
+        loss, errors = self.loss(predicted, poses.to(self.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)
+        self.optimizer.step()
+        self.step += 1
+        return {"loss": float(loss), "mtre_mm": float(errors.mean())}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Errors of the current network on the held-out views."""
+        self.model.eval()
+        x, poses = self.validation
+        predicted = torch.cat([self.model(chunk.to(self.device)).cpu() for chunk in x.split(64)])
+        return validation_errors(predicted, poses, self.targets)
+
+    def fit(self, budget_s: float, checkpoint: Path | None = None, progress=None) -> dict:
+        """Train until ``budget_s`` seconds (counting resumed time) have passed; returns the best validation.
+
+        ``progress``: an optional callable ``(elapsed_s, info: dict)`` for a progress display.
+        """
+        start = time.perf_counter() - self.elapsed
+        last_val = last_ckpt = self.elapsed
+        running = None
+        while True:
+            self.elapsed = time.perf_counter() - start
+            if self.elapsed >= budget_s:
+                break
+            info = self.train_step(self.elapsed / budget_s)
+            running = info["mtre_mm"] if running is None else 0.98 * running + 0.02 * info["mtre_mm"]
+            if self.elapsed - last_val >= self.config.validation_every_s:
+                self._record_validation()
+                last_val = self.elapsed
+            if checkpoint is not None and self.elapsed - last_ckpt >= self.config.checkpoint_every_s:
+                self.save_checkpoint(checkpoint)
+                last_ckpt = self.elapsed
+            if progress is not None:
+                progress(self.elapsed, {"step": self.step, "loss": info["loss"], "train_mtre_mm": running, **(self.best or {})})
+        self._record_validation()
+        if checkpoint is not None:
+            self.save_checkpoint(checkpoint)
+        return self.best
+
+    def _record_validation(self) -> None:
+        result = self.validate()
+        self.history.append({"seconds": self.elapsed, "step": self.step, **result})
+        if self.best is None or result["median_mtre_mm"] < self.best["median_mtre_mm"]:
+            self.best = {"step": self.step, "seconds": self.elapsed, **result}
+            self._best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def best_model(self) -> PoseRegressor:
+        """The network at its best validation (the current one if never validated)."""
+        if self._best_state is not None:
+            self.model.load_state_dict(self._best_state)
+        return self.model.eval()
+
+    # ----- checkpoints -----
+    def save_checkpoint(self, path: Path) -> None:
+        """Weights, best weights and optimiser state (safetensors) plus ``path.json`` with the counters."""
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        if self._best_state is not None:
+            tensors.update({f"best.{k}": v.cpu().contiguous() for k, v in self._best_state.items()})
+        opt = self.optimizer.state_dict()
+        for i, state in opt["state"].items():
+            for name, value in state.items():
+                tensors[f"optim.{i}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path))
+        state = {"step": self.step, "elapsed": self.elapsed, "history": self.history, "best": self.best,
+                 "config": self.config.as_dict(), "generator": self.generator.get_state().tolist()}
+        Path(str(path) + ".json").write_text(json.dumps(state))
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Resume from :meth:`save_checkpoint` files (the configuration must match)."""
+        state = json.loads(Path(str(path) + ".json").read_text())
+        if state["config"] != self.config.as_dict():
+            raise ValueError(f"checkpoint {path} was made with another training configuration")
+        tensors = load_file(str(path))
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        self._best_state = best or None
+        opt = self.optimizer.state_dict()
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, i, name = key.split(".", 2)
+                opt["state"].setdefault(int(i), {})[name] = value
+        self.optimizer.load_state_dict(opt)
+        self.step, self.elapsed = state["step"], state["elapsed"]
+        self.history, self.best = state["history"], state["best"]
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))

@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# Single entry point for developers, the README and CI.
+#
+#   bash scripts/dev.sh setup          create/update .venv (idempotent, fast when up to date)
+#   bash scripts/dev.sh demo  [args]   setup, then run diffpose-demo (bundled chest CT)
+#   bash scripts/dev.sh test  [args]   setup, then pytest on test/ (extra args go to pytest)
+#   bash scripts/dev.sh bench [args]   setup, then every benchmarks/bench_*.py (args go to each)
+#
+# Environment:
+#   DIFFPOSE_PYTHON   interpreter used to create .venv (default: python3.11, else python3; >= 3.10)
+#   DIFFPOSE_FORCE_SETUP=1   reinstall even if the stamp says .venv is up to date
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+VENV=".venv"
+PY="$VENV/bin/python"
+STAMP="$VENV/.diffpose_setup_stamp"
+
+log() { printf '[dev.sh] %s\n' "$*" >&2; }
+die() { printf '[dev.sh] ERROR: %s\n' "$*" >&2; exit 1; }
+
+usage() {
+    sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+}
+
+# Files whose content decides what setup installs; a change to any of them
+# re-runs the install steps.
+stamp_inputs() {
+    local f
+    for f in requirements/*.txt setup.py setup.cfg package.xml scripts/dev.sh \
+             scripts/install_ros2_wheels.sh; do
+        if [[ -f $f ]]; then printf '%s\n' "$f"; fi
+    done
+    if [[ -d ros2_interfaces ]]; then
+        find ros2_interfaces -type f | LC_ALL=C sort
+    fi
+}
+
+setup_hash() {
+    {
+        "$PY" -c 'import sys; print(sys.version)'
+        stamp_inputs | while IFS= read -r f; do sha256sum -- "$f"; done
+    } | sha256sum | cut -d' ' -f1
+}
+
+find_python() {
+    local cand
+    for cand in "${DIFFPOSE_PYTHON:-}" python3.11 python3; do
+        [[ -n $cand ]] || continue
+        command -v "$cand" >/dev/null 2>&1 || continue
+        if "$cand" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' >/dev/null 2>&1; then
+            printf '%s\n' "$cand"
+            return 0
+        fi
+    done
+    return 1
+}
+
+pip_install() {
+    "$PY" -m pip install --quiet --progress-bar off "$@"
+}
+
+cmd_setup() {
+    local start=$SECONDS
+
+    # A .venv whose python no longer runs (moved, interpreter removed) is rebuilt.
+    if [[ -e $VENV ]] && ! "$PY" -c 'import sys' >/dev/null 2>&1; then
+        log "$VENV is broken; recreating it"
+        rm -rf -- "$VENV"
+    fi
+
+    if [[ ! -x $PY ]]; then
+        local base
+        base="$(find_python)" || die "Python >= 3.10 not found on PATH (python3.11 preferred; set DIFFPOSE_PYTHON to choose one)"
+        log "creating $VENV with $base ($("$base" -c 'import sys; print(sys.version.split()[0])'))"
+        "$base" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' ||
+            log "warning: torch==2.14.1 is available locally for Python 3.11 only; other versions download it"
+        "$base" -m venv "$VENV" || die "'$base -m venv' failed (on Debian/Ubuntu: apt-get install python3-venv)"
+    fi
+
+    local want
+    want="$(setup_hash)"
+    if [[ ${DIFFPOSE_FORCE_SETUP:-0} != 1 && -f $STAMP && "$(cat "$STAMP")" == "$want" ]]; then
+        log "$VENV is up to date"
+        return 0
+    fi
+    rm -f -- "$STAMP"
+
+    log "upgrading pip"
+    pip_install --upgrade pip
+
+    # diffdrr is installed with --no-deps, so pip may print "ERROR: ... diffdrr
+    # 0.6.1 requires pyvista[all]/seaborn/imageio, which is not installed":
+    # expected and harmless (those are only for diffdrr's plotting helpers).
+    log "installing requirements/dev.txt + DiffDRR import deps (torch is large; first time takes minutes)"
+    pip_install -r requirements/dev.txt -r requirements/diffdrr.txt
+
+    log "installing diffdrr without its declared dependencies"
+    pip_install --no-deps -r requirements/diffdrr-nodeps.txt
+
+    log "installing diffpose_ros (editable)"
+    # PYTHONWARNINGS silences setuptools' generic "Editable installation" banner.
+    PYTHONWARNINGS=ignore pip_install -e .
+
+    # ---- HOOK: ROS 2 Python runtime from wheels (maintained separately) ----
+    # Runs only if the script exists and is executable; it is a no-op where a
+    # real ROS 2 install is sourced.
+    if [[ -x scripts/install_ros2_wheels.sh ]]; then
+        log "installing ROS 2 Python wheels (scripts/install_ros2_wheels.sh)"
+        scripts/install_ros2_wheels.sh "$VENV"
+    fi
+    # ---- end HOOK ----
+
+    printf '%s\n' "$want" >"$STAMP"
+    log "setup done in $((SECONDS - start)) s"
+}
+
+cmd_test() {
+    [[ -d test ]] || die "no test/ directory"
+    local rc=0
+    "$PY" -m pytest -q test "$@" || rc=$?
+    case $rc in
+        0) ;;
+        5) log "ERROR: pytest collected no tests (exit 5)" ;;
+        *) log "pytest failed (exit $rc)" ;;
+    esac
+    return "$rc"
+}
+
+cmd_bench() {
+    shopt -s nullglob
+    local benches=(benchmarks/bench_*.py)
+    shopt -u nullglob
+    if ((${#benches[@]} == 0)); then
+        log "no benchmarks/bench_*.py found"
+        return 0
+    fi
+    local b failed=0
+    for b in "${benches[@]}"; do
+        log "running $b"
+        "$PY" "$b" "$@" || { log "$b failed (exit $?)"; failed=1; }
+    done
+    return "$failed"
+}
+
+main() {
+    (($# >= 1)) || usage
+    local cmd=$1
+    shift
+    case $cmd in
+        setup) cmd_setup ;;
+        demo)
+            cmd_setup
+            exec "$VENV/bin/diffpose-demo" "$@"
+            ;;
+        test)
+            cmd_setup
+            cmd_test "$@"
+            ;;
+        bench)
+            cmd_setup
+            cmd_bench "$@"
+            ;;
+        -h | --help | help) usage ;;
+        *) log "unknown command: $cmd"; usage ;;
+    esac
+}
+
+main "$@"

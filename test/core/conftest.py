@@ -1,0 +1,107 @@
+"""Shared fixtures for the ROS-free core tests.
+
+The bundled CT is loaded once per session (it is the slow part); renderers and the registrar are
+built on it once. Images are kept small (64^2 / 96^2 / 128^2) so the whole suite runs on 2 cores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffpose_ros.core import geometry, register, render, volume
+
+SDD = 1020.0
+
+
+@pytest.fixture(scope="session")
+def ct_path():
+    return volume.default_ct_path()
+
+
+@pytest.fixture(scope="session")
+def hu(ct_path):
+    return volume.load_ct(ct_path)
+
+
+@pytest.fixture(scope="session")
+def mu(hu):
+    return volume.hu_to_mu(hu)
+
+
+@pytest.fixture(scope="session")
+def mu_coarse(mu):
+    """The bundled CT at ~2 mm (171 x 171 x 133): cheap enough for the torch backend on CPU."""
+    return mu.coarsened_to(2.0)
+
+
+@pytest.fixture(scope="session")
+def renderer(mu):
+    return render.Renderer(mu, backend="numba")
+
+
+@pytest.fixture(scope="session")
+def registrar(mu):
+    return register.Registrar(mu, backend="numba")
+
+
+@pytest.fixture(scope="session")
+def detector():
+    """The contract's detector: 256^2 pixels of 1.2 mm at SDD 1020 mm (fx = fy = 850 px)."""
+    return geometry.Intrinsics.from_detector(SDD, 256, 256, 1.2)
+
+
+@pytest.fixture(scope="session")
+def k64(detector):
+    return detector.resized(64)
+
+
+@pytest.fixture(scope="session")
+def k128(detector):
+    return detector.resized(128)
+
+
+@pytest.fixture(scope="session")
+def clinical_pose(hu):
+    """A view inside the contract's clinical range (alpha 15, beta -10, gamma 5 deg, SOD 750 mm)."""
+    iso = hu.center + torch.tensor([10.0, -5.0, 20.0], dtype=torch.float64)
+    return geometry.carm_pose(math.radians(15), math.radians(-10), math.radians(5), 750.0, iso)
+
+
+@pytest.fixture(scope="session")
+def diffdrr_render(ct_path, mu):
+    """``f(T_ct_source, K) -> (H, W)`` image from DiffDRR 0.6.1's Siddon renderer on OUR attenuation.
+
+    Uses the verified mapping of the geometry contract: RAS world without centring, F = diag(-1,-1,1,1),
+    camera turned 180 deg about z, detector offsets from the principal point.
+    """
+    pytest.importorskip("diffdrr")
+    from diffdrr.data import read
+    from diffdrr.drr import DRR
+    from diffdrr.pose import RigidTransform
+
+    subject = read(str(ct_path), orientation=None, center_volume=False)
+    density = mu.data.permute(2, 1, 0).contiguous()
+    F = torch.diag(torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=torch.float64))
+
+    def render_ref(T: torch.Tensor, K: geometry.Intrinsics) -> torch.Tensor:
+        H, W = K.height, K.width
+        dx, dy = SDD / K.fx, SDD / K.fy
+        drr = DRR(
+            subject,
+            sdd=SDD,
+            height=H,
+            width=W,
+            delx=dx,
+            dely=dy,
+            x0=dx * (K.cx - (W / 2 - 0.5)),
+            y0=dy * (K.cy - (H / 2 - 0.5)),
+            reverse_x_axis=True,
+        )
+        drr.density = density
+        with torch.no_grad():
+            return drr(RigidTransform((F @ T.double() @ F).float()[None]))[0, 0]
+
+    return render_ref
