@@ -38,6 +38,8 @@ setup(
         'opencv-python-headless>=4.8',
         'pillow>=10',
         'tqdm>=4.60',
+        # numba's thread pool; without it numba's OpenMP pool fights PyTorch's (see core/raymarch.py)
+        'tbb>=2021.6; platform_machine == "x86_64"',
     ],
     extras_require={
         'test': ['pytest'],
@@ -48,6 +50,9 @@ setup(
             'diffpose-drr = diffpose_ros.cli.drr:main',
             'diffpose-register = diffpose_ros.cli.register:main',
             'diffpose-demo = diffpose_ros.cli.demo:main',
+            'diffpose_node = diffpose_ros.ros.node:main',
+            'diffpose-train = diffpose_ros.cli.train:main',
+            'diffpose-evaluate = diffpose_ros.cli.evaluate:main',
         ],
     },
 )

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-__all__ = ["line_integrals_from_transmission", "check_image"]
+from .geometry import Intrinsics
+
+__all__ = ["line_integrals_from_transmission", "check_image", "warp_to_camera"]
 
 
 def check_image(image: np.ndarray | torch.Tensor, name: str = "image") -> torch.Tensor:
@@ -48,3 +51,29 @@ def line_integrals_from_transmission(
     i0 = float(torch.quantile(positive.flatten()[:: max(1, positive.numel() // 200_000)], i0_percentile / 100))
     L = (torch.log(torch.tensor(i0)) - torch.log(frame.clamp(min=floor))).clamp(min=0)
     return L.flip(-1) if mirror else L
+
+
+def warp_to_camera(image: torch.Tensor, source: Intrinsics, target: Intrinsics) -> torch.Tensor:
+    """Resample an ``(H, W)`` image from camera ``source`` into camera ``target`` (same source point).
+
+    Both cameras share the focal spot and orientation, so each target pixel's ray meets the source
+    image at ``u_s = fx_s (u_t - cx_t) / fx_t + cx_s`` (and likewise for v): an exact axis-aligned
+    affine map, no pose change. The image is first area-averaged toward the target's pixel size so
+    that shrinking does not alias. Pixels outside the source image become the image's mean.
+    """
+    sx, sy = target.fx / source.fx, target.fy / source.fy
+    img = image.float()
+    if sx < 1 or sy < 1:
+        h, w = max(1, round(img.shape[0] * min(sy, 1))), max(1, round(img.shape[1] * min(sx, 1)))
+        small = F.interpolate(img[None, None], size=(h, w), mode="area")[0, 0]
+        source = source.resized(w, h)
+        img = small
+    v, u = torch.meshgrid(
+        torch.arange(target.height, dtype=torch.float64), torch.arange(target.width, dtype=torch.float64), indexing="ij"
+    )
+    us = source.fx * (u - target.cx) / target.fx + source.cx
+    vs = source.fy * (v - target.cy) / target.fy + source.cy
+    grid = torch.stack([(2 * us + 1) / source.width - 1, (2 * vs + 1) / source.height - 1], -1).float()
+    fill = img.mean()
+    out = F.grid_sample((img - fill)[None, None], grid[None], mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out[0, 0] + fill

@@ -71,7 +71,8 @@ class RegistrationResult:
     finest level; ``iterations``: LM steps tried (renders); ``seconds``: wall time; ``converged``:
     the finest level stopped on a tolerance, not on its cap; ``failed``: not converged or the
     similarity is below ``min_similarity``; ``hessian``: 6x6 Gauss-Newton information ``J^T J`` of
-    the final cost in ``xi = (rho mm, phi rad)``; ``history``: per-step records.
+    the final cost in ``xi = (rho mm, phi rad)``; ``residuals``: how many residuals that cost sums;
+    ``history``: per-step records.
     """
 
     pose: torch.Tensor
@@ -81,6 +82,7 @@ class RegistrationResult:
     converged: bool
     failed: bool
     hessian: torch.Tensor
+    residuals: int = 0
     history: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -166,6 +168,7 @@ class Registrar:
         converged = False
         similarity = float("nan")
         hessian = torch.zeros(6, 6, dtype=torch.float64)
+        residuals = 0
         for li, level in enumerate(levels):
             k = intrinsics.resized(level.width)
             renderer = self._renderers[level.voxel_mm]
@@ -208,6 +211,7 @@ class Registrar:
             converged = level_converged
             similarity = 1.0 - cost
             hessian = J.T @ J
+            residuals = r.numel()
         seconds = time.perf_counter() - start
         failed = (not converged) or similarity < cfg.min_similarity
-        return RegistrationResult(pose, similarity, iterations, seconds, converged, failed, hessian, history)
+        return RegistrationResult(pose, similarity, iterations, seconds, converged, failed, hessian, residuals, history)

@@ -59,7 +59,7 @@ class TrainConfig:
     warmup_steps: int = 100
     backbone: str = "resnet18"
     pool_size: int = 1024
-    pool_refresh: int = 8
+    pool_refresh: int = 16
     validation_views: int = 64
     validation_every_s: float = 60.0
     checkpoint_every_s: float = 120.0
@@ -222,7 +222,7 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)
         self.optimizer.step()
         self.step += 1
-        return {"loss": float(loss), "mtre_mm": float(errors.mean())}
+        return {"loss": loss.item(), "mtre_mm": errors.mean().item()}
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:

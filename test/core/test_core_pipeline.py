@@ -1,0 +1,113 @@
+"""The intraoperative pipeline: CNN start, refinement, gate, tracking, covariance, frame warping."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffpose_ros.core import metrics
+from diffpose_ros.core.bundle import PatientModel
+from diffpose_ros.core.geometry import Intrinsics, carm_pose, perturb_pose
+from diffpose_ros.core.pipeline import Pipeline, covariance_in_parent
+from diffpose_ros.core.preprocess import line_integrals_from_transmission, warp_to_camera
+from diffpose_ros.core.regressor import PoseRegressor
+from diffpose_ros.core.simulate import simulate_transmission
+
+
+@pytest.fixture(scope="module")
+def pipeline(mu):
+    # An untrained CNN predicts its reference pose: frames near it are in the refinement's basin.
+    ref = carm_pose(0.0, 0.0, 0.0, 750.0, mu.center)
+    model = PatientModel(PoseRegressor(ref, mu.center, image_size=64), mu, Intrinsics.from_detector(1020, 256, 256, 1.2).resized(64))
+    return Pipeline(model)
+
+
+@pytest.fixture(scope="module")
+def camera():
+    return Intrinsics.from_detector(1020, 256, 256, 1.2)
+
+
+@pytest.fixture(scope="module")
+def frames(pipeline, camera, mu):
+    """Three consecutive frames (line integrals, mono16 noise) near the reference view, and their poses."""
+    ref = pipeline.regressor.decode(torch.zeros(1, 9))[0].double()
+    g = torch.Generator().manual_seed(4)
+    poses = [perturb_pose(ref, 4.0, 12.0, mu.center, g)]
+    poses += [perturb_pose(poses[-1], 0.5, 1.5, mu.center, g) for _ in range(2)]
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        images = [line_integrals_from_transmission(simulate_transmission(pipeline.registrar.renderer().render(T, camera), rng=rng)) for T in poses]
+    return images, poses
+
+
+def test_cold_then_tracking(pipeline, frames, camera, mu):
+    images, poses = frames
+    targets = metrics.grid_targets(mu.center)
+    pipeline.reset_tracking()
+    first = pipeline.process(images[0], camera, stamp=10.0)
+    assert first.accepted and first.mode == "cold", first.reason
+    assert float(metrics.mtre(first.pose, poses[0], targets)) < 1.0
+    second = pipeline.process(images[1], camera, stamp=10.1)
+    assert second.accepted and second.mode == "tracking"
+    assert float(metrics.mtre(second.pose, poses[1], targets)) < 1.0
+    assert second.iterations < first.iterations
+    assert set(first.timings) == {"preprocess", "cnn", "refine", "total"} and second.timings["cnn"] == 0.0
+    # Too old for tracking: cold again.
+    third = pipeline.process(images[2], camera, stamp=20.0)
+    assert third.mode == "cold" and third.accepted
+
+
+def test_covariance_is_positive_definite_and_grows_with_less_information(pipeline, frames, camera):
+    images, _ = frames
+    pipeline.reset_tracking()
+    full = pipeline.process(images[0], camera, track=False)
+    eig = torch.linalg.eigvalsh(full.covariance)
+    assert bool(torch.isfinite(full.covariance).all()) and float(eig.min()) > 0
+    # A heavily blurred frame constrains the pose less: a larger covariance.
+    blurred = torch.nn.functional.avg_pool2d(images[0][None, None], 9, stride=1, padding=4)[0, 0]
+    vague = pipeline.process(blurred, camera, track=False)
+    assert float(torch.det(vague.covariance)) > float(torch.det(full.covariance))
+    parent = covariance_in_parent(full.pose, full.covariance)
+    torch.testing.assert_close(torch.linalg.eigvalsh(parent), eig, rtol=1e-6, atol=1e-12)
+
+
+def test_gate_rejects_a_frame_of_another_anatomy(pipeline, camera):
+    noise = torch.rand(256, 256, generator=torch.Generator().manual_seed(0)) + 1
+    result = pipeline.process(noise, camera, track=False)
+    assert not result.accepted and result.reason
+
+
+def test_bad_frames_raise_value_errors(pipeline, camera):
+    with pytest.raises(ValueError, match="constant"):
+        pipeline.process(torch.ones(256, 256), camera)
+    bad = torch.rand(256, 256)
+    bad[3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        pipeline.process(bad, camera)
+    with pytest.raises(ValueError, match="intrinsics"):
+        pipeline.process(torch.rand(128, 256), camera)
+
+
+def test_warp_to_camera_is_exact_for_a_rendered_scene(renderer, clinical_pose):
+    # A 200x160 detector with an off-centre principal point and another pixel size, warped into a
+    # 64x64 working camera, matches a direct render in that camera.
+    device = Intrinsics(200, 160, 900.0, 900.0, 110.0, 70.0)
+    work = Intrinsics.from_detector(1020, 256, 256, 1.2).resized(64)
+    with torch.no_grad():
+        seen = renderer.render(clinical_pose, device)
+        direct = renderer.render(clinical_pose, work)
+    warped = warp_to_camera(seen, device, work)
+    # Compare where the device actually saw the scene (its field of view inside the working camera).
+    u = torch.arange(64.0)
+    us = device.fx * (u - work.cx) / work.fx + device.cx
+    vs = device.fy * (u - work.cy) / work.fy + device.cy
+    cols = (us > 1) & (us < device.width - 2)
+    rows = (vs > 1) & (vs < device.height - 2)
+    a, b = warped[rows][:, cols], direct[rows][:, cols]
+    ncc = float(((a - a.mean()) * (b - b.mean())).mean() / (a.std(unbiased=False) * b.std(unbiased=False)))
+    assert ncc > 0.99
+    assert math.isclose(float(a.mean()), float(b.mean()), rel_tol=0.03)

@@ -1,0 +1,223 @@
+"""Patient model: pose sampling, augmentations, the regressor, a few training steps, the bundle file."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from diffpose_ros.core import se3
+from diffpose_ros.core.augment import AugmentConfig, augment
+from diffpose_ros.core.bundle import PatientModel, PatientModelError, load_patient_model, save_patient_model
+from diffpose_ros.core.geometry import Intrinsics, carm_pose
+from diffpose_ros.core.regressor import PoseRegressor
+from diffpose_ros.core.sampling import ViewRange, sample_views
+from diffpose_ros.core.similarity import ncc
+from diffpose_ros.core.train import TrainConfig, Trainer, _roll
+
+
+def _view_parameters(poses, center):
+    """Recover (alpha, beta, gamma, sod) of contract views: z_src = Rz(a) Rx(b) (0, 1, 0)."""
+    R = poses[:, :3, :3]
+    z = R[:, :, 2]
+    beta = torch.asin(z[:, 2].clamp(-1, 1))
+    alpha = torch.atan2(-z[:, 0], z[:, 1])
+    x = R[:, :, 0]
+    # x_src = M Rz(g) e1 = cos g M e1 + sin g M e2 with M = Rz(a) Rx(b) B, M e1 = Rz(a) e1, M e2 = Rz(a) Rx(b) (0, 0, -1)
+    ca, sa, cb, sb = torch.cos(alpha), torch.sin(alpha), torch.cos(beta), torch.sin(beta)
+    y_base = torch.stack([-sa * sb, ca * sb, -cb], -1)
+    x_base = torch.stack([ca, sa, torch.zeros_like(ca)], -1)
+    gamma = torch.atan2((x * y_base).sum(-1), (x * x_base).sum(-1))
+    return alpha, beta, gamma
+
+
+def test_sampling_covers_the_configured_ranges_and_is_deterministic():
+    vr = ViewRange((-30, 30), (-20, 20), (-10, 10), (650, 850), (40, 40, 40))
+    center = torch.tensor([10.0, -20.0, 30.0], dtype=torch.float64)
+    poses, params = sample_views(vr, 4000, center, torch.Generator().manual_seed(3))
+    again, _ = sample_views(vr, 4000, center, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(poses, again)
+    deg = torch.rad2deg(params[:, :3])
+    for col, (lo, hi) in enumerate([vr.alpha_deg, vr.beta_deg, vr.gamma_deg]):
+        assert float(deg[:, col].min()) >= lo and float(deg[:, col].max()) <= hi
+        assert float(deg[:, col].min()) < lo + 1 and float(deg[:, col].max()) > hi - 1  # covered to the edges
+    assert float(params[:, 3].min()) >= 650 and float(params[:, 3].max()) <= 850
+    iso = params[:, 4:] - center
+    assert float(iso.abs().max()) <= 40 and float(iso.abs().max()) > 39
+    # The poses are the contract's views: recover the angles from the matrices themselves.
+    alpha, beta, gamma = _view_parameters(poses, center)
+    torch.testing.assert_close(alpha, params[:, 0], atol=1e-9, rtol=0)
+    torch.testing.assert_close(beta, params[:, 1], atol=1e-9, rtol=0)
+    torch.testing.assert_close(gamma, params[:, 2], atol=1e-9, rtol=0)
+    # The isocentre lies on the principal ray at distance SOD from the source.
+    src, z = poses[:, :3, 3], poses[:, :3, 2]
+    torch.testing.assert_close(src + params[:, 3:4] * z, params[:, 4:], atol=1e-9, rtol=0)
+
+
+def test_view_range_rejects_bad_config():
+    with pytest.raises(ValueError, match="alpha_deg"):
+        ViewRange(alpha_deg=(10, -10))
+    with pytest.raises(ValueError, match="unknown"):
+        ViewRange.from_dict({"alpha": [0, 1]})
+
+
+def test_augment_is_seeded_and_changes_images():
+    x = torch.rand(4, 32, 32) * 3
+    a = augment(x, AugmentConfig(), torch.Generator().manual_seed(1))
+    b = augment(x, AugmentConfig(), torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b)
+    assert a.shape == x.shape and torch.isfinite(a).all()
+    assert float((a - x).abs().mean()) > 0.01
+    # Without noise, blur, gamma, offsets or occluders the line integrals come back unchanged (up to log/Poisson).
+    quiet = AugmentConfig(i0=(1e9, 1e9), gamma=(1, 1), blur_px=(0, 0), collimation=(0, 0), erase=0.0, offset=(0, 0))
+    torch.testing.assert_close(augment(x, quiet, torch.Generator().manual_seed(0)), x, atol=2e-3, rtol=0)
+
+
+def test_roll_augmentation_is_the_exact_in_plane_rotation(trainer):
+    poses = trainer._views(3, roll=False)
+    big = trainer._render(poses, trainer.pool_camera, trainer.renderers[0])
+    gamma = torch.tensor([0.15, -0.2, 0.05], dtype=torch.float64)
+    z = torch.zeros_like(gamma)
+    direct = trainer._render(poses @ se3.exp(torch.stack([z, z, z, z, z, gamma], -1)), trainer.camera, trainer.renderers[0])
+    assert float(ncc(_roll(big, gamma, 64), direct, dims=2).min()) > 0.995
+    assert float(ncc(_roll(big, -gamma, 64), direct, dims=2).max()) < 0.99
+
+
+def test_regressor_zero_head_predicts_the_reference_and_decodes_rigid_poses():
+    ref = carm_pose(0.1, -0.2, 0.05, 760.0, torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    net = PoseRegressor(ref, torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), image_size=32).eval()
+    with torch.no_grad():
+        T = net(PoseRegressor.prepare(torch.rand(2, 32, 32)))
+    torch.testing.assert_close(T.double(), ref.expand(2, 4, 4), atol=1e-3, rtol=0)
+    out = torch.randn(5, 9)
+    T = net.decode(out)
+    R = T[:, :3, :3]
+    torch.testing.assert_close(R @ R.transpose(1, 2), torch.eye(3).expand(5, 3, 3), atol=1e-5, rtol=0)
+    assert torch.allclose(torch.det(R), torch.ones(5), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trainer(hu):
+    targets = torch.stack([hu.center + torch.tensor(d, dtype=torch.float64) for d in ([0, 0, 0], [60, 0, 0], [0, 60, 0], [0, 0, 60])])
+    cfg = TrainConfig(image_size=64, batch_size=8, validation_views=8, warmup_steps=1, learning_rate=3e-4, voxel_mm=5.0, pool_size=64, pool_refresh=8, bone_scales=(1.0,))
+    return Trainer(hu, targets, cfg)
+
+
+def test_a_few_training_steps_reduce_the_loss_on_a_fixed_batch(trainer):
+    torch.manual_seed(0)
+    x, poses = trainer.batch()
+    model, opt = trainer.model, trainer.optimizer
+    model.train()
+    losses = []
+    for _ in range(12):
+        loss, _ = trainer.loss(model(x).double(), poses)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.85 * losses[0], losses
+
+
+def test_checkpoint_round_trip(trainer, tmp_path):
+    trainer.train_step(0.5)
+    trainer._record_validation()
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    other = Trainer.__new__(Trainer)
+    other.__dict__.update({k: v for k, v in trainer.__dict__.items()})
+    other.model = PoseRegressor(torch.eye(4, dtype=torch.float64), torch.zeros(3), image_size=64)
+    other.optimizer = torch.optim.AdamW(other.model.parameters())
+    other.load_checkpoint(tmp_path / "ckpt")
+    for (k, a), b in zip(trainer.model.state_dict().items(), other.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert other.step == trainer.step and other.best == trainer.best
+
+
+# ----------------------------------------------------------------------------- bundle
+@pytest.fixture(scope="module")
+def small_model(mu):
+    ref = carm_pose(0.0, 0.0, 0.0, 750.0, mu.center)
+    net = PoseRegressor(ref, mu.center, image_size=32)
+    with torch.no_grad():
+        net.head.bias.copy_(torch.randn(9) * 0.01)
+    return PatientModel(net, mu.coarsened_to(8.0), Intrinsics.from_detector(1020, 256, 256, 1.2).resized(32), {"note": "test"})
+
+
+def test_bundle_round_trip_is_bit_exact(small_model, tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_patient_model(path, small_model)
+    loaded = load_patient_model(path)
+    for (k, a), b in zip(small_model.regressor.state_dict().items(), loaded.regressor.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert torch.equal(loaded.mu.data, small_model.mu.data.half().float())
+    assert torch.equal(loaded.mu.index_to_ct, small_model.mu.index_to_ct)
+    assert loaded.intrinsics == small_model.intrinsics and loaded.metadata["note"] == "test"
+    # Saving what was loaded gives the same bytes.
+    save_patient_model(tmp_path / "again.safetensors", loaded)
+    assert (tmp_path / "again.safetensors").read_bytes() == path.read_bytes()
+
+
+def test_bundle_refuses_bad_files(small_model, tmp_path):
+    good = tmp_path / "good.safetensors"
+    save_patient_model(good, small_model)
+    with pytest.raises(PatientModelError, match="not found"):
+        load_patient_model(tmp_path / "missing.safetensors")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    with pytest.raises(PatientModelError):
+        load_patient_model(truncated)
+    corrupt = tmp_path / "corrupt.safetensors"
+    data = bytearray(good.read_bytes())
+    data[10:40] = b"\xff" * 30
+    corrupt.write_bytes(bytes(data))
+    with pytest.raises(PatientModelError):
+        load_patient_model(corrupt)
+    # A pickle must be refused without running anything in it.
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.safetensors"
+    evil.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(PatientModelError):
+        load_patient_model(evil)
+    assert not marker.exists()
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(3)}, str(foreign))
+    with pytest.raises(PatientModelError, match="not a diffpose_ros patient model"):
+        load_patient_model(foreign)
+    # Another format version, and mismatched shapes.
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(good))
+    with safe_open(str(good), framework="pt") as f:
+        meta = json.loads(f.metadata()["diffpose_ros"])
+    save_file(tensors, str(tmp_path / "v99.safetensors"), metadata={"diffpose_ros": json.dumps({**meta, "format_version": 99})})
+    with pytest.raises(PatientModelError, match="version 99"):
+        load_patient_model(tmp_path / "v99.safetensors")
+    tensors["cnn.head.weight"] = torch.zeros(9, 7)
+    save_file(tensors, str(tmp_path / "shape.safetensors"), metadata={"diffpose_ros": json.dumps(meta)})
+    with pytest.raises(PatientModelError, match="do not match"):
+        load_patient_model(tmp_path / "shape.safetensors")
+    tensors = load_file(str(good))
+    tensors["volume.mu"][0, 0, 0] = float("nan")
+    save_file(tensors, str(tmp_path / "nan.safetensors"), metadata={"diffpose_ros": json.dumps(meta)})
+    with pytest.raises(PatientModelError, match="NaN"):
+        load_patient_model(tmp_path / "nan.safetensors")
+
+
+def test_train_config_yaml_matches_defaults():
+    import yaml
+    from pathlib import Path
+
+    doc = yaml.safe_load((Path(__file__).parents[2] / "config" / "training.yaml").read_text())
+    assert TrainConfig.from_dict(doc["training"]).as_dict() == TrainConfig().as_dict()
+    with pytest.raises(ValueError, match="unknown"):
+        TrainConfig.from_dict({"batchsize": 3})
+    assert math.isclose(TrainConfig().intrinsics.fx, 1020 / 1.2 / 4)
