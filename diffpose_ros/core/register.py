@@ -139,7 +139,7 @@ class Registrar:
             scale = ((1 - w) / pv.numel()) ** 0.5
             res.append(scale * (ph - target_groups[1]).reshape(-1))
             jacs.append(scale * pjh.reshape(-1, 6))
-        return torch.cat(res).double(), torch.cat(jacs).double()
+        return torch.cat(res), torch.cat(jacs)
 
     def register(
         self,
@@ -182,14 +182,14 @@ class Registrar:
             def evaluate(T):
                 values, jac = renderer.render_jacobian(T, k)
                 r, J = self._residuals(values[0], jac[0], groups, k, level.patch)
-                return float(0.5 * r.square().sum()), r, J
+                return 0.5 * float(r.double().square().sum()), r, J
 
             cost, r, J = evaluate(pose)
             lam = cfg.damping
             level_converged = False
             for _ in range(level.max_iterations):
-                A = J.T @ J
-                g = J.T @ r
+                A = (J.T @ J).double()
+                g = (J.T @ r).double()
                 step = -torch.linalg.solve(A + lam * torch.diag(torch.diag(A)) + 1e-12 * torch.eye(6, dtype=A.dtype), g)
                 trial = pose @ se3.exp(step)
                 t_cost, t_r, t_J = evaluate(trial)
@@ -210,7 +210,7 @@ class Registrar:
                         break
             converged = level_converged
             similarity = 1.0 - cost
-            hessian = J.T @ J
+            hessian = (J.T @ J).double()
             residuals = r.numel()
         seconds = time.perf_counter() - start
         failed = (not converged) or similarity < cfg.min_similarity

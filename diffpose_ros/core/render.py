@@ -13,6 +13,8 @@ twist ``T exp(xi)`` (``xi = (rho mm, phi rad)``, source frame) for Gauss-Newton.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,12 @@ from .volume import Volume
 __all__ = ["Renderer", "patch_pixels"]
 
 
+@functools.lru_cache(maxsize=16)
+def _rays(intrinsics: Intrinsics) -> torch.Tensor:
+    """Dense source-frame ray directions of a camera (cached: every registration step reuses them)."""
+    return intrinsics.rays()
+
+
 def _pose_derivatives(acc: torch.Tensor, P: torch.Tensor, dirs: torch.Tensor):
     """Line integrals ``L (B, N)`` and vectors ``G, H (B, N, 3)`` with ``dL/dP[:, 3] = G``, ``dL/dP[:, :3] = H d^T``.
 
@@ -33,7 +41,7 @@ def _pose_derivatives(acc: torch.Tensor, P: torch.Tensor, dirs: torch.Tensor):
     nothing for a shift and ``-L / |e|`` along the ray for a stretch, leaving the derivative of the
     continuous integral.
     """
-    acc = acc.double()
+    acc = acc.float()
     L, G, H = acc[..., 0], acc[..., 1:4], acc[..., 4:7]
     e = dirs.to(acc) @ P[:, :, :3].to(acc).transpose(1, 2)
     norm = torch.linalg.vector_norm(e, dim=-1, keepdim=True)
@@ -60,9 +68,9 @@ class _LineIntegrals(torch.autograd.Function):
         acc, P, dirs, M = ctx.saved_tensors
         _, G, H = _pose_derivatives(acc, P, dirs)
         g = grad_out.to(G)
-        grad_P3 = torch.einsum("bn,bni,nj->bij", g, H, dirs.to(G))
-        grad_Pt = torch.einsum("bn,bni->bi", g, G)
-        M3 = M[:3, :3].to(G)
+        grad_P3 = torch.einsum("bn,bni,nj->bij", g, H, dirs.to(G)).double()
+        grad_Pt = torch.einsum("bn,bni->bi", g, G).double()
+        M3 = M[:3, :3].to(grad_P3)
         grad = torch.zeros(g.shape[0], 4, 4, dtype=torch.float64, device=G.device)
         grad[:, :3, :3] = M3.T @ grad_P3
         grad[:, :3, 3] = grad_Pt @ M3
@@ -122,7 +130,7 @@ class Renderer:
         Differentiable with respect to ``pose``.
         """
         poses, single = self._batch(pose)
-        dirs = intrinsics.rays(pixels)
+        dirs = _rays(intrinsics) if pixels is None else intrinsics.rays(pixels)
         out = _LineIntegrals.apply(poses, self, dirs)
         if pixels is None:
             out = out.reshape(-1, intrinsics.height, intrinsics.width)
@@ -137,13 +145,13 @@ class Renderer:
         Pixels are row-major when ``pixels`` is None. Float32, on the CPU for the numba backend.
         """
         poses, _ = self._batch(pose.detach())
-        dirs = intrinsics.rays(pixels)
+        dirs = _rays(intrinsics) if pixels is None else intrinsics.rays(pixels)
         P = self.source_to_index(poses)
         L, G, H = _pose_derivatives(self.march(P, dirs, with_grad=True), P, dirs)
         P3 = P[:, :, :3].to(G)
         j_rho = G @ P3  # (P3^T G)^T
         j_phi = torch.linalg.cross(dirs.to(G).expand_as(j_rho), H @ P3)
-        return L.float(), torch.cat([j_rho, j_phi], -1).float()
+        return L, torch.cat([j_rho, j_phi], -1)
 
 
 def patch_pixels(intrinsics: Intrinsics, centers: torch.Tensor, size: int) -> torch.Tensor:
