@@ -21,7 +21,10 @@ reported on ``/diagnostics`` (ERROR) and skipped.
 Newest frame only: the image callback only puts the message in a one-slot mailbox (a frame still
 waiting there is replaced and counted as dropped); one worker thread takes the newest frame,
 converts it, runs :class:`~diffpose_ros.core.pipeline.Pipeline` (CNN + refinement, tracking when the
-last accepted pose is recent) and publishes. There is never a backlog.
+last accepted pose is recent) and publishes. There is never a backlog. ``frames_dropped`` on
+``/diagnostics`` counts both kinds of skipped frames: replaced in the depth-1 DDS reader queue before
+the callback ran (gaps in the publisher's sequence numbers, ``frames_dropped_before_receipt``) and
+replaced in the mailbox (``frames_dropped_mailbox``).
 
 Outputs, stamped with the image's stamp, only for strictly newer stamps:
 
@@ -55,6 +58,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import rclpy
+import rclpy.subscription as _rclpy_subscription
 import torch
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseWithCovarianceStamped, TransformStamped
@@ -93,6 +97,9 @@ try:  # A ROS 2 install has tf2_ros; the PyPI wheels do not (publish TFMessage o
 except ImportError as _err:  # pragma: no cover - depends on the environment
     tf2_ros = None
     _TF2_ROS_ERROR = _err
+
+# rclpy >= Iron passes MessageInfo (sequence numbers) to two-argument subscription callbacks.
+_MESSAGE_INFO = hasattr(_rclpy_subscription, "MessageInfo")
 
 __all__ = ["DiffPoseNode", "main"]
 
@@ -229,6 +236,8 @@ class _Stats:
         self.skipped_stamps = 0
         self.latency_receipt: collections.deque[float] = collections.deque(maxlen=50)
         self.latency_stamp: collections.deque[float] = collections.deque(maxlen=50)
+        self.missed_before_receipt = 0
+        self.last_sequence: dict[str, int] = {}
         self.last_frame: DiagnosticStatus | None = None
         self.last_frame_wall = 0.0
 
@@ -282,6 +291,7 @@ class DiffPoseNode(LifecycleNode):
         self._overlay_pub = None
 
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._diag_name = self.get_fully_qualified_name().lstrip("/")
         self._ct_frame = self.get_parameter("ct_frame").value
         if tf2_ros is not None:  # pragma: no cover - ROS 2 install
             self._tf_broadcaster = tf2_ros.TransformBroadcaster(self)
@@ -350,30 +360,31 @@ class DiffPoseNode(LifecycleNode):
             values[field_name] = value
         return Settings(**values)
 
+    @staticmethod
+    def _problems(s: Settings, image_qos: str) -> list[str]:
+        problems = []
+        if s.input_kind not in INPUT_KINDS:
+            problems.append(f"input_kind must be one of {INPUT_KINDS}")
+        if image_qos not in IMAGE_QOS:
+            problems.append(f"image_qos must be one of {IMAGE_QOS}")
+        if not (-1.0 <= s.min_similarity <= 1.0):
+            problems.append("gate.min_similarity must lie in [-1, 1]")
+        if s.tracking_max_age_s < 0 or s.camera_info_wait_s < 0:
+            problems.append("tracking.max_age_s and camera_info_wait_s must be >= 0")
+        if s.sdd_mm < 0 or s.pixel_spacing_mm < 0 or s.max_source_distance_mm <= 0:
+            problems.append("intrinsics and distances must not be negative")
+        if len(s.principal_point) not in (0, 2):
+            problems.append("intrinsics.principal_point must be [] or [cx, cy]")
+        if s.overlay_width < 8:
+            problems.append("overlay.width must be >= 8")
+        if not s.camera_frame:
+            problems.append("camera_frame must not be empty")
+        return problems
+
     def _validate_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
         try:
             overrides = {p.name: p.value for p in parameters if p.name in _TUNABLE}
-            s = self._read_settings(overrides)
-            problems = []
-            if s.input_kind not in INPUT_KINDS:
-                problems.append(f"input_kind must be one of {INPUT_KINDS}")
-            if not (-1.0 <= s.min_similarity <= 1.0):
-                problems.append("gate.min_similarity must lie in [-1, 1]")
-            if s.tracking_max_age_s < 0 or s.camera_info_wait_s < 0:
-                problems.append("tracking.max_age_s and camera_info_wait_s must be >= 0")
-            if s.sdd_mm < 0 or s.pixel_spacing_mm < 0 or s.max_source_distance_mm <= 0:
-                problems.append("intrinsics and distances must not be negative")
-            if len(s.principal_point) not in (0, 2):
-                problems.append("intrinsics.principal_point must be [] or [cx, cy]")
-            if s.overlay_width < 8:
-                problems.append("overlay.width must be >= 8")
-            if not s.camera_frame:
-                problems.append("camera_frame must not be empty")
-            for p in parameters:
-                if p.name == "image_qos" and p.value not in IMAGE_QOS:
-                    problems.append(f"image_qos must be one of {IMAGE_QOS}")
-                if p.name == "input_kind" and p.value not in INPUT_KINDS:
-                    problems.append(f"input_kind must be one of {INPUT_KINDS}")
+            problems = self._problems(self._read_settings(overrides), str(self._param("image_qos")))
             return SetParametersResult(successful=not problems, reason="; ".join(problems))
         except Exception as err:  # a malformed request must not kill the node
             return SetParametersResult(successful=False, reason=f"invalid parameters: {err}")
@@ -413,6 +424,9 @@ class DiffPoseNode(LifecycleNode):
             device = resolve_device(str(self.get_parameter("device").value))
             with self._settings_lock:
                 settings = self._settings
+            problems = self._problems(settings, str(self._param("image_qos")))
+            if problems:
+                return self._configure_failed("invalid parameters: " + "; ".join(problems))
             self.get_logger().info(f"loading patient model {path} on {device}")
             pipeline = Pipeline.from_file(path, device=device, config=self._pipeline_config(settings))
             self._warm_up_s = pipeline.warm_up()
@@ -427,7 +441,7 @@ class DiffPoseNode(LifecycleNode):
         self._pose_pub = self.create_lifecycle_publisher(PoseWithCovarianceStamped, "~/pose", 10)
         self._overlay_pub = self.create_lifecycle_publisher(Image, "~/overlay", 1)
         self.get_logger().info(
-            f"configured: patient model {path} ({pipeline.model.mu.data.shape[::-1]} voxels, "
+            f"configured: patient model {path} ({tuple(pipeline.model.mu.data.shape[::-1])} voxels, "
             f"CNN {pipeline.model.metadata.get('backbone', '?')}) on {device}, warm-up {self._warm_up_s:.2f} s"
         )
         return super().on_configure(state)
@@ -454,7 +468,13 @@ class DiffPoseNode(LifecycleNode):
             self._worker.start()
             self._info_sub = self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, info_qos,
                                                       callback_group=self._io_group)
-            self._image_sub = self.create_subscription(Image, "image", self._on_image, image_qos,
+            if _MESSAGE_INFO:  # exactly two parameters: rclpy then passes the MessageInfo
+                def callback(msg, msg_info):
+                    self._on_image(msg, msg_info)
+            else:  # pragma: no cover - older rclpy
+                def callback(msg):
+                    self._on_image(msg)
+            self._image_sub = self.create_subscription(Image, "image", callback, image_qos,
                                                        callback_group=self._io_group)
             self.get_logger().info(
                 f"active: image {self._image_sub.topic_name} and {self._info_sub.topic_name} "
@@ -532,14 +552,30 @@ class DiffPoseNode(LifecycleNode):
         return True
 
     # ------------------------------------------------------------------------------- callbacks
-    def _on_image(self, msg: Image) -> None:
+    def _on_image(self, msg: Image, msg_info=None) -> None:
         try:
             now = time.monotonic()
             self._mailbox.put(_Frame(msg, now))
             with self._stats.lock:
                 self._stats.received_times.append(now)
+                self._count_missed(msg_info)
         except Exception as err:  # pragma: no cover - defensive
             self.get_logger().warning(f"image callback: {err!r}")
+
+    def _count_missed(self, msg_info) -> None:
+        """Frames a publisher sent that never reached this callback (replaced in the depth-1 reader
+        queue while the node was busy, or lost): gaps in its publication sequence numbers."""
+        if not msg_info:
+            return
+        seq = msg_info.get("publication_sequence_number")
+        gid = msg_info.get("publisher_gid")
+        if seq is None or gid is None:
+            return
+        key = repr(gid)
+        last = self._stats.last_sequence.get(key)
+        if last is not None and seq > last + 1:
+            self._stats.missed_before_receipt += seq - last - 1
+        self._stats.last_sequence[key] = seq
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
         try:
@@ -620,7 +656,8 @@ class DiffPoseNode(LifecycleNode):
         with self._settings_lock:
             s = self._settings
         stamp_ns = Time.from_msg(msg.header.stamp).nanoseconds
-        info = {"encoding": msg.encoding, "size": f"{msg.width}x{msg.height}"}
+        info = {"encoding": msg.encoding, "size": f"{msg.width}x{msg.height}",
+                "t_in_mailbox_s": time.monotonic() - frame.received_wall}
         if self._last_stamp_ns is not None and stamp_ns <= self._last_stamp_ns:
             with self._stats.lock:
                 self._stats.skipped_stamps += 1
@@ -630,7 +667,9 @@ class DiffPoseNode(LifecycleNode):
         try:
             array = image_to_numpy(msg)
             height, width = array.shape
+            t0 = time.perf_counter()
             k, info["intrinsics_source"] = self._intrinsics(msg, width, height, s, stop)
+            info["t_camera_info_wait_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             if msg.encoding == "32FC1" and s.input_kind == "line_integrals":
                 L = check_image(array, "line-integral image")
@@ -744,7 +783,7 @@ class DiffPoseNode(LifecycleNode):
     def _frame_status(self, frame: _Frame, level: bytes, message: str, values: dict) -> None:
         status = DiagnosticStatus()
         status.level = level
-        status.name = f"{self.get_name()}: frame"
+        status.name = f"{self._diag_name}: frame"
         status.message = message
         status.hardware_id = self._device
         header = frame.msg.header
@@ -767,9 +806,10 @@ class DiffPoseNode(LifecycleNode):
             last = st.last_frame
             last_age = now - st.last_frame_wall if last is not None else math.inf
             counters = dict(frames_processed=st.processed, frames_published=st.published,
-                            frames_rejected=st.rejected, frames_skipped_old_stamp=st.skipped_stamps)
+                            frames_rejected=st.rejected, frames_skipped_old_stamp=st.skipped_stamps,
+                            frames_dropped_before_receipt=st.missed_before_receipt)
         status = DiagnosticStatus()
-        status.name = f"{self.get_name()}: pipeline"
+        status.name = f"{self._diag_name}: pipeline"
         status.hardware_id = self._device
         if self._config_error and self._pipeline is None:
             status.level, status.message = DiagnosticStatus.ERROR, self._config_error
@@ -786,7 +826,8 @@ class DiffPoseNode(LifecycleNode):
             "rate_in_hz": rate_in,
             "rate_out_hz": rate_out,
             "frames_received": self._mailbox.received,
-            "frames_dropped": self._mailbox.dropped,
+            "frames_dropped": self._mailbox.dropped + counters["frames_dropped_before_receipt"],
+            "frames_dropped_mailbox": self._mailbox.dropped,
             **counters,
             "latency_receipt_to_publish_last_s": lr[-1] if lr else float("nan"),
             "latency_receipt_to_publish_median_s": float(np.median(lr)) if lr else float("nan"),
@@ -816,8 +857,13 @@ def main(args=None) -> int:
     try:
         node = DiffPoseNode()
         executor.add_node(node)
-        node.autostart()
-        executor.spin()
+        try:
+            node.autostart()
+        except Exception as err:  # e.g. interrupted by SIGINT/SIGTERM while configuring
+            if rclpy.ok():
+                node.get_logger().error(f"autostart failed: {err!r}")
+        if rclpy.ok():
+            executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:

@@ -1,0 +1,148 @@
+"""The launch file and the parameter file.
+
+``launch``/``launch_ros`` are not on PyPI (PyPI's ``launch`` is an unrelated program), so here the
+launch file is checked statically with ``ast``; where ``launch_ros`` imports (a ROS 2 install) it is
+also executed. ``config/diffpose.yaml`` must only hold parameters the node declares.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+
+import pytest
+import yaml
+from ros_harness import CONFIG_YAML, REPO, domain_id, ros_disabled, ros_env
+
+LAUNCH_FILE = REPO / "launch" / "diffpose.launch.py"
+ARGUMENTS = {"params_file", "patient_model", "image_topic", "camera_info_topic", "use_sim_time", "autostart"}
+
+
+def _tree():
+    return ast.parse(LAUNCH_FILE.read_text(), filename=str(LAUNCH_FILE))
+
+
+def _calls(tree, name):
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", getattr(n.func, "attr", None)) == name]
+
+
+def _module_constants() -> dict:
+    """Module-level ``NAME = 'literal'`` assignments of the launch file."""
+    out = {}
+    for n in _tree().body:
+        if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant):
+            for target in n.targets:
+                if isinstance(target, ast.Name):
+                    out[target.id] = n.value.value
+    return out
+
+
+def _const(node):
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.Name):
+        return _module_constants().get(node.id)
+    return None
+
+
+def test_launch_file_declares_the_arguments():
+    tree = _tree()
+    declared = {_const(c.args[0]) for c in _calls(tree, "DeclareLaunchArgument")}
+    assert ARGUMENTS <= declared, ARGUMENTS - declared
+    # Every LaunchConfiguration used is declared.
+    used = {_const(c.args[0]) for c in _calls(tree, "LaunchConfiguration")}
+    assert used <= declared, used - declared
+    assert any(isinstance(n, ast.FunctionDef) and n.name == "generate_launch_description" for n in tree.body)
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert {"LaunchDescription", "DeclareLaunchArgument", "LaunchConfiguration", "LifecycleNode"} <= imported
+
+
+def test_launch_file_node_and_remappings():
+    tree = _tree()
+    (node,) = _calls(tree, "LifecycleNode")
+    kw = {k.arg: k.value for k in node.keywords}
+    assert _const(kw["package"]) == "diffpose_ros" and _const(kw["executable"]) == "diffpose_node"
+    assert _const(kw["name"]) == "diffpose_node" and "namespace" in kw
+    remaps = {}
+    for pair in kw["remappings"].elts:
+        source, target = pair.elts
+        assert _calls(target, "LaunchConfiguration") or isinstance(target, ast.Call)
+        remaps[_const(source)] = _const(target.args[0])
+    assert remaps == {"image": "image_topic", "camera_info": "camera_info_topic"}
+    # The parameter file comes first, the overrides (patient_model, autostart, use_sim_time) after it.
+    params = kw["parameters"].elts
+    assert _const(params[0].args[0]) == "params_file"
+    source = LAUNCH_FILE.read_text()
+    for key in ("'autostart'", "'use_sim_time'", "'patient_model'"):
+        assert f"overrides[{key}]" in source or f"{key}:" in source, key
+    # The default params_file is the installed package share (ament index).
+    (default,) = [k.value for c in _calls(tree, "DeclareLaunchArgument") if _const(c.args[0]) == "params_file"
+                  for k in c.keywords if k.arg == "default_value"]
+    assert _calls(default, "FindPackageShare") and "diffpose.yaml" in ast.unparse(default)
+
+
+def test_setup_installs_launch_and_config():
+    setup = (REPO / "setup.py").read_text()
+    assert "launch/*.launch.py" in setup and "config/*.yaml" in setup
+    assert "diffpose_node = diffpose_ros.ros.node:main" in setup
+
+
+def test_launch_file_runs_where_launch_ros_imports(tmp_path):
+    if importlib.util.find_spec("launch_ros") is None or importlib.util.find_spec("launch") is None:
+        pytest.skip("launch_ros is not installed here (not on PyPI; it comes with a ROS 2 install): "
+                    "the launch file is only checked statically")
+    from launch import LaunchContext, LaunchDescription
+    from launch.actions import DeclareLaunchArgument, OpaqueFunction
+
+    spec = importlib.util.spec_from_file_location("diffpose_launch", LAUNCH_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    description = module.generate_launch_description()
+    assert isinstance(description, LaunchDescription)
+    names = {e.name for e in description.entities if isinstance(e, DeclareLaunchArgument)}
+    assert ARGUMENTS <= names
+    (opaque,) = [e for e in description.entities if isinstance(e, OpaqueFunction)]
+    context = LaunchContext()
+    context.launch_configurations.update({
+        "params_file": str(CONFIG_YAML), "patient_model": str(tmp_path / "m.safetensors"), "image_topic": "/x/image",
+        "camera_info_topic": "/x/camera_info", "use_sim_time": "true", "autostart": "true", "namespace": "",
+        "log_level": "info", "fastdds_profile": "",
+    })
+    (node,) = opaque.execute(context)
+    assert type(node).__name__ == "LifecycleNode"
+
+
+def _flatten(d, prefix=""):
+    for key, value in d.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def test_config_yaml_holds_declared_parameters_only(monkeypatch):
+    if ros_disabled():
+        pytest.skip("DIFFPOSE_NO_ROS=1")
+    import rclpy
+    from rclpy.context import Context
+
+    from diffpose_ros.ros.node import DiffPoseNode
+
+    doc = yaml.safe_load(CONFIG_YAML.read_text())
+    assert list(doc) == ["/**"] and list(doc["/**"]) == ["ros__parameters"]
+    values = dict(_flatten(doc["/**"]["ros__parameters"]))
+    for key, value in ros_env(domain_id(2)).items():
+        monkeypatch.setenv(key, value)
+    context = Context()
+    rclpy.init(context=context, domain_id=domain_id(2))
+    try:
+        node = DiffPoseNode(context=context)
+        try:
+            declared = {name: node.get_parameter(name) for name in values if node.has_parameter(name)}
+            assert set(values) == set(declared), set(values) - set(declared)
+            for name, value in values.items():  # the YAML shows the defaults
+                assert declared[name].value == value, name
+        finally:
+            node.destroy_node()
+    finally:
+        context.try_shutdown()
