@@ -103,17 +103,23 @@ def _main(argv: list[str] | None) -> int:
     targets = label_centroids(load_labels(mask, hu))[0] if mask else metrics.grid_targets(hu.center)
     camera = Intrinsics.from_detector(1020.0, 256, 256, 1.2)
     poses = sample_views(CLINICAL_RANGE, args.views, hu.center, torch.Generator().manual_seed(args.seed))[0]
+    renderer = Renderer(hu_to_mu(hu))
     if args.renderer == "ours":
-        renderer = Renderer(hu_to_mu(hu))
         render = lambda T: renderer.render(T, camera)  # noqa: E731
     else:
         from ..core.diffdrr_reference import DiffDRRReference
 
         reference = DiffDRRReference(ct_path)
-        render = lambda T: reference.render(T, camera)  # noqa: E731
+
+        def render(T):
+            # DiffDRR's densities have their own scale: match the mean line integral to ours so the
+            # simulated exposure is the same; the contrast within the image stays DiffDRR's.
+            theirs = reference.render(T, camera)
+            return theirs * (renderer.render(T, camera).mean() / theirs.mean())
     print(f"rendering {args.views} views ({args.renderer}); registering with {args.model} on {args.device}")
     with torch.no_grad():
-        drrs = torch.cat([render(chunk).reshape(-1, 256, 256) for chunk in poses.split(8)])
+        # DiffDRR's Siddon holds gigabytes per 256^2 image: one view at a time.
+        drrs = torch.cat([render(chunk).reshape(-1, 256, 256) for chunk in poses.split(8 if args.renderer == "ours" else 1)])
     rng = np.random.default_rng(args.seed)
     pipeline.warm_up(camera)
     frames, overlays = [], []

@@ -12,6 +12,7 @@ import torch
 from ..core.geometry import Intrinsics
 from ..core.io import load_pose, read_xray, save_json, write_overlay
 from ..core.preprocess import check_image, line_integrals_from_transmission
+from ..core.pipeline import Pipeline
 from ..core.register import Registrar
 from .common import add_ct_arguments, load_attenuation, run_cli
 
@@ -19,16 +20,18 @@ from .common import add_ct_arguments, load_attenuation, run_cli
 def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="diffpose-register", description=__doc__)
     add_ct_arguments(parser)
+    parser.add_argument("--model", help="patient model from diffpose-train: its CNN initialises and its CT refines")
     parser.add_argument("--camera-info", required=True, help="ROS camera-calibration YAML of the image")
     parser.add_argument("--image", required=True, help=".npy line integrals, or PNG/TIFF transmission image")
-    parser.add_argument("--init", required=True, help="initial pose JSON (T_ct_source, mm)")
+    parser.add_argument("--init", help="initial pose JSON (T_ct_source, mm); required without --model, overrides the CNN")
     parser.add_argument("--out", help="write the result JSON here (it is always printed)")
     parser.add_argument("--mirror", action="store_true", help="the device shows the image from the detector side")
     parser.add_argument("--overlay", help="write a PNG of the image with the DRR's edges at the result")
     args = parser.parse_args(argv)
+    if args.model is None and args.init is None:
+        parser.error("give --init (and --ct), or --model to let the patient model's CNN initialise")
 
     intrinsics = Intrinsics.from_yaml(args.camera_info)
-    init = load_pose(args.init)
     raw, kind = read_xray(args.image)
     if kind == "transmission":
         image = line_integrals_from_transmission(raw, mirror=args.mirror)
@@ -40,11 +43,19 @@ def _main(argv: list[str] | None) -> int:
             f"image {args.image} is {image.shape[1]}x{image.shape[0]} but the camera info says "
             f"{intrinsics.width}x{intrinsics.height}"
         )
-    registrar = Registrar(load_attenuation(args))
+    record = {}
+    if args.model:
+        pipeline = Pipeline.from_file(args.model)
+        registrar = pipeline.registrar
+        init = load_pose(args.init) if args.init else pipeline.initial_pose(image, intrinsics)
+        record["initialisation"] = "init file" if args.init else "CNN"
+        record["T_ct_source_init"] = init.tolist()
+    else:
+        registrar = Registrar(load_attenuation(args))
+        init = load_pose(args.init)
     result = registrar.register(image, intrinsics, init)
-    record = result.as_dict()
-    text = json.dumps(record, indent=2)
-    print(text)
+    record = {**result.as_dict(), **record}
+    print(json.dumps(record, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         save_json(args.out, record)

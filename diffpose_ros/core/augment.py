@@ -30,11 +30,11 @@ class AugmentConfig:
     I0 estimate), as a fraction of the image's mean.
     """
 
-    i0: tuple[float, float] = (500.0, 2e4)
+    i0: tuple[float, float] = (1e3, 3e4)
     gamma: tuple[float, float] = (0.8, 1.25)
     blur_px: tuple[float, float] = (0.0, 1.2)
-    collimation: tuple[float, float] = (0.3, 0.15)
-    erase: float = 0.3
+    collimation: tuple[float, float] = (0.2, 0.15)
+    erase: float = 0.2
     erase_size: float = 0.25
     offset: tuple[float, float] = (-0.1, 0.1)
 

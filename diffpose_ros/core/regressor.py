@@ -20,6 +20,7 @@ Pose representation (chosen for conditioning, not the se(3) log of the paper):
 from __future__ import annotations
 
 import functools
+import math
 
 import roma
 import timm
@@ -46,10 +47,14 @@ class PoseRegressor(nn.Module):
         super().__init__()
         self.backbone_name = backbone
         self.image_size = int(image_size)
+        # No global pooling: the head sees where features are (the final map is S/32 x S/32), which
+        # in-plane position needs; pooling would leave it to padding artefacts.
         self.backbone = timm.create_model(
-            backbone, pretrained=False, in_chans=1, num_classes=0, norm_layer=functools.partial(GroupNorm, num_groups=8)
+            backbone, pretrained=False, in_chans=1, num_classes=0, global_pool="",
+            norm_layer=functools.partial(GroupNorm, num_groups=8),
         )
-        self.head = nn.Linear(self.backbone.num_features, 9)
+        cells = math.ceil(self.image_size / 32) ** 2
+        self.head = nn.Linear(self.backbone.num_features * cells, 9)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         T_source_ct = se3.inverse(reference_pose.to(torch.float64))
@@ -74,6 +79,12 @@ class PoseRegressor(nn.Module):
         t = p - R @ self.anchor_ct
         return se3.inverse(se3.make_pose(R, t))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Poses ``T_ct_source`` ``(B, 4, 4)`` for prepared inputs ``(B, 1, S, S)``."""
-        return self.decode(self.head(self.backbone(x)))
+    def forward(self, x: torch.Tensor, mixed_precision: bool = False) -> torch.Tensor:
+        """Poses ``T_ct_source`` ``(B, 4, 4)`` for prepared inputs ``(B, 1, S, S)``.
+
+        ``mixed_precision``: run the backbone in bfloat16 autocast (about 1.3x faster on CPUs with
+        AVX-512 BF16/AMX); the head and the pose decoding stay in float32.
+        """
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=mixed_precision):
+            features = self.backbone(x)
+        return self.decode(self.head(features.float().flatten(1)))

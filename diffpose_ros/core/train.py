@@ -54,9 +54,9 @@ class TrainConfig:
     voxel_mm: float = 2.8
     bone_scales: tuple[float, ...] = (1.0, 1.6, 2.4)
     batch_size: int = 32
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     weight_decay: float = 1e-4
-    warmup_steps: int = 100
+    warmup_steps: int = 200
     backbone: str = "resnet18"
     pool_size: int = 1024
     pool_refresh: int = 16
@@ -64,6 +64,7 @@ class TrainConfig:
     validation_every_s: float = 60.0
     checkpoint_every_s: float = 120.0
     rotation_weight: float = 1.0
+    mixed_precision: bool = True
     seed: int = 0
     view_range: ViewRange = field(default_factory=ViewRange)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -215,7 +216,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self._learning_rate(progress)
         self.model.train()
-        predicted = self.model(x.to(self.device)).double()
+        predicted = self.model(x.to(self.device), mixed_precision=self.config.mixed_precision).double()
         loss, errors = self.loss(predicted, poses.to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

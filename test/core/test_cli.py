@@ -1,0 +1,99 @@
+"""The command-line tools, run in-process through their ``main`` functions."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from diffpose_ros.cli import drr, register
+from diffpose_ros.core import metrics
+from diffpose_ros.core.bundle import PatientModel, save_patient_model
+from diffpose_ros.core.geometry import Intrinsics, carm_pose, perturb_pose
+from diffpose_ros.core.io import save_json
+from diffpose_ros.core.regressor import PoseRegressor
+from diffpose_ros.core.simulate import simulate_transmission
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory, hu):
+    d = tmp_path_factory.mktemp("cli")
+    camera = Intrinsics.from_detector(1020.0, 128, 128, 2.4)
+    camera.to_yaml(d / "camera.yaml")
+    truth = carm_pose(0.2, -0.1, 0.05, 760.0, hu.center + torch.tensor([10.0, -5.0, 8.0], dtype=torch.float64))
+    save_json(d / "truth.json", {"T_ct_source": truth})
+    start = perturb_pose(truth, 8.0, 20.0, hu.center, torch.Generator().manual_seed(2))
+    save_json(d / "init.json", {"T_ct_source": start})
+    return d, camera, truth
+
+
+def test_drr_writes_npy_and_png(case, capsys):
+    d, camera, _ = case
+    assert drr.main(["--camera-info", str(d / "camera.yaml"), "--pose", str(d / "truth.json"), "--out", str(d / "view")]) == 0
+    image = np.load(d / "view.npy")
+    assert image.shape == (128, 128) and image.dtype == np.float32 and image.max() > 1
+    assert cv2.imread(str(d / "view.png"), cv2.IMREAD_UNCHANGED).shape == (128, 128)
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_register_npy_and_png_recover_the_pose(case, hu, capsys):
+    d, camera, truth = case
+    if not (d / "view.npy").exists():
+        drr.main(["--camera-info", str(d / "camera.yaml"), "--pose", str(d / "truth.json"), "--out", str(d / "view")])
+    frame = simulate_transmission(torch.from_numpy(np.load(d / "view.npy")), i0=1e4, rng=np.random.default_rng(0))
+    cv2.imwrite(str(d / "frame.png"), frame)
+    targets = metrics.grid_targets(hu.center)
+    for image in ("view.npy", "frame.png"):
+        out = d / f"result_{image}.json"
+        code = register.main(["--camera-info", str(d / "camera.yaml"), "--image", str(d / image),
+                              "--init", str(d / "init.json"), "--out", str(out), "--overlay", str(d / "overlay.png")])
+        assert code == 0
+        printed = json.loads(capsys.readouterr().out)
+        result = json.loads(out.read_text())
+        assert printed == result
+        assert {"T_ct_source", "similarity", "iterations", "seconds", "converged"} <= set(result)
+        assert float(metrics.mtre(torch.tensor(result["T_ct_source"]), truth, targets)) < 0.5, image
+    assert cv2.imread(str(d / "overlay.png")).shape == (128, 128, 3)
+
+
+def test_register_with_a_model_needs_no_init(case, mu, tmp_path, capsys):
+    d, camera, truth = case
+    model = PatientModel(PoseRegressor(truth, mu.center, image_size=32), mu.coarsened_to(3.0), camera.resized(32))
+    save_patient_model(tmp_path / "m.safetensors", model)
+    if not (d / "view.npy").exists():
+        drr.main(["--camera-info", str(d / "camera.yaml"), "--pose", str(d / "truth.json"), "--out", str(d / "view")])
+    code = register.main(["--model", str(tmp_path / "m.safetensors"), "--camera-info", str(d / "camera.yaml"),
+                          "--image", str(d / "view.npy"), "--out", str(tmp_path / "r.json")])
+    assert code == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["initialisation"] == "CNN"
+    # The untrained CNN predicts its reference pose, here the truth itself.
+    torch.testing.assert_close(torch.tensor(result["T_ct_source_init"], dtype=torch.float64), truth, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--camera-info", "missing.yaml", "--image", "x.npy", "--init", "i.json"], "camera-info file not found"),
+        (["--camera-info", "{camera}", "--image", "missing.png", "--init", "{init}"], "image not found"),
+        (["--camera-info", "{camera}", "--image", "{bad_png}", "--init", "{init}"], "cannot read"),
+        (["--camera-info", "{camera}", "--image", "{wrong_size}", "--init", "{init}"], "camera info says"),
+        (["--camera-info", "{camera}", "--image", "{view}", "--init", "{bad_pose}"], "proper rotation"),
+        (["--model", "{bad_png}", "--camera-info", "{camera}", "--image", "{view}"], "not a readable patient model"),
+    ],
+)
+def test_register_bad_inputs_exit_2_with_a_message(case, tmp_path, capsys, args, message):
+    d, _, _ = case
+    if not (d / "view.npy").exists():
+        drr.main(["--camera-info", str(d / "camera.yaml"), "--pose", str(d / "truth.json"), "--out", str(d / "view")])
+    (tmp_path / "bad.png").write_text("not a png")
+    np.save(tmp_path / "wrong.npy", np.ones((10, 12), dtype=np.float32) + np.arange(12, dtype=np.float32))
+    save_json(tmp_path / "bad_pose.json", {"T_ct_source": (2 * torch.eye(4)).tolist()})
+    names = {"camera": d / "camera.yaml", "init": d / "init.json", "bad_png": tmp_path / "bad.png",
+             "wrong_size": tmp_path / "wrong.npy", "view": d / "view.npy", "bad_pose": tmp_path / "bad_pose.json"}
+    args = [a.format(**{k: str(v) for k, v in names.items()}) for a in args]
+    assert register.main(args) == 2
+    assert message in capsys.readouterr().err
