@@ -23,7 +23,7 @@ from . import se3
 from .geometry import Intrinsics
 from .preprocess import check_image
 from .render import Renderer
-from .similarity import _patches, standardize_with_jacobian
+from .similarity import patches, standardize, standardize_with_jacobian
 from .volume import Volume
 
 __all__ = ["Level", "RegistrationConfig", "RegistrationResult", "Registrar", "resample_image"]
@@ -133,8 +133,8 @@ class Registrar:
         res = [(w / n) ** 0.5 * (xh - target_groups[0]).reshape(-1)]
         jacs = [(w / n) ** 0.5 * jh.reshape(-1, 6)]
         if patch:
-            pv = _patches(values.reshape(H, W), patch)
-            pj = _patches(jac.reshape(H, W, 6).permute(2, 0, 1), patch).permute(1, 2, 0)
+            pv = patches(values.reshape(H, W), patch)
+            pj = patches(jac.reshape(H, W, 6).permute(2, 0, 1), patch).permute(1, 2, 0)
             ph, pjh = standardize_with_jacobian(pv, pj)
             scale = ((1 - w) / pv.numel()) ** 0.5
             res.append(scale * (ph - target_groups[1]).reshape(-1))
@@ -173,10 +173,9 @@ class Registrar:
             k = intrinsics.resized(level.width)
             renderer = self._renderers[level.voxel_mm]
             target = resample_image(image, k.width, k.height)
-            groups = [standardize_with_jacobian(target.reshape(1, -1), torch.zeros(1, target.numel(), 1))[0]]
+            groups = [standardize(target.reshape(1, -1))]
             if level.patch:
-                tp = _patches(target, level.patch)
-                groups.append((tp - tp.mean(-1, keepdim=True)) / (tp.std(-1, unbiased=False, keepdim=True) + 1e-8))
+                groups.append(standardize(patches(target, level.patch)))
             scale = torch.tensor([1.0] * 3 + [cfg.radius_mm] * 3, dtype=torch.float64)
 
             def evaluate(T):

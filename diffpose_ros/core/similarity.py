@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ncc", "patch_ncc", "multiscale_ncc", "gradient_ncc", "standardize", "standardize_with_jacobian"]
+__all__ = ["ncc", "patches", "patch_ncc", "multiscale_ncc", "gradient_ncc", "standardize", "standardize_with_jacobian"]
 
 _EPS = 1e-8
 
@@ -37,7 +37,7 @@ def ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None, dims
     return (standardize(a) * standardize(b)).mean(-1)
 
 
-def _patches(x: torch.Tensor, size: int) -> torch.Tensor:
+def patches(x: torch.Tensor, size: int) -> torch.Tensor:
     """``(..., P, size*size)`` non-overlapping square patches of ``(..., H, W)`` (the remainder is cropped)."""
     H, W = x.shape[-2:]
     h, w = H // size * size, W // size * size
@@ -47,8 +47,8 @@ def _patches(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def patch_ncc(a: torch.Tensor, b: torch.Tensor, size: int, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean NCC of non-overlapping ``size x size`` patches (local NCC) of ``(..., H, W)`` images."""
-    pa, pb = _patches(a, size), _patches(b, size)
-    pm = None if mask is None else _patches(mask.to(a.dtype), size)
+    pa, pb = patches(a, size), patches(b, size)
+    pm = None if mask is None else patches(mask.to(a.dtype), size)
     return ncc(pa, pb, pm).mean(-1)
 
 
