@@ -30,6 +30,8 @@ from .common import run_cli
 
 CLINICAL_RANGE = ViewRange((-30, 30), (-20, 20), (-10, 10), (650, 850), (40, 40, 40))
 """The geometry contract's clinical range of views."""
+SDD_MM, PIXEL_MM = 1020.0, 1.2
+"""The simulated detector: source-to-detector distance and pixel spacing (mm)."""
 
 
 def summarize(frames: list[dict]) -> dict:
@@ -101,7 +103,7 @@ def _main(argv: list[str] | None) -> int:
     hu = load_ct(ct_path)
     mask = args.mask or (default_labels_path() if args.ct is None else None)
     targets = label_centroids(load_labels(mask, hu))[0] if mask else metrics.grid_targets(hu.center)
-    camera = Intrinsics.from_detector(1020.0, 256, 256, 1.2)
+    camera = Intrinsics.from_detector(SDD_MM, 256, 256, PIXEL_MM)
     poses = sample_views(CLINICAL_RANGE, args.views, hu.center, torch.Generator().manual_seed(args.seed))[0]
     renderer = Renderer(hu_to_mu(hu))
     if args.renderer == "ours":
@@ -133,9 +135,7 @@ def _main(argv: list[str] | None) -> int:
             "accepted": result.accepted,
             "reason": result.reason,
             "cnn_mtre_mm": float(metrics.mtre(result.initial_pose, truth, targets)),
-            "mtre_mm": float(metrics.mtre(result.pose, truth, targets)),
-            "mpe_mm": float(metrics.mpe(result.pose, truth, targets, camera, 1.2)),
-            **metrics.pose_errors(result.pose, truth, radius_mm=510.0),
+            **metrics.frame_errors(result.pose, truth, targets, camera, PIXEL_MM, SDD_MM),
             "similarity": result.similarity,
             "iterations": result.iterations,
             "cnn_s": result.timings["cnn"],

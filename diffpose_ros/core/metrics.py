@@ -14,7 +14,7 @@ import torch
 from . import se3
 from .geometry import Intrinsics
 
-__all__ = ["mtre", "mpe", "pose_errors", "grid_targets"]
+__all__ = ["mtre", "mpe", "pose_errors", "frame_errors", "grid_targets"]
 
 
 def mtre(T_est: torch.Tensor, T_true: torch.Tensor, targets_ct: torch.Tensor) -> torch.Tensor:
@@ -37,6 +37,17 @@ def pose_errors(T_est: torch.Tensor, T_true: torch.Tensor, radius_mm: float) -> 
         "rotation_deg": math.degrees(float(se3.rotation_angle(T_est, T_true))),
         "translation_mm": float(se3.translation_distance(T_est, T_true)),
         "double_geodesic_mm": float(se3.double_geodesic(T_est, T_true, radius_mm)),
+    }
+
+
+def frame_errors(
+    T_est: torch.Tensor, T_true: torch.Tensor, targets_ct: torch.Tensor, intrinsics: Intrinsics, pixel_mm: float, sdd_mm: float
+) -> dict[str, float]:
+    """Every error of one frame: 3D mTRE and mPE (mm), then :func:`pose_errors` with DiffPose's radius ``SDD / 2``."""
+    return {
+        "mtre_mm": float(mtre(T_est, T_true, targets_ct)),
+        "mpe_mm": float(mpe(T_est, T_true, targets_ct, intrinsics, pixel_mm)),
+        **pose_errors(T_est, T_true, radius_mm=sdd_mm / 2),
     }
 
 

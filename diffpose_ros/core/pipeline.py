@@ -118,8 +118,9 @@ class Pipeline:
         self.reset_tracking()
         return time.perf_counter() - start
 
-    def _gate(self, result, pose: torch.Tensor) -> str:
+    def _gate(self, result) -> str:
         cfg = self.config
+        pose = result.pose
         if not torch.isfinite(pose).all():
             return "pose is not finite"
         if not result.converged:
@@ -162,7 +163,7 @@ class Pipeline:
             t = time.perf_counter()
             result = self.registrar.register(image, intrinsics, start, levels=levels)
             timings["refine"] += time.perf_counter() - t
-            reason = self._gate(result, result.pose)
+            reason = self._gate(result)
             if not reason:
                 break
         timings["total"] = time.perf_counter() - t0
