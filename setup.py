@@ -38,6 +38,9 @@ setup(
         'opencv-python-headless>=4.8',
         'pillow>=10',
         'tqdm>=4.60',
+        'matplotlib>=3.7',
+        # rosbag2 files (sqlite3, mcap) for the bag tools, without rosbag2_py
+        'rosbags>=0.10',
         # numba's thread pool; without it numba's OpenMP pool fights PyTorch's (see core/raymarch.py)
         'tbb>=2021.6; platform_machine == "x86_64"',
     ],
@@ -53,6 +56,10 @@ setup(
             'diffpose_node = diffpose_ros.ros.node:main',
             'diffpose-train = diffpose_ros.cli.train:main',
             'diffpose-evaluate = diffpose_ros.cli.evaluate:main',
+            'diffpose-make-bag = diffpose_ros.cli.make_bag:main',
+            'diffpose-replay = diffpose_ros.cli.replay:main',
+            'diffpose-record = diffpose_ros.cli.record:main',
+            'diffpose-score = diffpose_ros.cli.score:main',
         ],
     },
 )

@@ -155,13 +155,13 @@ def main():
         row = {"trial": trial, "init_mtre_mm": init_mtre, "final_mtre_mm": final_mtre,
                "rotation_deg": errs["rotation_deg"], "translation_mm": errs["translation_mm"],
                "iterations": res.iterations, "seconds": res.seconds, "cpu_seconds": cpu_s, "similarity": res.similarity,
-               "converged": res.converged, "failed": res.failed, "view": view,
+               "converged": res.converged, "failed": bool(res.failure()), "view": view,
                "iterations_per_level": [sum(1 for h in res.history if h["level"] == lv)
                                         for lv in range(len(registrar.config.levels))]}
         results.append(row)
         print(f"{trial:5d} {init_mtre:10.2f} {final_mtre:11.4f} {errs['rotation_deg']:8.4f} "
               f"{errs['translation_mm']:9.4f} {res.iterations:6d} {res.seconds:8.3f} {cpu_s:6.2f} {res.similarity:7.4f} "
-              f"{str(res.converged):>5s} {str(res.failed):>5s}   per level {row['iterations_per_level']}", flush=True)
+              f"{str(res.converged):>5s} {str(bool(res.failure())):>5s}   per level {row['iterations_per_level']}", flush=True)
 
     fm = [r["final_mtre_mm"] for r in results]
     secs = [r["seconds"] for r in results]

@@ -6,9 +6,14 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from ..core.volume import Volume, default_ct_path, hu_to_mu, load_ct
+from pathlib import Path
 
-__all__ = ["add_ct_arguments", "load_attenuation", "run_cli"]
+import torch
+
+from ..core import metrics
+from ..core.volume import Volume, default_ct_path, default_labels_path, hu_to_mu, label_centroids, load_ct, load_labels
+
+__all__ = ["add_ct_arguments", "load_attenuation", "load_ct_and_targets", "run_cli", "split_ros_args"]
 
 
 def add_ct_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,10 +27,33 @@ def load_attenuation(args: argparse.Namespace) -> Volume:
     return hu_to_mu(load_ct(args.ct or default_ct_path()), bone_scale=args.bone_scale)
 
 
+def load_ct_and_targets(ct: str | None, mask: str | None) -> tuple[Path, Volume, torch.Tensor, str]:
+    """``(ct_path, hu, targets, description)``: the CT (default: the bundled one) and the mTRE targets
+    (``ct``, LPS mm): the structure centroids of ``mask`` (the bundled label map for the bundled CT),
+    else a grid around the CT centre."""
+    ct_path = Path(ct) if ct else default_ct_path()
+    hu = load_ct(ct_path)
+    mask = mask or (default_labels_path() if ct is None else None)
+    if mask:
+        targets, _ = label_centroids(load_labels(mask, hu))
+        return ct_path, hu, targets, f"{len(targets)} structure centroids of {mask}"
+    targets = metrics.grid_targets(hu.center)
+    return ct_path, hu, targets, f"{len(targets)} grid points around the CT centre"
+
+
+def split_ros_args(argv: list[str] | None) -> tuple[list[str], list[str] | None]:
+    """``(tool arguments, rclpy arguments)``: everything from ``--ros-args`` on goes to rclpy."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--ros-args" not in argv:
+        return argv, None
+    i = argv.index("--ros-args")
+    return argv[:i], ["diffpose", *argv[i:]]
+
+
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Run ``main``; input errors become one ``error:`` line on stderr and exit status 2."""
     try:
         return main(argv)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, TimeoutError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,107 +1,133 @@
-"""``diffpose-demo``: the main job on the bundled chest CT.
+"""``diffpose-demo``: the main job, end to end through the ROS 2 node, on the bundled chest CT.
 
-1. The patient model: loaded from ``--model`` (default ``runs/models/cxr.safetensors``); when it is
-   missing, ``diffpose-train`` makes it once (``--train-minutes``, 15 by default on 2 CPU cores) and
-   it is reused afterwards.
-2. Fluoroscopy: a 16-bit transmission frame (quantum noise, detector blur) at a random clinical view.
-3. ``diffpose-register --model``: the CNN initialises, the refinement finishes; the same code path
-   as the tool and the node.
-4. The error against the known pose, and the pictures.
+1. The patient model: ``--model`` (default ``runs/models/cxr.safetensors``); when it is missing,
+   ``diffpose-train`` makes it once (``--train-minutes``, 15 by default) and later runs reuse it.
+2. A fluoroscopy sequence: ``diffpose-make-bag`` (a C-arm sweep with breathing, mono16, quantum
+   noise, unknown gain) with ground truth, as a rosbag2.
+3. ``diffpose_node`` in its own process with the model preloaded (``autostart``), its ``image`` and
+   ``camera_info`` remapped to the bag's topics.
+4. Replay the bag into it (original timing slowed by ``--rate`` so that a CPU keeps up with every
+   frame) and record its ``/tf``, ``~/pose`` and ``/diagnostics``; each TF is printed and checked.
+5. ``diffpose-score``: per-frame errors, the summary and the pictures in ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
-import torch
-
-from ..core import metrics
-from ..core.geometry import Intrinsics, carm_pose
-from ..core.io import save_json
-from ..core.render import Renderer
-from ..core.simulate import simulate_transmission
-from ..core.volume import default_ct_path, default_labels_path, hu_to_mu, label_centroids, load_ct, load_labels
-from . import register, train
+from ..bags.replay import ReplayOptions
+from ..bags.synthesize import TOPICS
+from . import make_bag, score, train
 from .common import run_cli
 
 DEFAULT_MODEL = Path("runs/models/cxr.safetensors")
-SDD_MM, PIXEL_MM = 1020.0, 1.2  # the simulated detector: source-to-detector distance, pixel spacing
+OUTPUTS = ["/tf", "/tf_static", "/diffpose_node/pose", "/diagnostics"]
+
+
+def _node_command(model: Path, threads: int) -> list[str]:
+    exe = Path(sys.executable).with_name("diffpose_node")
+    program = [str(exe)] if exe.is_file() else [sys.executable, "-m", "diffpose_ros.ros.node"]
+    return [*program, "--ros-args", "-p", f"patient_model:={model.resolve()}", "-p", "autostart:=true",
+            "-p", f"num_threads:={threads}",
+            "-r", f"image:={TOPICS['image']}", "-r", f"camera_info:={TOPICS['camera_info']}"]
+
+
+def _stop(process: subprocess.Popen) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+    return process.returncode
+
+
+def _wait_for_node(session, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    """Until the node subscribes to the image topic (configured and active), or fail with its log."""
+    deadline = time.monotonic() + timeout_s
+    while session.node.count_subscribers(TOPICS["image"]) == 0:
+        if process.poll() is not None or time.monotonic() > deadline or session.stop.is_set():
+            tail = log.read_text(errors="replace")[-2000:] if log.is_file() else ""
+            raise ValueError(f"diffpose_node did not become active (exit status {process.poll()}); its log:\n{tail}")
+        session.wait(0.1)
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = argparse.ArgumentParser(prog="diffpose-demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="diffpose-demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help=f"patient model (default {DEFAULT_MODEL}; trained when missing)")
     parser.add_argument("--train-minutes", type=float, default=15.0, help="training budget when the model is missing")
-    parser.add_argument("--seed", type=int, default=7, help="seed of the view and the noise")
+    parser.add_argument("--rate", type=float, default=0.2, help="replay speed factor (default 0.2: 5 Hz frames at 1 Hz)")
+    parser.add_argument("--node-threads", type=int, default=0, help="torch threads of the node (0: its default)")
+    parser.add_argument("--ct", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--mask", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--storage", default="mcap", help=argparse.SUPPRESS)
+    make_bag.add_arguments(parser)
+    parser.set_defaults(sweep=24, seed=7)
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
 
     model = Path(args.model)
     if model.is_file():
-        print(f"[1/4] patient model: {model.resolve()} (cached)")
+        print(f"[1/5] patient model: {model.resolve()} (cached)", flush=True)
     else:
-        print(f"[1/4] patient model: training it once into {model} ({args.train_minutes:g} min; reused afterwards)")
+        print(f"[1/5] patient model: training it once into {model} ({args.train_minutes:g} min; reused afterwards)", flush=True)
         code = train.main(["--out", str(model), "--time-budget", str(args.train_minutes)])
         if code != 0:
             return code
 
-    ct_path = default_ct_path()
-    hu = load_ct(ct_path)
-    targets, _ = label_centroids(load_labels(default_labels_path(), hu))
-    u = lambda lo, hi: lo + (hi - lo) * float(torch.rand(1, generator=gen))  # noqa: E731
-    truth = carm_pose(
-        math.radians(u(-30, 30)), math.radians(u(-20, 20)), math.radians(u(-10, 10)), u(650, 850),
-        hu.center + (torch.rand(3, generator=gen, dtype=torch.float64) * 80 - 40),
-    )
-    camera = Intrinsics.from_detector(sdd=SDD_MM, width=256, height=256, pixel_spacing=PIXEL_MM)
-    camera.to_yaml(out / "camera.yaml")
-    print(f"[2/4] simulating a 256x256 mono16 fluoroscopy frame of {ct_path.name} (Poisson noise, I0 = 5000, blur 0.7 px)")
-    with torch.no_grad():
-        drr = Renderer(hu_to_mu(hu)).render(truth, camera)
-    cv2.imwrite(str(out / "xray.png"), simulate_transmission(drr, i0=5e3, rng=rng))
-    save_json(out / "truth.json", {"T_ct_source": truth})
+    bag = out / "fluoro_bag"
+    estimate = out / "output_bag"
+    for old in (bag, estimate):
+        shutil.rmtree(old, ignore_errors=True)
+    print(f"[2/5] fluoroscopy sequence: diffpose-make-bag -> {bag}", flush=True)
+    scene = make_bag.make_bag(args, str(bag))
+    print(f"      {scene['frames']} frames at {scene['fps']:g} Hz ({scene['pose_source']}), "
+          f"{args.size[0]}x{args.size[1]} {args.encoding}, I0 {args.i0:g} photons/pixel", flush=True)
 
-    print("[3/4] diffpose-register --model: CNN initialisation, then refinement")
-    code = register.main([
-        "--model", str(model), "--camera-info", str(out / "camera.yaml"), "--image", str(out / "xray.png"),
-        "--out", str(out / "result.json"), "--overlay", str(out / "overlay.png"),
-    ])
-    if code != 0:
-        return code
-    result = json.loads((out / "result.json").read_text())
-    estimate = torch.tensor(result["T_ct_source"], dtype=torch.float64)
-    initial = torch.tensor(result["T_ct_source_init"], dtype=torch.float64)
-    errors = metrics.frame_errors(estimate, truth, targets, camera, PIXEL_MM, SDD_MM)
-    summary = {
-        "cnn_mtre_mm": float(metrics.mtre(initial, truth, targets)),
-        **{"final_mtre_mm" if k == "mtre_mm" else k: v for k, v in errors.items()},
-        "registration_seconds": result["seconds"],
-        "iterations": result["iterations"],
-        "similarity": result["similarity"],
-        "converged": result["converged"],
-        "targets": f"{len(targets)} label-map structure centroids",
-        "model": str(model.resolve()),
+    from ..bags.live import run_live
+    from ..bags.score import read_truth, targets_for
+    from ..ros.runtime import RosSession, use_large_frame_profile
+
+    use_large_frame_profile()
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    node_log = out / "node.log"
+    command = _node_command(model, args.node_threads)
+    print(f"[3/5] diffpose_node in its own process (log {node_log}):\n      {' '.join(command)}", flush=True)
+    with node_log.open("wb") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        truth = read_truth(bag)
+        targets, _ = targets_for(truth, None)
+        with RosSession("diffpose_demo") as session:
+            _wait_for_node(session, process, node_log, timeout_s=300.0)
+            print(f"[4/5] node active; replaying at rate {args.rate:g} and recording {', '.join(OUTPUTS)}", flush=True)
+            options = ReplayOptions(rate=args.rate, topics=[TOPICS["image"], TOPICS["camera_info"]])
+            live = run_live(session, truth, estimate, options, OUTPUTS, targets, log=lambda s: print(s, flush=True))
+    finally:
+        status = _stop(process)
+    print(f"      node stopped (exit status {status}); {live.answered}/{live.frames} frames answered", flush=True)
+
+    print("[5/5] diffpose-score", flush=True)
+    score_args = argparse.Namespace(targets=None, ct=None, ct_frame=None, camera_frame=None, sdd_mm=None,
+                                    mirror=False, no_overlays=False)
+    summary = score.score_and_report(score_args, truth, estimate, out, {
+        "replay": live.replay, "replay_rate": args.rate, "model": str(model.resolve()),
         "total_seconds": time.perf_counter() - t0,
-    }
-    save_json(out / "summary.json", summary)
-    print(
-        f"[4/4] 3D mTRE: CNN {summary['cnn_mtre_mm']:.2f} mm -> refined {summary['final_mtre_mm']:.3f} mm "
-        f"(rotation {summary['rotation_deg']:.3f} deg, translation {summary['translation_mm']:.2f} mm; "
-        f"refinement {summary['registration_seconds']:.2f} s, {summary['iterations']} iterations)"
-    )
-    print(f"outputs in {out.resolve()}: xray.png, overlay.png, result.json, summary.json; model {model.resolve()}")
-    return 0
+    })
+    score.print_summary(summary, out)
+    return 0 if summary["frames_with_pose"] == summary["frames"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:

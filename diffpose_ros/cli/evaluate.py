@@ -18,20 +18,16 @@ import numpy as np
 import torch
 
 from ..core import metrics
-from ..core.geometry import Intrinsics
+from ..core.geometry import CONTRACT_PIXEL_MM, CONTRACT_SDD_MM, Intrinsics
 from ..core.io import overlay_edges, save_json
 from ..core.pipeline import Pipeline
 from ..core.preprocess import line_integrals_from_transmission
 from ..core.render import Renderer
-from ..core.sampling import ViewRange, sample_views
+from ..core.sampling import CLINICAL_RANGE, sample_views
 from ..core.simulate import simulate_transmission
 from ..core.volume import default_ct_path, default_labels_path, hu_to_mu, label_centroids, load_ct, load_labels
 from .common import run_cli
 
-CLINICAL_RANGE = ViewRange((-30, 30), (-20, 20), (-10, 10), (650, 850), (40, 40, 40))
-"""The geometry contract's clinical range of views."""
-SDD_MM, PIXEL_MM = 1020.0, 1.2
-"""The simulated detector: source-to-detector distance and pixel spacing (mm)."""
 
 
 def summarize(frames: list[dict]) -> dict:
@@ -103,7 +99,7 @@ def _main(argv: list[str] | None) -> int:
     hu = load_ct(ct_path)
     mask = args.mask or (default_labels_path() if args.ct is None else None)
     targets = label_centroids(load_labels(mask, hu))[0] if mask else metrics.grid_targets(hu.center)
-    camera = Intrinsics.from_detector(SDD_MM, 256, 256, PIXEL_MM)
+    camera = Intrinsics.from_detector(CONTRACT_SDD_MM, 256, 256, CONTRACT_PIXEL_MM)
     poses = sample_views(CLINICAL_RANGE, args.views, hu.center, torch.Generator().manual_seed(args.seed))[0]
     renderer = Renderer(hu_to_mu(hu))
     if args.renderer == "ours":
@@ -135,7 +131,7 @@ def _main(argv: list[str] | None) -> int:
             "accepted": result.accepted,
             "reason": result.reason,
             "cnn_mtre_mm": float(metrics.mtre(result.initial_pose, truth, targets)),
-            **metrics.frame_errors(result.pose, truth, targets, camera, PIXEL_MM, SDD_MM),
+            **metrics.frame_errors(result.pose, truth, targets, camera, CONTRACT_PIXEL_MM, CONTRACT_SDD_MM),
             "similarity": result.similarity,
             "iterations": result.iterations,
             "cnn_s": result.timings["cnn"],

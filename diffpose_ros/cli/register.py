@@ -54,7 +54,8 @@ def _main(argv: list[str] | None) -> int:
         registrar = Registrar(load_attenuation(args))
         init = load_pose(args.init)
     result = registrar.register(image, intrinsics, init)
-    record = {**result.as_dict(), **record}
+    failure = result.failure()
+    record = {**result.as_dict(), "failed": bool(failure), "failure": failure, **record}
     print(json.dumps(record, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -63,8 +64,8 @@ def _main(argv: list[str] | None) -> int:
         with torch.no_grad():
             drr = registrar.renderer().render(result.pose, intrinsics)
         write_overlay(args.overlay, image, drr)
-    if result.failed:
-        print("warning: registration failed its checks (see 'converged' and 'similarity')", file=sys.stderr)
+    if failure:
+        print(f"warning: registration failed its checks: {failure}", file=sys.stderr)
     return 0
 
 

@@ -12,9 +12,8 @@ from tqdm import tqdm
 
 from ..core.bundle import PatientModel, save_patient_model
 from ..core.train import Trainer, TrainConfig
-from ..core.volume import default_ct_path, default_labels_path, hu_to_mu, label_centroids, load_ct, load_labels
-from ..core import metrics
-from .common import run_cli
+from ..core.volume import hu_to_mu
+from .common import load_ct_and_targets, run_cli
 
 
 def load_config(path: str | None) -> TrainConfig:
@@ -65,20 +64,13 @@ def _main(argv: list[str] | None) -> int:
         raise ValueError("--device cuda asked for, but torch sees no CUDA device")
 
     config = load_config(args.config)
-    ct_path = Path(args.ct) if args.ct else default_ct_path()
-    hu = load_ct(ct_path)
-    mask = args.mask or (default_labels_path() if args.ct is None else None)
-    if mask:
-        targets, _ = label_centroids(load_labels(mask, hu))
-        target_desc = f"{len(targets)} structure centroids of {mask}"
-    else:
-        targets = metrics.grid_targets(hu.center)
-        target_desc = f"{len(targets)} grid points around the CT centre"
+    ct_path, hu, targets, target_desc = load_ct_and_targets(args.ct, args.mask)
     out = Path(args.out)
     checkpoint = out.with_name(out.name + ".ckpt")
     print(f"CT {ct_path}; targets: {target_desc}; device {args.device}; budget {args.time_budget:g} min")
 
     trainer = Trainer(hu, targets, config, device=args.device)
+    print(f"bfloat16 backbone: {'on' if trainer.mixed_precision else 'off (not native on this device)'}")
     if args.resume and checkpoint.is_file():
         trainer.load_checkpoint(checkpoint)
         print(f"resumed at step {trainer.step} ({trainer.elapsed / 60:.1f} min)")

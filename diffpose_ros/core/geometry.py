@@ -20,7 +20,12 @@ import yaml
 
 from . import se3
 
-__all__ = ["Intrinsics", "carm_pose", "perturb_pose", "BASE_ROTATION"]
+__all__ = ["Intrinsics", "carm_pose", "perturb_pose", "BASE_ROTATION", "CONTRACT_SDD_MM", "CONTRACT_PIXEL_MM"]
+
+CONTRACT_SDD_MM = 1020.0
+"""Source-to-detector distance (mm) of the contract's detector (256 x 256 pixels of 1.2 mm, fx = fy = 850)."""
+CONTRACT_PIXEL_MM = 1.2
+"""Pixel spacing (mm) of the contract's 256 x 256 detector."""
 
 
 @dataclass(frozen=True)

@@ -14,26 +14,59 @@ import cv2
 import numpy as np
 import torch
 
-__all__ = ["load_pose", "save_json", "read_xray", "write_png", "overlay_edges", "write_overlay"]
+__all__ = ["check_pose", "load_pose", "load_poses", "save_json", "read_xray", "write_png", "overlay_edges", "write_overlay"]
+
+
+def check_pose(T, where: str = "pose") -> torch.Tensor:
+    """``T`` as a 4x4 float64 tensor; ``ValueError`` naming ``where`` if it is not a finite rigid transform."""
+    try:
+        T = torch.as_tensor(T, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{where}: not a numeric 4x4 matrix: {err}") from err
+    if T.shape != (4, 4) or not torch.isfinite(T).all():
+        raise ValueError(f"{where}: T_ct_source must be a finite 4x4 matrix, got shape {tuple(T.shape)}")
+    R = T[:3, :3]
+    if not torch.allclose(R.T @ R, torch.eye(3, dtype=torch.float64), atol=1e-4) or float(torch.det(R)) < 0:
+        raise ValueError(f"{where}: the rotation part of T_ct_source is not a proper rotation")
+    if not torch.allclose(T[3], torch.tensor([0.0, 0, 0, 1], dtype=torch.float64)):
+        raise ValueError(f"{where}: the last row of T_ct_source must be [0, 0, 0, 1]")
+    return T
+
+
+def _read_json(path: Path, what: str):
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not JSON: {err}") from err
 
 
 def load_pose(path: str | Path) -> torch.Tensor:
     """``T_ct_source`` (4x4 float64, mm) from a pose JSON file; ``ValueError`` if it is not a rigid transform."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pose file not found: {path}")
-    try:
-        T = torch.tensor(json.loads(path.read_text())["T_ct_source"], dtype=torch.float64)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path} is not a pose JSON with a 4x4 'T_ct_source': {err}") from err
-    if T.shape != (4, 4) or not torch.isfinite(T).all():
-        raise ValueError(f"{path}: T_ct_source must be a finite 4x4 matrix, got shape {tuple(T.shape)}")
-    R = T[:3, :3]
-    if not torch.allclose(R.T @ R, torch.eye(3, dtype=torch.float64), atol=1e-4) or float(torch.det(R)) < 0:
-        raise ValueError(f"{path}: the rotation part of T_ct_source is not a proper rotation")
-    if not torch.allclose(T[3], torch.tensor([0.0, 0, 0, 1], dtype=torch.float64)):
-        raise ValueError(f"{path}: the last row of T_ct_source must be [0, 0, 0, 1]")
-    return T
+    doc = _read_json(path, "pose")
+    if not isinstance(doc, dict) or "T_ct_source" not in doc:
+        raise ValueError(f"{path} is not a pose JSON with a 4x4 'T_ct_source'")
+    return check_pose(doc["T_ct_source"], str(path))
+
+
+def load_poses(path: str | Path) -> torch.Tensor:
+    """``(N, 4, 4)`` poses ``T_ct_source`` (float64, mm) from a JSON list.
+
+    Accepted: ``{"poses": [...]}`` or a bare list, whose items are 4x4 matrices or
+    ``{"T_ct_source": 4x4}`` objects (what :func:`load_pose` reads).
+    """
+    path = Path(path)
+    doc = _read_json(path, "pose list")
+    items = doc.get("poses") if isinstance(doc, dict) else doc
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{path}: expected a non-empty list of poses (or {{\"poses\": [...]}})")
+    poses = []
+    for i, item in enumerate(items):
+        matrix = item.get("T_ct_source") if isinstance(item, dict) else item
+        poses.append(check_pose(matrix, f"{path}: pose {i}"))
+    return torch.stack(poses)
 
 
 def save_json(path: str | Path, data: dict) -> None:

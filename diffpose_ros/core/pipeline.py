@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import se3
 from .bundle import PatientModel, load_patient_model
 from .geometry import Intrinsics
 from .preprocess import check_image, warp_to_camera
-from .register import Level, RegistrationConfig, Registrar
+from .register import MIN_SIMILARITY, Level, RegistrationConfig, Registrar
 
 __all__ = ["PipelineConfig", "FrameResult", "Pipeline", "covariance_in_parent"]
 
@@ -41,11 +40,11 @@ class PipelineConfig:
     tracking; ``max_source_distance_mm``: largest plausible distance of the source from the CT centre.
     """
 
-    min_similarity: float = 0.6
+    min_similarity: float = MIN_SIMILARITY
     tracking_max_age_s: float = 1.0
     max_source_distance_mm: float = 2000.0
     cold: RegistrationConfig = field(default_factory=RegistrationConfig)
-    tracking_levels: tuple[Level, ...] = (Level(64, 2.0, 6, patch=8), Level(128, 0.0, 4, patch=13))
+    tracking_levels: tuple[Level, ...] = (Level(64, 2.0, 6, patch=8), Level(128, 1.4, 6, patch=13))
 
 
 @dataclass
@@ -123,10 +122,9 @@ class Pipeline:
         pose = result.pose
         if not torch.isfinite(pose).all():
             return "pose is not finite"
-        if not result.converged:
-            return f"refinement did not converge in {result.iterations} iterations"
-        if not result.similarity >= cfg.min_similarity:
-            return f"similarity {result.similarity:.3f} below {cfg.min_similarity:.3f}"
+        failure = result.failure(cfg.min_similarity)
+        if failure:
+            return failure
         distance = float(torch.linalg.vector_norm(pose[:3, 3] - self.model.mu.center))
         if distance > cfg.max_source_distance_mm:
             return f"source {distance:.0f} mm from the CT centre (limit {cfg.max_source_distance_mm:.0f} mm)"

@@ -1,4 +1,4 @@
-"""Training poses over the clinical range of C-arm views.
+"""C-arm views: random over the clinical range (training, evaluation) and smooth sweeps (sequences).
 
 Views are drawn uniformly in the contract's parameters (``alpha, beta, gamma`` in degrees, ``SOD``
 in mm, isocentre offset in mm from the CT centre) and mapped to SE(3) by
@@ -17,7 +17,7 @@ import torch
 
 from .geometry import carm_pose
 
-__all__ = ["ViewRange", "sample_views"]
+__all__ = ["ViewRange", "CLINICAL_RANGE", "sample_views", "carm_sweep"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,10 @@ class ViewRange:
         return {k: list(v) for k, v in asdict(self).items()}
 
 
+CLINICAL_RANGE = ViewRange((-30, 30), (-20, 20), (-10, 10), (650, 850), (40, 40, 40))
+"""The geometry contract's clinical range (evaluation and test sequences; training adds a margin)."""
+
+
 def sample_views(
     view_range: ViewRange, n: int, center_ct: torch.Tensor, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,3 +79,35 @@ def sample_views(
     iso = center_ct.to(torch.float64) + (2 * torch.rand(n, 3, generator=generator, dtype=torch.float64) - 1) * half
     poses = carm_pose(alpha, beta, gamma, sod, iso)
     return poses, torch.stack([alpha, beta, gamma, sod, *iso.unbind(-1)], -1)
+
+
+def carm_sweep(
+    n: int,
+    fps: float,
+    center_ct: torch.Tensor,
+    alpha_deg: tuple[float, float] = (-20.0, 20.0),
+    beta_deg: float = 5.0,
+    gamma_deg: float = 0.0,
+    sod_mm: float = 750.0,
+    isocenter_offset_mm: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    breathing_mm: float = 3.0,
+    breathing_hz: float = 0.25,
+) -> torch.Tensor:
+    """``n`` poses ``T_ct_source`` ``(n, 4, 4)`` (float64, mm) of a C-arm sweep filmed at ``fps``.
+
+    The orbit angle goes linearly from ``alpha_deg[0]`` to ``alpha_deg[1]`` (degrees) at fixed
+    ``beta_deg``, ``gamma_deg`` and ``sod_mm``; the patient breathes: the isocentre (``center_ct`` plus
+    ``isocenter_offset_mm``, LPS mm) moves by ``breathing_mm`` superior-inferior and half of that
+    anterior-posterior, sinusoidally at ``breathing_hz``, so the pose relative to the CT drifts
+    between frames as it does in a real run.
+    """
+    if n < 1 or fps <= 0:
+        raise ValueError(f"a sweep needs n >= 1 frames and fps > 0, got n={n}, fps={fps}")
+    t = torch.arange(n, dtype=torch.float64) / fps
+    fraction = t / t[-1] if n > 1 else torch.zeros(1, dtype=torch.float64)
+    rad = math.pi / 180
+    alpha = (alpha_deg[0] + (alpha_deg[1] - alpha_deg[0]) * fraction) * rad
+    phase = torch.sin(2 * math.pi * breathing_hz * t)
+    breathing = torch.stack([torch.zeros_like(t), 0.5 * breathing_mm * phase, breathing_mm * phase], -1)
+    iso = center_ct.to(torch.float64) + torch.tensor(isocenter_offset_mm, dtype=torch.float64) + breathing
+    return carm_pose(alpha, beta_deg * rad, gamma_deg * rad, sod_mm, iso)

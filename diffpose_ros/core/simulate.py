@@ -10,7 +10,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["simulate_transmission"]
+__all__ = ["simulate_transmission", "COLLIMATOR_TRANSMISSION"]
+
+COLLIMATOR_TRANSMISSION = 0.02
+"""Fraction of the beam that passes the collimator leaves."""
 
 
 def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -30,17 +33,28 @@ def simulate_transmission(
     blur_sigma_px: float = 0.7,
     dtype: str = "uint16",
     rng: np.random.Generator | None = None,
+    collimation: float = 0.0,
 ) -> np.ndarray:
     """A device-like transmission frame ``(H, W)`` from line integrals (dimensionless).
 
     ``i0``: mean photon count of an unattenuated pixel (quantum noise; ``0`` disables noise);
     ``gain``: detector counts per photon (default: the unattenuated level at 90 % of an integer
     type's range, 1 for float32); ``blur_sigma_px``: detector blur (pixels, 0 = none);
-    ``dtype``: ``uint16`` (mono16), ``uint8`` (mono8) or ``float32`` (32FC1).
+    ``dtype``: ``uint16`` (mono16), ``uint8`` (mono8) or ``float32`` (32FC1); ``collimation``: fraction
+    of the width and of the height shut by the collimator leaves on each side (0 = open; the leaves
+    let ``COLLIMATOR_TRANSMISSION`` of the beam through).
     """
+    if not 0.0 <= collimation < 0.5:
+        raise ValueError(f"collimation is a fraction per side in [0, 0.5), got {collimation}")
     rng = rng or np.random.default_rng()
     photons = i0 if i0 > 0 else 1.0
     expected = photons * torch.exp(-line_integrals.detach().double().cpu())
+    if collimation > 0:
+        h, w = expected.shape
+        dy, dx = round(collimation * h), round(collimation * w)
+        shut = torch.ones_like(expected, dtype=torch.bool)
+        shut[dy:h - dy, dx:w - dx] = False
+        expected = torch.where(shut, expected * COLLIMATOR_TRANSMISSION, expected)
     counts = torch.from_numpy(rng.poisson(expected.numpy()).astype(np.float64)) if i0 > 0 else expected
     if blur_sigma_px > 0:
         counts = _gaussian_blur(counts, blur_sigma_px)

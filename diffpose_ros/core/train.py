@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from . import metrics, se3
 from .augment import AugmentConfig, augment
 from .geometry import Intrinsics, carm_pose
-from .regressor import PoseRegressor
+from .regressor import PoseRegressor, bfloat16_is_fast
 from .render import Renderer
 from .sampling import ViewRange, sample_views
 from .volume import Volume, hu_to_mu
@@ -44,7 +44,8 @@ class TrainConfig:
 
     Detector: ``sdd_mm``, ``detector_pixels``, ``pixel_mm`` define the device-independent working
     camera; the CNN sees it resampled to ``image_size`` pixels. ``voxel_mm``: training volume voxel
-    size; ``bone_scales``: bone attenuation multipliers (one volume each, drawn per batch).
+    size; ``bone_scales``: bone attenuation multipliers (one volume each, drawn per batch);
+    ``mixed_precision``: bfloat16 backbone, ``"auto"`` = where it is fast (:func:`.regressor.bfloat16_is_fast`).
     """
 
     image_size: int = 64
@@ -64,7 +65,7 @@ class TrainConfig:
     validation_every_s: float = 60.0
     checkpoint_every_s: float = 120.0
     rotation_weight: float = 1.0
-    mixed_precision: bool = True
+    mixed_precision: bool | str = "auto"
     seed: int = 0
     view_range: ViewRange = field(default_factory=ViewRange)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -78,6 +79,8 @@ class TrainConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown training keys: {sorted(unknown)}")
+        if d.get("mixed_precision", "auto") not in (True, False, "auto"):
+            raise ValueError(f"mixed_precision must be true, false or auto, got {d['mixed_precision']!r}")
         if "bone_scales" in d:
             d["bone_scales"] = tuple(d["bone_scales"])
         return cls(view_range=view, augment=aug, **d)
@@ -147,6 +150,8 @@ class Trainer:
         vr = config.view_range
         reference = carm_pose(math.radians(mid(vr.alpha_deg)), math.radians(mid(vr.beta_deg)), 0.0, mid(vr.sod_mm), self.center)
         self.model = PoseRegressor(reference, self.center, config.backbone, config.image_size).to(self.device)
+        auto = config.mixed_precision == "auto"
+        self.mixed_precision = bfloat16_is_fast(self.device) if auto else bool(config.mixed_precision)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
         self.step = 0
         self.elapsed = 0.0
@@ -216,7 +221,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self._learning_rate(progress)
         self.model.train()
-        predicted = self.model(x.to(self.device), mixed_precision=self.config.mixed_precision).double()
+        predicted = self.model(x.to(self.device), mixed_precision=self.mixed_precision).double()
         loss, errors = self.loss(predicted, poses.to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

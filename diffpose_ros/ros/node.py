@@ -47,10 +47,8 @@ Outputs, stamped with the image's stamp, only for strictly newer stamps:
 from __future__ import annotations
 
 import collections
-import dataclasses
 import gc
 import math
-import os
 import threading
 import time
 import traceback
@@ -60,7 +58,7 @@ import numpy as np
 import rclpy
 import rclpy.subscription as _rclpy_subscription
 import torch
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import PoseWithCovarianceStamped, TransformStamped
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
@@ -89,6 +87,8 @@ from .conversions import (
     matrix_to_transform,
     numpy_to_image,
 )
+from .diagnostics import RATE_WINDOW_S, FrameStats, key_value, process_rss_bytes, stamp_str
+from .settings import TUNABLE_PARAMETERS, Settings, pipeline_config, resolve_device, settings_problems
 
 try:  # A ROS 2 install has tf2_ros; the PyPI wheels do not (publish TFMessage ourselves then).
     import tf2_ros  # type: ignore
@@ -104,8 +104,6 @@ _MESSAGE_INFO = hasattr(_rclpy_subscription, "MessageInfo")
 __all__ = ["DiffPoseNode", "main"]
 
 NODE_NAME = "diffpose_node"
-INPUT_KINDS = ("transmission", "line_integrals")
-IMAGE_QOS = ("sensor_data", "reliable")
 TF_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
 TF_STATIC_QOS = QoSProfile(
     depth=1,
@@ -113,77 +111,7 @@ TF_STATIC_QOS = QoSProfile(
     reliability=ReliabilityPolicy.RELIABLE,
     durability=DurabilityPolicy.TRANSIENT_LOCAL,
 )
-RATE_WINDOW_S = 5.0
 CAMERA_INFO_KEEP = 16
-
-
-def process_rss_bytes() -> int:
-    """Resident set size of this process (bytes; Linux ``/proc``, else the peak from ``getrusage``)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):  # pragma: no cover - non-Linux
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when available else ``cpu``; ``cuda``/``cuda:N``/``cpu`` checked."""
-    name = (name or "auto").strip().lower()
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested but torch.cuda is not available")
-        return name
-    if name == "cpu":
-        return name
-    raise ValueError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N)")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The runtime-tunable parameters, as one immutable snapshot (swapped atomically)."""
-
-    camera_frame: str = "carm_source_optical"
-    invert: bool = False
-    mirror: bool = False
-    input_kind: str = "transmission"
-    camera_info_wait_s: float = 0.5
-    sdd_mm: float = 0.0
-    pixel_spacing_mm: float = 0.0
-    principal_point: tuple[float, ...] = ()
-    min_similarity: float = 0.6
-    max_source_distance_mm: float = 2000.0
-    tracking_enabled: bool = True
-    tracking_max_age_s: float = 1.0
-    overlay_width: int = 256
-
-    def parameter_intrinsics(self, width: int, height: int) -> Intrinsics | None:
-        """Intrinsics from the ``intrinsics.*`` parameters for a ``width x height`` image, or None if unset."""
-        if self.sdd_mm <= 0 or self.pixel_spacing_mm <= 0:
-            return None
-        pp = tuple(self.principal_point) if len(self.principal_point) == 2 else None
-        return Intrinsics.from_detector(self.sdd_mm, width, height, self.pixel_spacing_mm, pp)
-
-
-# parameter name -> Settings field
-_TUNABLE = {
-    "camera_frame": "camera_frame",
-    "invert": "invert",
-    "mirror": "mirror",
-    "input_kind": "input_kind",
-    "camera_info_wait_s": "camera_info_wait_s",
-    "intrinsics.sdd_mm": "sdd_mm",
-    "intrinsics.pixel_spacing_mm": "pixel_spacing_mm",
-    "intrinsics.principal_point": "principal_point",
-    "gate.min_similarity": "min_similarity",
-    "gate.max_source_distance_mm": "max_source_distance_mm",
-    "tracking.enabled": "tracking_enabled",
-    "tracking.max_age_s": "tracking_max_age_s",
-    "overlay.width": "overlay_width",
-}
 
 
 @dataclass
@@ -220,47 +148,6 @@ class _Mailbox:
             self._item = None
 
 
-class _Stats:
-    """Counters and recent values for ``/diagnostics`` (guarded by one lock)."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.reset()
-
-    def reset(self):
-        self.received_times: collections.deque[float] = collections.deque()
-        self.published_times: collections.deque[float] = collections.deque()
-        self.processed = 0
-        self.published = 0
-        self.rejected = 0
-        self.skipped_stamps = 0
-        self.latency_receipt: collections.deque[float] = collections.deque(maxlen=50)
-        self.latency_stamp: collections.deque[float] = collections.deque(maxlen=50)
-        self.missed_before_receipt = 0
-        self.last_sequence: dict[str, int] = {}
-        self.last_frame: DiagnosticStatus | None = None
-        self.last_frame_wall = 0.0
-
-    @staticmethod
-    def rate(times: collections.deque, now: float) -> float:
-        while times and now - times[0] > RATE_WINDOW_S:
-            times.popleft()
-        if len(times) < 2:
-            return 0.0
-        span = max(now - times[0], 1e-6)
-        return (len(times) - 1) / span if span > 0 else 0.0
-
-
-def _stamp_str(stamp) -> str:
-    return f"{int(stamp.sec)}.{int(stamp.nanosec):09d}"
-
-
-def _kv(key: str, value) -> KeyValue:
-    if isinstance(value, float):
-        value = f"{value:.6g}"
-    return KeyValue(key=key, value=str(value))
-
-
 class DiffPoseNode(LifecycleNode):
     """The lifecycle node ``diffpose_node`` (see the module docstring for topics and parameters)."""
 
@@ -279,7 +166,7 @@ class DiffPoseNode(LifecycleNode):
         self._config_error = ""
         self._warm_up_s = float("nan")
         self._mailbox = _Mailbox()
-        self._stats = _Stats()
+        self._stats = FrameStats()
         self._worker: threading.Thread | None = None
         self._stop = threading.Event()
         self._last_stamp_ns: int | None = None
@@ -339,7 +226,8 @@ class DiffPoseNode(LifecycleNode):
             Parameter.Type.DOUBLE_ARRAY,
             ParameterDescriptor(description="[cx, cy] in pixels when no camera_info; unset or empty: image centre"),
         )
-        declare("gate.min_similarity", 0.6, "smallest accepted final similarity (0.5 NCC + 0.5 patch NCC)")
+        declare("gate.min_similarity", PipelineConfig.min_similarity,
+                "smallest accepted final similarity (0.5 NCC + 0.5 patch NCC)")
         declare("gate.max_source_distance_mm", 2000.0, "largest plausible source distance from the CT centre (mm)")
         declare("tracking.enabled", True, "start from the last accepted pose when it is recent")
         declare("tracking.max_age_s", 1.0, "tracking when the last accepted pose is younger than this (stamps, s)")
@@ -353,64 +241,34 @@ class DiffPoseNode(LifecycleNode):
 
     def _read_settings(self, overrides: dict | None = None) -> Settings:
         values = {}
-        for name, field_name in _TUNABLE.items():
+        for name, field_name in TUNABLE_PARAMETERS.items():
             value = overrides[name] if overrides and name in overrides else self._param(name)
             if field_name == "principal_point":
                 value = tuple(float(v) for v in (value or ()))
             values[field_name] = value
         return Settings(**values)
 
-    @staticmethod
-    def _problems(s: Settings, image_qos: str) -> list[str]:
-        problems = []
-        if s.input_kind not in INPUT_KINDS:
-            problems.append(f"input_kind must be one of {INPUT_KINDS}")
-        if image_qos not in IMAGE_QOS:
-            problems.append(f"image_qos must be one of {IMAGE_QOS}")
-        if not (-1.0 <= s.min_similarity <= 1.0):
-            problems.append("gate.min_similarity must lie in [-1, 1]")
-        if s.tracking_max_age_s < 0 or s.camera_info_wait_s < 0:
-            problems.append("tracking.max_age_s and camera_info_wait_s must be >= 0")
-        if s.sdd_mm < 0 or s.pixel_spacing_mm < 0 or s.max_source_distance_mm <= 0:
-            problems.append("intrinsics and distances must not be negative")
-        if len(s.principal_point) not in (0, 2):
-            problems.append("intrinsics.principal_point must be [] or [cx, cy]")
-        if s.overlay_width < 8:
-            problems.append("overlay.width must be >= 8")
-        if not s.camera_frame:
-            problems.append("camera_frame must not be empty")
-        return problems
-
     def _validate_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
         try:
-            overrides = {p.name: p.value for p in parameters if p.name in _TUNABLE}
-            problems = self._problems(self._read_settings(overrides), str(self._param("image_qos")))
+            overrides = {p.name: p.value for p in parameters if p.name in TUNABLE_PARAMETERS}
+            problems = settings_problems(self._read_settings(overrides), str(self._param("image_qos")))
             return SetParametersResult(successful=not problems, reason="; ".join(problems))
         except Exception as err:  # a malformed request must not kill the node
             return SetParametersResult(successful=False, reason=f"invalid parameters: {err}")
 
     def _apply_parameters(self, parameters: list[Parameter]) -> None:
         try:
-            if not any(p.name in _TUNABLE for p in parameters):
+            if not any(p.name in TUNABLE_PARAMETERS for p in parameters):
                 return
             settings = self._read_settings()
             with self._settings_lock:
                 self._settings = settings
             pipeline = self._pipeline
             if pipeline is not None:
-                pipeline.config = self._pipeline_config(settings, pipeline.config)
+                pipeline.config = pipeline_config(settings, pipeline.config)
             self.get_logger().info("parameters updated: " + ", ".join(p.name for p in parameters))
         except Exception as err:  # pragma: no cover - defensive
             self.get_logger().error(f"could not apply parameters: {err!r}")
-
-    @staticmethod
-    def _pipeline_config(s: Settings, base: PipelineConfig | None = None) -> PipelineConfig:
-        return dataclasses.replace(
-            base or PipelineConfig(),
-            min_similarity=float(s.min_similarity),
-            tracking_max_age_s=float(s.tracking_max_age_s),
-            max_source_distance_mm=float(s.max_source_distance_mm),
-        )
 
     # ------------------------------------------------------------------------------- lifecycle
     def on_configure(self, state: State) -> TransitionCallbackReturn:
@@ -424,11 +282,11 @@ class DiffPoseNode(LifecycleNode):
             device = resolve_device(str(self.get_parameter("device").value))
             with self._settings_lock:
                 settings = self._settings
-            problems = self._problems(settings, str(self._param("image_qos")))
+            problems = settings_problems(settings, str(self._param("image_qos")))
             if problems:
                 return self._configure_failed("invalid parameters: " + "; ".join(problems))
             self.get_logger().info(f"loading patient model {path} on {device}")
-            pipeline = Pipeline.from_file(path, device=device, config=self._pipeline_config(settings))
+            pipeline = Pipeline.from_file(path, device=device, config=pipeline_config(settings))
             self._warm_up_s = pipeline.warm_up()
         except PatientModelError as err:
             return self._configure_failed(f"cannot load the patient model: {err}")
@@ -684,7 +542,7 @@ class DiffPoseNode(LifecycleNode):
                 return
             result = pipeline.process(L, k, stamp=stamp_ns * 1e-9, track=s.tracking_enabled)
         except ValueError as err:
-            self.get_logger().warning(f"frame {_stamp_str(msg.header.stamp)} refused: {err}", throttle_duration_sec=1.0)
+            self.get_logger().warning(f"frame {stamp_str(msg.header.stamp)} refused: {err}", throttle_duration_sec=1.0)
             self._frame_status(frame, DiagnosticStatus.ERROR, f"bad frame: {err}", info)
             with self._stats.lock:
                 self._stats.processed += 1
@@ -787,8 +645,8 @@ class DiffPoseNode(LifecycleNode):
         status.message = message
         status.hardware_id = self._device
         header = frame.msg.header
-        pairs = {"stamp": _stamp_str(header.stamp), "frame_id": header.frame_id, **values}
-        status.values = [_kv(key, value) for key, value in pairs.items()]
+        pairs = {"stamp": stamp_str(header.stamp), "frame_id": header.frame_id, **values}
+        status.values = [key_value(key, value) for key, value in pairs.items()]
         with self._stats.lock:
             self._stats.last_frame = status
             self._stats.last_frame_wall = time.monotonic()
@@ -845,7 +703,7 @@ class DiffPoseNode(LifecycleNode):
                               "t_refine_s", "t_total_s"):
                     values[f"last_{kv.key}"] = kv.value
             values["last_result"] = last.message
-        status.values = [_kv(k, v) for k, v in values.items()]
+        status.values = [key_value(k, v) for k, v in values.items()]
         return status
 
 

@@ -246,3 +246,40 @@ def test_carm_pose_broadcasting():
     T2 = carm_pose(0.0, 0.0, 0.0, 700.0, torch.tensor([[0.0, 0, 0], [5.0, 6, 7]], dtype=torch.float64))
     assert T2.shape == (2, 4, 4)
     torch.testing.assert_close(T2[1, :3, 3] - T2[0, :3, 3], torch.tensor([5.0, 6, 7], dtype=torch.float64))
+
+
+def test_carm_sweep_orbits_smoothly_and_breathes():
+    from diffpose_ros.core.sampling import carm_sweep
+
+    center = torch.tensor([10.0, -20.0, 30.0], dtype=torch.float64)
+    poses = carm_sweep(41, 10.0, center, alpha_deg=(-20.0, 20.0), beta_deg=0.0, breathing_mm=3.0, breathing_hz=0.25)
+    assert poses.shape == (41, 4, 4)
+    steps = torch.rad2deg(se3.rotation_angle(poses[1:], poses[:-1]))
+    assert torch.allclose(steps, torch.full_like(steps, 1.0), atol=1e-9), "alpha advances 1 deg per frame"
+    # Isocentre (on the principal ray, SOD ahead of the source) = centre + breathing along +z, +y/2.
+    iso = poses[:, :3, 3] + 750.0 * poses[:, :3, 2]
+    t = torch.arange(41, dtype=torch.float64) / 10.0
+    phase = torch.sin(2 * math.pi * 0.25 * t)
+    assert torch.allclose(iso[:, 2] - center[2], 3.0 * phase, atol=1e-9)
+    assert torch.allclose(iso[:, 1] - center[1], 1.5 * phase, atol=1e-9)
+    assert torch.allclose(iso[:, 0], center[0].expand(41), atol=1e-9)
+    with pytest.raises(ValueError):
+        carm_sweep(0, 10.0, center)
+
+
+def test_load_poses_accepts_lists_and_names_the_bad_item(tmp_path):
+    import json
+
+    from diffpose_ros.core.io import load_poses
+
+    T = carm_pose(0.1, 0.0, 0.0, 700.0, torch.zeros(3, dtype=torch.float64))
+    (tmp_path / "a.json").write_text(json.dumps({"poses": [{"T_ct_source": T.tolist()}, T.tolist()]}))
+    assert torch.equal(load_poses(tmp_path / "a.json"), torch.stack([T, T]))
+    bad = T.clone()
+    bad[0, 0] = 2.0
+    (tmp_path / "b.json").write_text(json.dumps([T.tolist(), bad.tolist()]))
+    with pytest.raises(ValueError, match="pose 1"):
+        load_poses(tmp_path / "b.json")
+    (tmp_path / "c.json").write_text("[]")
+    with pytest.raises(ValueError, match="non-empty"):
+        load_poses(tmp_path / "c.json")

@@ -50,7 +50,7 @@ def test_recovers_known_pose(seed, registrar, truth, target, k128, hu):
     assert isinstance(res, RegistrationResult)
     final = float(metrics.mtre(res.pose, T_true, targets))
     assert final < 0.5, f"start {start_mtre:.1f} mm -> final {final:.3f} mm"
-    assert res.converged and not res.failed
+    assert res.converged and not res.failure()
     assert res.iterations < 60
     assert res.similarity > 0.99
     assert res.pose.shape == (4, 4) and res.pose.dtype == torch.float64
@@ -70,7 +70,7 @@ def test_recovers_pose_from_a_diffdrr_image(registrar, truth, k128, hu, diffdrr_
     targets = metrics.grid_targets(hu.center)
     res = registrar.register(image, k128, perturbed(T_true, iso, seed=5))
     assert float(metrics.mtre(res.pose, T_true, targets)) < 1.0
-    assert not res.failed
+    assert not res.failure()
 
 
 def test_log_domain_image_with_gain_and_offset(registrar, truth, target, k128, hu):
@@ -89,7 +89,7 @@ def test_noise_image_fails(registrar, truth, k128):
     noise = torch.rand(128, 128, generator=torch.Generator().manual_seed(0))
     short = (Level(32, 4.0, 8), Level(64, 2.0, 5, patch=8))
     res = registrar.register(noise, k128, truth[0], levels=short)
-    assert res.failed and res.similarity < 0.3
+    assert res.failure() and res.similarity < 0.3
 
 
 def test_register_rejects_bad_images(registrar, truth, k128, target):

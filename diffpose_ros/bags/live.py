@@ -1,0 +1,99 @@
+"""A live run: replay a ground-truth bag into a running node and record its answers, in one process.
+
+The node runs elsewhere (its own process, as in the OR). This process replays the bag's frames
+(:class:`~.replay.Player`, original timing divided by the rate) and records the node's outputs plus
+the replayed ``camera_info`` (:class:`~.record.Recorder`, for stamp-independent latency). It prints
+each pose as it arrives, checked against the ground truth, and stops once the node has answered
+every frame (a pose or a frame status on ``/diagnostics`` for each stamp) or ``settle_s`` after the
+last frame went out.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core import metrics
+from ..ros.conversions import transform_to_matrix
+from .bagfile import decode
+from .record import Recorder
+from .replay import Player, ReplayOptions
+from .score import Truth, stamp_key, stamp_ns
+
+__all__ = ["LiveResult", "run_live"]
+
+
+@dataclass
+class LiveResult:
+    recorded: dict[str, int]
+    replay: dict
+    answered: int
+    frames: int
+    seconds: float
+
+
+def run_live(session, truth: Truth, out_bag: str | Path, options: ReplayOptions, outputs: list[str],
+             targets_ct_mm: torch.Tensor, wait_timeout_s: float = 120.0, settle_s: float = 30.0,
+             log=print) -> LiveResult:
+    """Replay ``truth.bag`` through ``session.node`` (a :class:`~diffpose_ros.ros.runtime.RosSession`)
+    and record ``outputs`` (absolute topics) plus the replayed camera_info into ``out_bag``."""
+    image_topic = options.remap.get(truth.image_topic, truth.image_topic) if truth.image_topic else None
+    info_topic = options.remap.get(truth.camera_info_topic, truth.camera_info_topic) if truth.camera_info_topic else None
+    if image_topic is None:
+        raise ValueError(f"{truth.bag} has no sensor_msgs/Image topic to replay")
+    frames = set(truth.frames)
+    answered: set[int] = set()
+    start = time.monotonic()
+
+    def on_output(topic: str, t_ns: int, raw: bytes) -> None:
+        if topic == "/tf":
+            for ts in decode(raw, "tf2_msgs/msg/TFMessage").transforms:
+                stamp = stamp_ns(ts.header.stamp)
+                if stamp not in frames or stamp in answered or ts.child_frame_id.lstrip("/") == truth.scene.get("truth_frame"):
+                    continue
+                T = transform_to_matrix(ts.transform)
+                if ts.header.frame_id.lstrip("/") != truth.scene.get("ct_frame", "ct"):
+                    T = np.linalg.inv(T)
+                answered.add(stamp)
+                error = ""
+                if stamp in truth.poses:
+                    e = float(metrics.mtre(torch.from_numpy(T), torch.from_numpy(truth.poses[stamp]), targets_ct_mm))
+                    error = f", 3D mTRE {e:.2f} mm"
+                t = T[:3, 3] / 1000
+                log(f"  TF {ts.header.frame_id} -> {ts.child_frame_id} @ {stamp_key(stamp)}: "
+                    f"t = ({t[0]:+.4f}, {t[1]:+.4f}, {t[2]:+.4f}) m{error}  [{len(answered)}/{len(frames)}]")
+        elif topic == "/diagnostics":
+            for status in decode(raw, "diagnostic_msgs/msg/DiagnosticArray").status:
+                if not status.name.endswith(": frame") or status.level == 0:
+                    continue
+                values = {kv.key: kv.value for kv in status.values}
+                sec, _, nsec = values.get("stamp", "0.0").partition(".")
+                stamp = int(sec) * 1_000_000_000 + int(nsec or 0)
+                if stamp in frames and stamp not in answered:
+                    answered.add(stamp)
+                    log(f"  no pose @ {stamp_key(stamp)}: {status.message}  [{len(answered)}/{len(frames)}]")
+
+    topics = list(dict.fromkeys([*outputs, *([info_topic] if info_topic else [])]))
+    recorder = Recorder(session.node, out_bag, topics, on_message=on_output)
+    player = Player(session.node, truth.bag, options, stop_event=session.stop)
+    try:
+        player.wait_for_subscribers([image_topic], wait_timeout_s)
+        # The recorder must see the node's outputs before the first frame goes out.
+        deadline = time.monotonic() + wait_timeout_s
+        must = [t for t in outputs if t in ("/tf", "/diagnostics")] + ([info_topic] if info_topic else [])
+        while not all(recorder.subscribed(t) for t in must):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"publishers of {', '.join(t for t in must if not recorder.subscribed(t))} not discovered")
+            session.wait(0.05)
+        log(f"replaying {len(frames)} frames from {truth.bag} at rate {options.rate:g} onto {image_topic}")
+        report = player.play()
+        deadline = time.monotonic() + settle_s
+        while len(answered) < len(frames) and time.monotonic() < deadline and not session.stop.is_set():
+            session.wait(0.1)
+    finally:
+        recorded = recorder.close()
+    return LiveResult(recorded, report.summary(), len(answered), len(frames), time.monotonic() - start)

@@ -1,0 +1,192 @@
+"""Replay a rosbag2 into DDS with its original timing (``diffpose-replay``; ``ros2 bag play`` semantics).
+
+Each message's raw CDR, as read from the bag, is published at ``start + (t_log - t_first) / rate`` on
+the wall clock (sleeping between messages; a message that is late goes out at once and the lateness
+is reported, the schedule is never shifted). Message contents, header stamps included, are not
+touched. Publishers use the QoS each topic's publisher offered when the bag was recorded (reliable,
+depth 10 when the bag has none), unless overridden. ``/clock`` (``rosgraph_msgs/Clock``) carries the
+bag time for nodes run with ``use_sim_time``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .bagfile import QosSpec, bag_topics, message_class, rclpy_qos, read_messages
+
+__all__ = ["ReplayOptions", "ReplayReport", "Player", "parse_remaps"]
+
+
+def parse_remaps(items: list[str] | None) -> dict[str, str]:
+    """``["OLD:=NEW", ...]`` -> ``{OLD: NEW}`` (absolute topic names)."""
+    remaps = {}
+    for item in items or []:
+        old, sep, new = item.partition(":=")
+        if not sep or not old or not new:
+            raise ValueError(f"remap {item!r} is not OLD:=NEW")
+        if not old.startswith("/") or not new.startswith("/"):
+            raise ValueError(f"remap {item!r}: use absolute topic names (/a:=/b)")
+        remaps[old] = new
+    return remaps
+
+
+@dataclass
+class ReplayOptions:
+    """``rate``: playback speed factor; ``start_offset_s``: skip this much of the bag; ``loop``: play
+    ``loops`` times (0 with ``loop``: until stopped); ``topics``: only these (bag names; None = all);
+    ``remap``: bag name -> published name; ``qos``: per bag topic override; ``clock_hz``: publish
+    ``/clock`` at this rate (0: not at all)."""
+
+    rate: float = 1.0
+    start_offset_s: float = 0.0
+    loop: bool = False
+    loops: int = 0
+    topics: list[str] | None = None
+    remap: dict[str, str] = field(default_factory=dict)
+    qos: dict[str, QosSpec] = field(default_factory=dict)
+    clock_hz: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.rate > 0:
+            raise ValueError(f"rate must be > 0, got {self.rate}")
+        if self.start_offset_s < 0 or self.clock_hz < 0:
+            raise ValueError("start offset and clock rate must be >= 0")
+
+
+@dataclass
+class ReplayReport:
+    """What was published: counts per published topic and the timing error (s) against the schedule."""
+
+    published: dict[str, int] = field(default_factory=dict)
+    lateness_s: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+    publish_times: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    """Per published topic: ``(bag log time ns, wall time.time() of the publish)``."""
+
+    def summary(self) -> dict:
+        late = sorted(self.lateness_s) or [0.0]
+        return {
+            "messages": sum(self.published.values()),
+            "per_topic": dict(self.published),
+            "wall_s": self.wall_s,
+            "timing_error_median_s": statistics.median(late),
+            "timing_error_max_s": late[-1],
+        }
+
+
+class Player:
+    """Publishes a bag through ``node`` (an rclpy node; it need not be spinning); ``stop_event``
+    (set from another thread or a signal handler) ends waiting and playing early."""
+
+    def __init__(self, node, bag: str | Path, options: ReplayOptions | None = None,
+                 stop_event: threading.Event | None = None):
+        self.node = node
+        self.bag = Path(bag)
+        self.options = options or ReplayOptions()
+        topics = bag_topics(self.bag)
+        wanted = self.options.topics
+        if wanted:
+            missing = sorted(set(wanted) - set(topics))
+            if missing:
+                raise ValueError(f"topics not in {self.bag}: {', '.join(missing)} (it has {', '.join(sorted(topics))})")
+        unknown_remaps = sorted(set(self.options.remap) - set(topics))
+        if unknown_remaps:
+            raise ValueError(f"remapped topics not in {self.bag}: {', '.join(unknown_remaps)}")
+        self._publishers = {}
+        self.skipped_types: dict[str, str] = {}
+        for name, info in sorted(topics.items()):
+            if wanted and name not in wanted:
+                continue
+            try:
+                cls = message_class(info.msgtype)
+            except ValueError as err:
+                self.skipped_types[name] = str(err)
+                node.get_logger().warning(f"not replaying {name}: {err}")
+                continue
+            spec = self.options.qos.get(name) or info.qos or QosSpec()
+            self._publishers[name] = node.create_publisher(cls, self.options.remap.get(name, name), rclpy_qos(spec))
+        if not self._publishers:
+            raise ValueError(f"nothing to replay from {self.bag}")
+        self._clock_pub = None
+        if self.options.clock_hz > 0:
+            from rclpy.qos import QoSProfile
+            from rosgraph_msgs.msg import Clock
+
+            self._clock_pub = node.create_publisher(Clock, "/clock", QoSProfile(depth=10))
+        self.stop_event = stop_event or threading.Event()
+
+    def published_name(self, bag_topic: str) -> str:
+        return self.options.remap.get(bag_topic, bag_topic)
+
+    def wait_for_subscribers(self, topics: list[str], timeout_s: float) -> None:
+        """Block until each published topic in ``topics`` (published names) has a subscriber."""
+        publishers = {self.published_name(t): p for t, p in self._publishers.items()}
+        unknown = [t for t in topics if t not in publishers]
+        if unknown:
+            raise ValueError(f"--wait-for names topics that are not replayed: {', '.join(unknown)}")
+        deadline = time.monotonic() + timeout_s
+        while not all(publishers[t].get_subscription_count() > 0 for t in topics):
+            if time.monotonic() > deadline or self.stop_event.is_set():
+                waiting = [t for t in topics if publishers[t].get_subscription_count() == 0]
+                raise TimeoutError(f"no subscriber on {', '.join(waiting)} after {timeout_s:.0f} s")
+            time.sleep(0.05)
+
+    def _publish_clock(self, bag_ns: int) -> None:
+        from builtin_interfaces.msg import Time
+        from rosgraph_msgs.msg import Clock
+
+        self._clock_pub.publish(Clock(clock=Time(sec=bag_ns // 1_000_000_000, nanosec=bag_ns % 1_000_000_000)))
+
+    def _sleep_until(self, wall_target: float, bag_at) -> None:
+        """Sleep until ``wall_target`` (time.monotonic), publishing ``/clock`` meanwhile when asked."""
+        period = 1.0 / self.options.clock_hz if self._clock_pub is not None else None
+        while not self.stop_event.is_set():
+            remaining = wall_target - time.monotonic()
+            if remaining <= 0:
+                return
+            if period is not None:
+                self._publish_clock(bag_at(time.monotonic()))
+                remaining = min(remaining, period)
+            time.sleep(min(remaining, 0.1))
+
+    def play(self, on_message=None) -> ReplayReport:
+        """Play the bag (looping as configured); ``on_message(topic, t_log_ns, cdr)`` after each publish."""
+        report = ReplayReport(published={self.published_name(t): 0 for t in self._publishers})
+        opts = self.options
+        begin = time.monotonic()
+        passes = 0
+        while not self.stop_event.is_set():
+            first_ns = None
+            start = 0.0
+            for topic, _, t_ns, cdr in read_messages(self.bag, list(self._publishers)):
+                if self.stop_event.is_set():
+                    break
+                if first_ns is None:
+                    first_ns = t_ns + round(opts.start_offset_s * 1e9)
+                if t_ns < first_ns:
+                    continue
+                if not start:  # the schedule starts at the first message played, once the bag is open
+                    start = time.monotonic()
+                target = start + (t_ns - first_ns) * 1e-9 / opts.rate
+                self._sleep_until(target, lambda now, f=first_ns, s=start: f + round((now - s) * opts.rate * 1e9))
+                if self.stop_event.is_set():
+                    break
+                if self._clock_pub is not None:
+                    self._publish_clock(t_ns)
+                self._publishers[topic].publish(cdr)
+                lateness = time.monotonic() - target
+                name = self.published_name(topic)
+                report.published[name] += 1
+                report.lateness_s.append(max(0.0, lateness))
+                report.publish_times.setdefault(name, []).append((t_ns, time.time()))
+                if on_message is not None:
+                    on_message(topic, t_ns, cdr)
+            passes += 1
+            if not opts.loop or (opts.loops and passes >= opts.loops):
+                break
+        report.wall_s = time.monotonic() - begin
+        return report

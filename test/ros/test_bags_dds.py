@@ -1,0 +1,275 @@
+"""The bag tools over real DDS, each tool in its own process: replay timing, lossless recording at
+30 Hz with 512^2 mono16 frames, and bags replayed through a real ``diffpose_node`` and scored (one
+made by diffpose-make-bag, one written by plain ``rosbags`` with other topic names and remapped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ros_harness import NodeProcess, Probe, domain_id, ros_disabled, ros_env
+
+if ros_disabled():
+    pytest.skip("DIFFPOSE_NO_ROS=1: ROS 2 tests skipped", allow_module_level=True)
+
+from diffpose_ros.bags.bagfile import BagWriter, QosSpec, read_messages  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def text_of(log: Path) -> str:
+    return log.read_text(encoding="utf-8", errors="replace")
+
+
+def tool(name: str, *args: str, env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / name), *args], stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            env={**os.environ, **env})
+
+
+def finish(proc: subprocess.Popen, timeout: float, log: Path, sig=None) -> str:
+    if sig is not None and proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+        raise AssertionError(f"{proc.args[0]} did not finish in {timeout} s:\n{text_of(log)[-3000:]}")
+    text = text_of(log)
+    assert proc.returncode == 0, f"{proc.args[0]} exited {proc.returncode}:\n{text[-3000:]}"
+    return text
+
+
+def wait_for_log(proc: subprocess.Popen, log: Path, needles: list[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(n in text_of(log) for n in needles):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{proc.args[0]} never logged {needles}:\n{text_of(log)[-3000:]}")
+        time.sleep(0.05)
+
+
+def image_msg(index: int, size: int, stamp_ns: int):
+    from builtin_interfaces.msg import Time
+    from std_msgs.msg import Header
+
+    from diffpose_ros.ros.conversions import numpy_to_image
+
+    pixels = np.full((size, size), index, np.uint16)
+    pixels[0, : min(size, 64)] = np.arange(min(size, 64), dtype=np.uint16) + index
+    header = Header(stamp=Time(sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9), frame_id="carm_source_optical")
+    return numpy_to_image(pixels, "mono16", header=header)
+
+
+@pytest.fixture(scope="module")
+def dds(env_patch):
+    env = ros_env(domain_id(1))
+    for key, value in env.items():
+        env_patch.setenv(key, value)
+    return env
+
+
+def test_replay_keeps_timing_across_processes(dds, tmp_path):
+    """A 2 s bag at 20 Hz (irregular gaps) replayed at rate 1 and 2 into this process: every frame,
+    in order, and each arrival on schedule (relative to the first) within a few milliseconds."""
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+
+    t0 = 1_700_000_000 * 10**9
+    offsets = np.cumsum([0.0] + [0.05 if i % 5 else 0.12 for i in range(1, 30)])
+    with BagWriter(tmp_path / "bag") as bag:
+        bag.add_topic("/bag/image", "sensor_msgs/msg/Image", QosSpec())
+        for i, off in enumerate(offsets):
+            t = t0 + round(off * 1e9)
+            bag.write("/bag/image", t, image_msg(i, 128, t))
+    probe = Probe(domain_id(1))
+    try:
+        for rate in (1.0, 2.0):
+            arrivals = []
+            probe.node.create_subscription(Image, f"/replayed_{int(rate)}", lambda m: arrivals.append((time.monotonic(), m)),
+                                           QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
+            log = tmp_path / f"replay_{rate}.log"
+            proc = tool("diffpose-replay", str(tmp_path / "bag"), "--rate", str(rate), "--remap",
+                        f"/bag/image:=/replayed_{int(rate)}", "--wait-for", f"/replayed_{int(rate)}", env=dds, log=log)
+            probe.spin_until(lambda: proc.poll() is not None and len(arrivals) >= len(offsets) or proc.poll() not in (None, 0),
+                             60.0, "the replay")
+            text = finish(proc, 30, log)
+            probe.pause(0.2)
+            assert len(arrivals) == len(offsets), text
+            stamps = [m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for _, m in arrivals]
+            assert stamps == [t0 + round(o * 1e9) for o in offsets], "raw CDR replayed in order, stamps untouched"
+            got = np.array([a for a, _ in arrivals]) - arrivals[0][0]
+            errors = np.abs(got - offsets / rate)
+            print(f"rate {rate}: timing error median {np.median(errors) * 1e3:.1f} ms, max {errors.max() * 1e3:.1f} ms")
+            assert np.median(errors) < 0.02 and errors.max() < 0.15, errors
+            summary = json.loads(text[text.index("{"):])
+            assert summary["messages"] == len(offsets)
+    finally:
+        probe.close()
+
+
+def test_record_loses_nothing_at_30hz_512(dds, tmp_path):
+    """diffpose-record in its own process records 90 reliable 512x512 mono16 frames sent at 30 Hz:
+    all of them, in order, bytes intact."""
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+
+    log = tmp_path / "record.log"
+    proc = tool("diffpose-record", "--out", str(tmp_path / "rec"), "/rec/image", "--max-messages", "90",
+                env=dds, log=log)
+    probe = Probe(domain_id(1))
+    try:
+        pub = probe.node.create_publisher(Image, "/rec/image", QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+        probe.spin_until(lambda: pub.get_subscription_count() > 0 or proc.poll() is not None, 60.0, "the recorder")
+        t0 = time.time_ns()
+        start = time.monotonic()
+        for i in range(90):
+            while time.monotonic() < start + i / 30:
+                time.sleep(0.001)
+            pub.publish(image_msg(i, 512, t0 + i * 33_333_333))
+        text = finish(proc, 60, log)
+    finally:
+        probe.close()
+    from diffpose_ros.bags.bagfile import decode
+    from diffpose_ros.ros.conversions import image_to_numpy
+
+    got = [image_to_numpy(decode(raw, mt)) for _, mt, _, raw in read_messages(tmp_path / "rec")]
+    assert len(got) == 90, text
+    for i, pixels in enumerate(got):
+        assert pixels.shape == (512, 512) and pixels[5, 5] == i and pixels[0, 10] == 10 + i
+
+
+# ------------------------------------------------------------------------------ through the node
+def _foreign_bag(path: Path, scene, start_ns: int) -> None:
+    """A bag written by plain rosbags (its own message classes and CDR, sqlite3) as another vendor's
+    recorder would: other topic names and frame, ground truth as geometry_msgs/PoseStamped."""
+    import roma
+    from rosbags.rosbag2 import StoragePlugin, Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    store = get_typestore(Stores.ROS2_KILTED)
+    Time = store.types["builtin_interfaces/msg/Time"]
+    Header = store.types["std_msgs/msg/Header"]
+    Image = store.types["sensor_msgs/msg/Image"]
+    CameraInfo = store.types["sensor_msgs/msg/CameraInfo"]
+    RegionOfInterest = store.types["sensor_msgs/msg/RegionOfInterest"]
+    PoseStamped = store.types["geometry_msgs/msg/PoseStamped"]
+    Pose = store.types["geometry_msgs/msg/Pose"]
+    Point = store.types["geometry_msgs/msg/Point"]
+    Quaternion = store.types["geometry_msgs/msg/Quaternion"]
+    k = scene.detector
+    with Writer(path, version=9, storage_plugin=StoragePlugin.SQLITE3) as writer:
+        c_img = writer.add_connection("/c_arm/xray", Image.__msgtype__, typestore=store)
+        c_info = writer.add_connection("/c_arm/info", CameraInfo.__msgtype__, typestore=store)
+        c_gt = writer.add_connection("/gt", PoseStamped.__msgtype__, typestore=store)
+        for i in (3, 4):
+            t = start_ns + i * 100_000_000
+            header = Header(stamp=Time(sec=t // 10**9, nanosec=t % 10**9), frame_id="xray_source")
+            frame = scene.frames[i]
+            img = Image(header=header, height=frame.shape[0], width=frame.shape[1], encoding="mono16", is_bigendian=0,
+                        step=frame.shape[1] * 2, data=np.frombuffer(frame.astype("<u2").tobytes(), np.uint8))
+            info = CameraInfo(header=header, height=k.height, width=k.width, distortion_model="plumb_bob",
+                              d=np.zeros(5), k=np.array([k.fx, 0, k.cx, 0, k.fy, k.cy, 0, 0, 1.0]), r=np.eye(3).ravel(),
+                              p=np.array([k.fx, 0, k.cx, 0, 0, k.fy, k.cy, 0, 0, 0, 1.0, 0]), binning_x=0, binning_y=0,
+                              roi=RegionOfInterest(x_offset=0, y_offset=0, height=0, width=0, do_rectify=False))
+            T = scene.poses[i]
+            q = roma.rotmat_to_unitquat(T[:3, :3]).tolist()
+            gt = PoseStamped(header=Header(stamp=header.stamp, frame_id="ct"),
+                             pose=Pose(position=Point(*(T[:3, 3] / 1000).tolist()), orientation=Quaternion(*q)))
+            writer.write(c_img, t, store.serialize_cdr(img, Image.__msgtype__))
+            writer.write(c_info, t, store.serialize_cdr(info, CameraInfo.__msgtype__))
+            writer.write(c_gt, t, store.serialize_cdr(gt, PoseStamped.__msgtype__))
+
+
+def test_bags_replay_through_the_node_and_score(scene, dds, tmp_path):
+    """Our bag (replay + record + score, three processes) and a foreign bag (score --live with
+    remapping only) through one diffpose_node process: every frame gets a pose under 2 mm."""
+    from diffpose_ros.cli import make_bag
+    from diffpose_ros.core.io import save_json
+
+    save_json(tmp_path / "poses.json", {"poses": [{"T_ct_source": T} for T in scene.poses[:3]]})
+    assert make_bag.main(["--out", str(tmp_path / "ours"), "--poses", str(tmp_path / "poses.json"), "--fps", "2",
+                          "--seed", "5"]) == 0
+    node = NodeProcess(["-p", f"patient_model:={scene.model_path}", "-p", "autostart:=true",
+                        "-p", "tracking.max_age_s:=30.0", "-r", "image:=/xray/image", "-r", "camera_info:=/xray/camera_info"],
+                       dds, tmp_path / "node.log")
+    probe = Probe(domain_id(1))
+    probe.owner = node
+    try:
+        probe.wait_state("active", timeout=240.0)
+        probe.wait_subscribed()
+        rec_log = tmp_path / "record.log"
+        recorder = tool("diffpose-record", "--out", str(tmp_path / "out"), "/tf", "/diagnostics", "/xray/camera_info",
+                        env=dds, log=rec_log)
+        wait_for_log(recorder, rec_log, ["recording /tf ", "recording /diagnostics "], 60.0)
+        play_log = tmp_path / "replay.log"
+        player = tool("diffpose-replay", str(tmp_path / "ours"), "--remap", "/carm/image_raw:=/xray/image",
+                      "/carm/camera_info:=/xray/camera_info", "--topics", "/carm/image_raw", "/carm/camera_info",
+                      "--wait-for", "/xray/image", env=dds, log=play_log)
+        stamps = [t for _, _, t, _ in read_messages(tmp_path / "ours", ["/carm/image_raw"])]
+        probe.spin_until(lambda: all(probe.frame_status(_stamp(s)) is not None for s in stamps), 180.0,
+                         "the node's answers to the three frames")
+        finish(player, 30, play_log)
+        probe.pause(1.0)
+        finish(recorder, 30, rec_log, sig=signal.SIGINT)
+        report = tmp_path / "report"
+        out = subprocess.run([str(BIN / "diffpose-score"), "--truth", str(tmp_path / "ours"), "--estimate",
+                              str(tmp_path / "out"), "--out", str(report)], env={**os.environ, **dds},
+                             capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        summary = json.loads((report / "summary.json").read_text())
+        assert summary["frames"] == 3 and summary["frames_with_pose"] == 3, out.stdout + node.log()
+        assert summary["median_mtre_mm"] < 2.0 and summary["success_rate_2mm"] == 1.0
+        assert summary["median_latency_s"] is not None and "input arrival" in summary["latency_source"]
+        assert list(report.glob("overlay_*.png"))
+
+        # A vendor's bag: other topic names, PoseStamped truth, sqlite3; later stamps than ours.
+        last = max(stamps)
+        _foreign_bag(tmp_path / "foreign", scene, last + 10**9)
+        live = subprocess.run([str(BIN / "diffpose-score"), "--truth", str(tmp_path / "foreign"), "--live",
+                               "--out", str(tmp_path / "live"), "--truth-topic", "/gt", "--remap",
+                               "/c_arm/xray:=/xray/image", "/c_arm/info:=/xray/camera_info", "--outputs", "/tf",
+                               "/diagnostics", "--camera-frame", "xray_source", "--no-overlays"],
+                              env={**os.environ, **dds}, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
+        assert live.returncode == 0, live.stdout + live.stderr
+        summary = json.loads((tmp_path / "live" / "summary.json").read_text())
+        assert summary["frames"] == 2 and summary["frames_with_pose"] == 2, live.stdout + node.log()
+        assert summary["median_mtre_mm"] < 2.0
+        assert "TF ct -> xray_source" in live.stdout
+    finally:
+        probe.close()
+        print(f"node exit {node.stop()}\n{node.log(3000)}")
+
+
+def _stamp(ns: int):
+    from builtin_interfaces.msg import Time
+
+    return Time(sec=ns // 10**9, nanosec=ns % 10**9)
+
+
+
+def test_main_job_end_to_end(scene, dds, tmp_path):
+    """diffpose-demo (the README's main job) with a given model and three frames: bag, node process,
+    replay, record, score; exit 0 only when every frame got a pose."""
+    from diffpose_ros.core.io import save_json
+
+    save_json(tmp_path / "poses.json", {"poses": [{"T_ct_source": T} for T in scene.poses[:3]]})
+    run = subprocess.run([str(BIN / "diffpose-demo"), "--out", str(tmp_path / "demo"), "--model", str(scene.model_path),
+                          "--poses", str(tmp_path / "poses.json"), "--fps", "2", "--rate", "1"],
+                         env={**os.environ, **dds}, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["frames"] == 3 and summary["frames_with_pose"] == 3
+    assert summary["median_mtre_mm"] < 2.0 and summary["median_latency_s"] > 0
+    for name in ("report.md", "error_over_time.png", "node.log"):
+        assert (tmp_path / "demo" / name).is_file()
+    assert list((tmp_path / "demo").glob("overlay_*.png"))
+    assert "[5/5] diffpose-score" in run.stdout and "3D mTRE median" in run.stdout
