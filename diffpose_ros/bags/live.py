@@ -14,15 +14,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..core import metrics
-from ..ros.conversions import transform_to_matrix
 from .bagfile import decode
 from .record import Recorder
 from .replay import Player, ReplayOptions
-from .score import Truth, stamp_key, stamp_ns
+from .score import Truth, stamp_key, stamp_ns, tf_pose
 
 __all__ = ["LiveResult", "run_live"]
 
@@ -38,14 +36,19 @@ class LiveResult:
 
 def run_live(session, truth: Truth, out_bag: str | Path, options: ReplayOptions, outputs: list[str],
              targets_ct_mm: torch.Tensor, wait_timeout_s: float = 120.0, settle_s: float = 30.0,
-             log=print) -> LiveResult:
+             ct_frame: str | None = None, camera_frame: str | None = None, log=print) -> LiveResult:
     """Replay ``truth.bag`` through ``session.node`` (a :class:`~diffpose_ros.ros.runtime.RosSession`)
-    and record ``outputs`` (absolute topics) plus the replayed camera_info into ``out_bag``."""
+    and record ``outputs`` (absolute topics) plus the replayed camera_info into ``out_bag``.
+
+    A frame's pose is the ``/tf`` transform between ``ct_frame`` (default: the scene's, else ``ct``)
+    and ``camera_frame`` (default: the images' ``frame_id``) at its stamp, in either direction."""
     image_topic = options.remap.get(truth.image_topic, truth.image_topic) if truth.image_topic else None
     info_topic = options.remap.get(truth.camera_info_topic, truth.camera_info_topic) if truth.camera_info_topic else None
     if image_topic is None:
         raise ValueError(f"{truth.bag} has no sensor_msgs/Image topic to replay")
     frames = set(truth.frames)
+    ct_frame = ct_frame or truth.scene.get("ct_frame", "ct")
+    camera_frame = camera_frame or truth.camera_frame
     answered: set[int] = set()
     start = time.monotonic()
 
@@ -53,17 +56,15 @@ def run_live(session, truth: Truth, out_bag: str | Path, options: ReplayOptions,
         if topic == "/tf":
             for ts in decode(raw, "tf2_msgs/msg/TFMessage").transforms:
                 stamp = stamp_ns(ts.header.stamp)
-                if stamp not in frames or stamp in answered or ts.child_frame_id.lstrip("/") == truth.scene.get("truth_frame"):
+                T = tf_pose(ts, ct_frame, camera_frame)
+                if stamp not in frames or stamp in answered or T is None:
                     continue
-                T = transform_to_matrix(ts.transform)
-                if ts.header.frame_id.lstrip("/") != truth.scene.get("ct_frame", "ct"):
-                    T = np.linalg.inv(T)
                 answered.add(stamp)
                 error = ""
                 if stamp in truth.poses:
                     e = float(metrics.mtre(torch.from_numpy(T), torch.from_numpy(truth.poses[stamp]), targets_ct_mm))
                     error = f", 3D mTRE {e:.2f} mm"
-                t = T[:3, 3] / 1000
+                t = T[:3, 3] / 1000  # the source in ct, metres
                 log(f"  TF {ts.header.frame_id} -> {ts.child_frame_id} @ {stamp_key(stamp)}: "
                     f"t = ({t[0]:+.4f}, {t[1]:+.4f}, {t[2]:+.4f}) m{error}  [{len(answered)}/{len(frames)}]")
         elif topic == "/diagnostics":
@@ -82,12 +83,12 @@ def run_live(session, truth: Truth, out_bag: str | Path, options: ReplayOptions,
     player = Player(session.node, truth.bag, options, stop_event=session.stop)
     try:
         player.wait_for_subscribers([image_topic], wait_timeout_s)
-        # The recorder must see the node's outputs before the first frame goes out.
+        # The recorder must be matched with the node's outputs before the first frame goes out.
         deadline = time.monotonic() + wait_timeout_s
         must = [t for t in outputs if t in ("/tf", "/diagnostics")] + ([info_topic] if info_topic else [])
-        while not all(recorder.subscribed(t) for t in must):
+        while not all(recorder.matched(t) for t in must):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"publishers of {', '.join(t for t in must if not recorder.subscribed(t))} not discovered")
+                raise TimeoutError(f"publishers of {', '.join(t for t in must if not recorder.matched(t))} not discovered")
             session.wait(0.05)
         log(f"replaying {len(frames)} frames from {truth.bag} at rate {options.rate:g} onto {image_topic}")
         report = player.play()

@@ -79,9 +79,11 @@ class Recorder:
             self.node.get_logger().info(f"recording {topic} ({msgtype}, {'reliable' if spec.reliable else 'best effort'}"
                                         f"{', transient local' if spec.transient_local else ''})")
 
-    def subscribed(self, topic: str) -> bool:
-        """Whether ``topic`` is being recorded (its publisher was discovered)."""
-        return topic in self._subscriptions
+    def matched(self, topic: str) -> bool:
+        """Whether ``topic`` is being recorded: subscribed and matched with a publisher (DDS delivers
+        nothing a publisher sent before the match)."""
+        sub = self._subscriptions.get(topic)
+        return sub is not None and sub.get_publisher_count() > 0
 
     def _on_message(self, topic: str, raw: bytes) -> None:
         now_ns = self.node.get_clock().now().nanoseconds

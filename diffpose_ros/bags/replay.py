@@ -44,7 +44,6 @@ class ReplayOptions:
     rate: float = 1.0
     start_offset_s: float = 0.0
     loop: bool = False
-    loops: int = 0
     topics: list[str] | None = None
     remap: dict[str, str] = field(default_factory=dict)
     qos: dict[str, QosSpec] = field(default_factory=dict)
@@ -64,8 +63,6 @@ class ReplayReport:
     published: dict[str, int] = field(default_factory=dict)
     lateness_s: list[float] = field(default_factory=list)
     wall_s: float = 0.0
-    publish_times: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-    """Per published topic: ``(bag log time ns, wall time.time() of the publish)``."""
 
     def summary(self) -> dict:
         late = sorted(self.lateness_s) or [0.0]
@@ -158,7 +155,6 @@ class Player:
         report = ReplayReport(published={self.published_name(t): 0 for t in self._publishers})
         opts = self.options
         begin = time.monotonic()
-        passes = 0
         while not self.stop_event.is_set():
             first_ns = None
             start = 0.0
@@ -182,11 +178,9 @@ class Player:
                 name = self.published_name(topic)
                 report.published[name] += 1
                 report.lateness_s.append(max(0.0, lateness))
-                report.publish_times.setdefault(name, []).append((t_ns, time.time()))
                 if on_message is not None:
                     on_message(topic, t_ns, cdr)
-            passes += 1
-            if not opts.loop or (opts.loops and passes >= opts.loops):
+            if not opts.loop:
                 break
         report.wall_s = time.monotonic() - begin
         return report

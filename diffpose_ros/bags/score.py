@@ -31,7 +31,7 @@ from ..core.io import save_json
 from .bagfile import bag_topics, decode, read_messages
 
 __all__ = ["Truth", "Estimates", "read_truth", "read_estimates", "score_frames", "summarize", "targets_for", "sdd_for",
-           "write_plots", "write_overlays", "write_report"]
+           "write_plots", "write_overlays", "write_report", "tf_pose", "stamp_ns", "stamp_key"]
 
 IMAGE = "sensor_msgs/msg/Image"
 CAMERA_INFO = "sensor_msgs/msg/CameraInfo"
@@ -84,7 +84,7 @@ def _pick(topics: dict, types: tuple[str, ...], preferred: str | None, exclude=(
     return candidates[0] if candidates else None
 
 
-def _tf_pose(transform_stamped, parent: str, child: str | None) -> np.ndarray | None:
+def tf_pose(transform_stamped, parent: str, child: str | None) -> np.ndarray | None:
     """``T_parent_child`` (mm) from a TransformStamped in either direction, or None if it is another edge."""
     from ..ros.conversions import transform_to_matrix
 
@@ -124,7 +124,7 @@ def read_truth(bag: str | Path, truth_topic: str | None = None, image_topic: str
         if topic == truth_topic:
             if msgtype == TF:
                 for ts in msg.transforms:
-                    T = _tf_pose(ts, ct_frame, scene.get("truth_frame"))
+                    T = tf_pose(ts, ct_frame, scene.get("truth_frame"))
                     if T is not None:
                         poses[stamp_ns(ts.header.stamp)] = T
             else:
@@ -158,7 +158,7 @@ def read_estimates(bag: str | Path, ct_frame: str, camera_frame: str, tf_topic: 
         msg = decode(raw, msgtype)
         if topic == tf_topic:
             for ts in msg.transforms:
-                T = _tf_pose(ts, ct_frame, camera_frame)
+                T = tf_pose(ts, ct_frame, camera_frame)
                 if T is not None:
                     tf_poses.setdefault(stamp_ns(ts.header.stamp), (T, t_ns))
         elif topic == pose_topic:

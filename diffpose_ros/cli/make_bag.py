@@ -49,17 +49,19 @@ def poses_from_arguments(args: argparse.Namespace, center: torch.Tensor) -> tupl
     return carm_sweep(n, args.fps, center), f"C-arm sweep alpha -20..20 deg, {n} frames, breathing 3 mm at 0.25 Hz"
 
 
-def make_bag(args: argparse.Namespace, out: str, progress: bool = True) -> dict:
-    """Write the bag ``out`` described by the parsed options; returns its scene description."""
+def make_bag(args: argparse.Namespace, out: str, ct: str | None = None, mask: str | None = None,
+             storage: str = "mcap") -> dict:
+    """Write the bag ``out`` described by the options of :func:`add_arguments`, of the CT ``ct``
+    (default: the bundled one) with targets from ``mask``; returns its scene description."""
     if (args.views is not None and args.views < 1) or args.fps <= 0:
         raise ValueError("--views must be >= 1 and --fps > 0")
-    ct_path, hu, targets, _ = load_ct_and_targets(args.ct, args.mask)
+    ct_path, hu, targets, _ = load_ct_and_targets(ct, mask)
     poses, source = poses_from_arguments(args, hu.center)
     detector = Detector(args.size[0], args.size[1], args.pixel_mm, args.sdd_mm,
                         tuple(args.principal_point) if args.principal_point else None)
     exposure = Exposure(args.i0, args.blur, args.encoding, args.mirror, args.collimation)
     return write_sequence(out, hu, ct_path, poses, args.fps, targets, detector, exposure,
-                          seed=args.seed, pose_source=source, storage=args.storage, progress=progress)
+                          seed=args.seed, pose_source=source, storage=storage)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -71,7 +73,7 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--storage", default="mcap", choices=("mcap", "sqlite3"))
     add_arguments(parser)
     args = parser.parse_args(argv)
-    scene = make_bag(args, args.out)
+    scene = make_bag(args, args.out, args.ct, args.mask, args.storage)
     duration = (scene["frames"] - 1) / scene["fps"]
     print(f"wrote {args.out}: {scene['frames']} frames ({scene['pose_source']}) over {duration:.1f} s at "
           f"{scene['fps']:g} Hz, {args.size[0]}x{args.size[1]} {args.encoding}; topics "

@@ -108,7 +108,8 @@ def _main(argv: list[str] | None) -> int:
         options = ReplayOptions(rate=args.rate, remap=parse_remaps(args.remap),
                                 topics=[t for t in (truth.image_topic, truth.camera_info_topic) if t])
         with RosSession("diffpose_score", ros_args) as session:
-            result = run_live(session, truth, estimate, options, args.outputs, targets, settle_s=args.settle)
+            result = run_live(session, truth, estimate, options, args.outputs, targets, settle_s=args.settle,
+                              ct_frame=args.ct_frame, camera_frame=args.camera_frame)
         extra = {"replay": result.replay, "recorded": result.recorded, "replay_rate": args.rate}
     else:
         estimate = Path(args.estimate)

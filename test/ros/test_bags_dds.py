@@ -116,6 +116,38 @@ def test_replay_keeps_timing_across_processes(dds, tmp_path):
         probe.close()
 
 
+def test_replay_start_offset_loop_and_clock(dds, tmp_path):
+    """--start-offset skips the bag's first 0.5 s, --loop plays it again until SIGINT, --clock
+    publishes the bag time on /clock (for use_sim_time) within the played span."""
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from rosgraph_msgs.msg import Clock
+    from sensor_msgs.msg import Image
+
+    t0 = 1_700_000_000 * 10**9
+    with BagWriter(tmp_path / "bag") as bag:
+        bag.add_topic("/bag/image", "sensor_msgs/msg/Image", QosSpec())
+        for i in range(10):
+            t = t0 + i * 100_000_000
+            bag.write("/bag/image", t, image_msg(i, 32, t))
+    probe = Probe(domain_id(1))
+    got, clock = [], []
+    try:
+        reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+        probe.node.create_subscription(Image, "/bag/image", lambda m: got.append(int(m.data[0])), reliable)
+        probe.node.create_subscription(Clock, "/clock", lambda m: clock.append(m.clock.sec * 10**9 + m.clock.nanosec),
+                                       QoSProfile(depth=100))
+        log = tmp_path / "replay.log"
+        proc = tool("diffpose-replay", str(tmp_path / "bag"), "--start-offset", "0.5", "--loop", "--clock", "50",
+                    "--wait-for", "/bag/image", env=dds, log=log)
+        probe.spin_until(lambda: len(got) >= 12 or proc.poll() is not None, 60.0, "two passes of the replay")
+        text = finish(proc, 30, log, sig=signal.SIGINT)
+    finally:
+        probe.close()
+    assert got[:10] == [5, 6, 7, 8, 9, 5, 6, 7, 8, 9], text
+    assert clock and all(t0 + 500_000_000 <= c <= t0 + 900_000_000 for c in clock), clock[:5]
+    assert len(clock) > len(got), "/clock also ticks between messages"
+
+
 def test_record_loses_nothing_at_30hz_512(dds, tmp_path):
     """diffpose-record in its own process records 90 reliable 512x512 mono16 frames sent at 30 Hz:
     all of them, in order, bytes intact."""
@@ -171,7 +203,7 @@ def _foreign_bag(path: Path, scene, start_ns: int) -> None:
         c_info = writer.add_connection("/c_arm/info", CameraInfo.__msgtype__, typestore=store)
         c_gt = writer.add_connection("/gt", PoseStamped.__msgtype__, typestore=store)
         for i in (3, 4):
-            t = start_ns + i * 100_000_000
+            t = start_ns + i * 1_000_000_000  # 1 Hz: the node (newest frame only) answers each one
             header = Header(stamp=Time(sec=t // 10**9, nanosec=t % 10**9), frame_id="xray_source")
             frame = scene.frames[i]
             img = Image(header=header, height=frame.shape[0], width=frame.shape[1], encoding="mono16", is_bigendian=0,
@@ -196,7 +228,7 @@ def test_bags_replay_through_the_node_and_score(scene, dds, tmp_path):
     from diffpose_ros.core.io import save_json
 
     save_json(tmp_path / "poses.json", {"poses": [{"T_ct_source": T} for T in scene.poses[:3]]})
-    assert make_bag.main(["--out", str(tmp_path / "ours"), "--poses", str(tmp_path / "poses.json"), "--fps", "2",
+    assert make_bag.main(["--out", str(tmp_path / "ours"), "--poses", str(tmp_path / "poses.json"), "--fps", "1",
                           "--seed", "5"]) == 0
     node = NodeProcess(["-p", f"patient_model:={scene.model_path}", "-p", "autostart:=true",
                         "-p", "tracking.max_age_s:=30.0", "-r", "image:=/xray/image", "-r", "camera_info:=/xray/camera_info"],
@@ -210,6 +242,9 @@ def test_bags_replay_through_the_node_and_score(scene, dds, tmp_path):
         recorder = tool("diffpose-record", "--out", str(tmp_path / "out"), "/tf", "/diagnostics", "/xray/camera_info",
                         env=dds, log=rec_log)
         wait_for_log(recorder, rec_log, ["recording /tf ", "recording /diagnostics "], 60.0)
+        # and the node's publishers have discovered it (the probe sees the recorder's subscriptions)
+        probe.spin_until(lambda: probe.node.count_subscribers("/tf") >= 2 and probe.node.count_subscribers("/diagnostics") >= 2,
+                         60.0, "the recorder's subscriptions")
         play_log = tmp_path / "replay.log"
         player = tool("diffpose-replay", str(tmp_path / "ours"), "--remap", "/carm/image_raw:=/xray/image",
                       "/carm/camera_info:=/xray/camera_info", "--topics", "/carm/image_raw", "/carm/camera_info",
@@ -263,7 +298,7 @@ def test_main_job_end_to_end(scene, dds, tmp_path):
 
     save_json(tmp_path / "poses.json", {"poses": [{"T_ct_source": T} for T in scene.poses[:3]]})
     run = subprocess.run([str(BIN / "diffpose-demo"), "--out", str(tmp_path / "demo"), "--model", str(scene.model_path),
-                          "--poses", str(tmp_path / "poses.json"), "--fps", "2", "--rate", "1"],
+                          "--poses", str(tmp_path / "poses.json"), "--fps", "1", "--rate", "1"],
                          env={**os.environ, **dds}, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())

@@ -135,6 +135,9 @@ def test_diagnostics_name_each_node(procs):
     probe, _ = procs
     names = {s.name for s in probe.summaries}
     assert {"missing/diffpose_node: pipeline", "corrupt/diffpose_node: pipeline", "lc/diffpose_node: pipeline"} <= names
+    # /lc ends the lifecycle test unconfigured: its next periodic summary says so.
+    probe.spin_until(lambda: any(status_values(s)["state"] == "unconfigured" for s in probe.summaries
+                                 if s.name == "lc/diffpose_node: pipeline"), 30.0, "an unconfigured /lc summary")
     states = {status_values(s)["state"] for s in probe.summaries if s.name == "lc/diffpose_node: pipeline"}
     labels = {"unconfigured", "inactive", "active", "configuring", "activating", "deactivating", "cleaningup"}
     assert "unconfigured" in states and states <= labels, states
