@@ -47,12 +47,17 @@ class Recorder:
         self.count = 0
         self.started = time.monotonic()
         self._lock = threading.Lock()
+        self._poll_lock = threading.Lock()  # poll() runs from the timer and from callers: one at a time
         self._subscriptions = {}
         self._timer = node.create_timer(discovery_period_s, self.poll)
         self.poll()
 
     def poll(self) -> None:
         """Subscribe to requested topics whose publishers have appeared; check the time limit."""
+        with self._poll_lock:
+            self._poll()
+
+    def _poll(self) -> None:
         if self.max_seconds and time.monotonic() - self.started >= self.max_seconds:
             self.done.set()
         if self.done.is_set():
@@ -105,9 +110,10 @@ class Recorder:
         """Stop recording and finish the bag; returns the message count per topic."""
         self.done.set()
         self._timer.cancel()
-        for sub in self._subscriptions.values():
-            self.node.destroy_subscription(sub)
-        self._subscriptions.clear()
+        with self._poll_lock:
+            for sub in self._subscriptions.values():
+                self.node.destroy_subscription(sub)
+            self._subscriptions.clear()
         with self._lock:
             counts = dict(self.writer.counts) if self.writer is not None else {}
             if self.writer is not None:

@@ -308,3 +308,7 @@ def test_main_job_end_to_end(scene, dds, tmp_path):
         assert (tmp_path / "demo" / name).is_file()
     assert list((tmp_path / "demo").glob("overlay_*.png"))
     assert "[5/5] diffpose-score" in run.stdout and "3D mTRE median" in run.stdout
+    from diffpose_ros.bags.bagfile import bag_topics
+
+    recorded = bag_topics(tmp_path / "demo" / "output_bag")
+    assert recorded["/diffpose_node/pose"].count == recorded["/tf"].count == 3, "each output recorded once"
