@@ -20,7 +20,7 @@ from ..core import metrics
 from .bagfile import decode
 from .record import Recorder
 from .replay import Player, ReplayOptions
-from .score import Truth, stamp_key, stamp_ns, tf_pose
+from .score import Truth, stamp_from_key, stamp_key, stamp_ns, tf_pose
 
 __all__ = ["LiveResult", "run_live"]
 
@@ -72,8 +72,7 @@ def run_live(session, truth: Truth, out_bag: str | Path, options: ReplayOptions,
                 if not status.name.endswith(": frame") or status.level == 0:
                     continue
                 values = {kv.key: kv.value for kv in status.values}
-                sec, _, nsec = values.get("stamp", "0.0").partition(".")
-                stamp = int(sec) * 1_000_000_000 + int(nsec or 0)
+                stamp = stamp_from_key(values.get("stamp", "0.0"))
                 if stamp in frames and stamp not in answered:
                     answered.add(stamp)
                     log(f"  no pose @ {stamp_key(stamp)}: {status.message}  [{len(answered)}/{len(frames)}]")

@@ -31,7 +31,8 @@ from ..core.io import save_json
 from .bagfile import bag_topics, decode, read_messages
 
 __all__ = ["Truth", "Estimates", "read_truth", "read_estimates", "score_frames", "summarize", "targets_for", "sdd_for",
-           "write_plots", "write_overlays", "write_report", "tf_pose", "stamp_ns", "stamp_key"]
+           "write_plots", "write_overlays", "write_report", "tf_pose", "stamp_ns", "stamp_key",
+           "stamp_from_key"]
 
 IMAGE = "sensor_msgs/msg/Image"
 CAMERA_INFO = "sensor_msgs/msg/CameraInfo"
@@ -47,6 +48,12 @@ def stamp_ns(stamp) -> int:
 def stamp_key(ns: int) -> str:
     """The node's diagnostic spelling of a stamp: ``sec.nanosec`` (9 digits)."""
     return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
+
+
+def stamp_from_key(key: str) -> int:
+    """Nanoseconds of a ``sec.nanosec`` stamp (the inverse of :func:`stamp_key`)."""
+    sec, _, nsec = key.partition(".")
+    return int(sec) * 1_000_000_000 + int(nsec or 0)
 
 
 @dataclass
@@ -170,8 +177,7 @@ def read_estimates(bag: str | Path, ct_frame: str, camera_frame: str, tf_topic: 
             for status in msg.status:
                 values = {kv.key: kv.value for kv in status.values}
                 if "latency_receipt_to_publish_s" in values and "stamp" in values:
-                    sec, _, nsec = values["stamp"].partition(".")
-                    out.node_latency_s[int(sec) * 1_000_000_000 + int(nsec or 0)] = float(values["latency_receipt_to_publish_s"])
+                    out.node_latency_s[stamp_from_key(values["stamp"])] = float(values["latency_receipt_to_publish_s"])
     chosen, out.source = (tf_poses, f"{tf_topic} ({ct_frame} -> {camera_frame})") if tf_poses else (topic_poses, str(pose_topic))
     for stamp, (T, arrival) in chosen.items():
         out.poses[stamp] = T
