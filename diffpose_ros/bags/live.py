@@ -38,7 +38,8 @@ def run_live(session, truth: Truth, out_bag: str | Path, options: ReplayOptions,
              targets_ct_mm: torch.Tensor, wait_timeout_s: float = 120.0, settle_s: float = 30.0,
              ct_frame: str | None = None, camera_frame: str | None = None, log=print) -> LiveResult:
     """Replay ``truth.bag`` through ``session.node`` (a :class:`~diffpose_ros.ros.runtime.RosSession`)
-    and record ``outputs`` (absolute topics) plus the replayed camera_info into ``out_bag``.
+    and record ``outputs`` (absolute topics, all published by the node) plus the replayed camera_info
+    into ``out_bag``.
 
     A frame's pose is the ``/tf`` transform between ``ct_frame`` (default: the scene's, else ``ct``)
     and ``camera_frame`` (default: the images' ``frame_id``) at its stamp, in either direction."""
@@ -82,12 +83,12 @@ def run_live(session, truth: Truth, out_bag: str | Path, options: ReplayOptions,
     player = Player(session.node, truth.bag, options, stop_event=session.stop)
     try:
         player.wait_for_subscribers([image_topic], wait_timeout_s)
-        # The recorder must be matched with the node's outputs before the first frame goes out.
+        # The recorder must be matched with every output (and the replayed camera_info) before the
+        # first frame goes out: DDS does not deliver what was published before the match.
         deadline = time.monotonic() + wait_timeout_s
-        must = [t for t in outputs if t in ("/tf", "/diagnostics")] + ([info_topic] if info_topic else [])
-        while not all(recorder.matched(t) for t in must):
+        while not all(recorder.matched(t) for t in topics):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"publishers of {', '.join(t for t in must if not recorder.matched(t))} not discovered")
+                raise TimeoutError(f"no publisher matched on {', '.join(t for t in topics if not recorder.matched(t))}")
             session.wait(0.05)
         log(f"replaying {len(frames)} frames from {truth.bag} at rate {options.rate:g} onto {image_topic}")
         report = player.play()

@@ -102,10 +102,6 @@ class Recorder:
         if self.on_message is not None:
             self.on_message(topic, now_ns, raw)
 
-    def recorded(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self.writer.counts) if self.writer is not None else {}
-
     def close(self) -> dict[str, int]:
         """Stop recording and finish the bag; returns the message count per topic."""
         self.done.set()

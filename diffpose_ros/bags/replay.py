@@ -94,14 +94,12 @@ class Player:
         if unknown_remaps:
             raise ValueError(f"remapped topics not in {self.bag}: {', '.join(unknown_remaps)}")
         self._publishers = {}
-        self.skipped_types: dict[str, str] = {}
         for name, info in sorted(topics.items()):
             if wanted and name not in wanted:
                 continue
             try:
                 cls = message_class(info.msgtype)
             except ValueError as err:
-                self.skipped_types[name] = str(err)
                 node.get_logger().warning(f"not replaying {name}: {err}")
                 continue
             spec = self.options.qos.get(name) or info.qos or QosSpec()
