@@ -22,7 +22,8 @@ __all__ = ["AugmentConfig", "augment"]
 class AugmentConfig:
     """Ranges of the augmentations (see ``config/training.yaml``).
 
-    ``i0``: photons per unattenuated pixel, drawn log-uniformly; ``gamma``: exponent on the line
+    ``i0``: photons per unattenuated pixel of the image augmented (the CNN input: one 64² pixel
+    gathers the photons of 16 pixels of 1.2 mm), drawn log-uniformly; ``gamma``: exponent on the line
     integrals (nonlinear detector response / scatter); ``blur_px``: Gaussian detector blur sigma;
     ``collimation``: probability and largest fraction of the width cut off per side (set to the
     collimator's level); ``erase``: probability of one random occluding rectangle (tools, leads) of
@@ -30,9 +31,9 @@ class AugmentConfig:
     I0 estimate), as a fraction of the image's mean.
     """
 
-    i0: tuple[float, float] = (1e3, 3e4)
+    i0: tuple[float, float] = (4e3, 4e5)
     gamma: tuple[float, float] = (0.8, 1.25)
-    blur_px: tuple[float, float] = (0.0, 1.2)
+    blur_px: tuple[float, float] = (0.0, 0.5)
     collimation: tuple[float, float] = (0.2, 0.15)
     erase: float = 0.2
     erase_size: float = 0.25

@@ -58,9 +58,9 @@ class TrainConfig:
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 200
-    backbone: str = "resnet18"
-    pool_size: int = 1024
-    pool_refresh: int = 16
+    backbone: str = "resnet10t"
+    pool_size: int = 2048
+    pool_refresh: int = 8
     validation_views: int = 64
     validation_every_s: float = 60.0
     checkpoint_every_s: float = 120.0
