@@ -1,9 +1,10 @@
 """The patient-specific pose CNN: an X-ray in, ``T_ct_source`` out.
 
-Backbone: a timm model (default ``resnet10t``: the paper's resnet18 costs 1.5x more per step on a
-CPU and, within a 15-minute budget, ends less accurate), one input channel, GroupNorm (batch
-statistics would tie a prediction to its batch), not pretrained (no weights can be downloaded). Head: one
-zero-initialised linear layer with 9 outputs, so an untrained network predicts the reference pose.
+Backbone: a timm model (default ``resnet10t``: its forward and backward pass costs ~0.6x the
+paper's resnet18 on a 2-core CPU, so more steps fit a 15-minute budget), one input channel,
+GroupNorm (batch statistics would tie a prediction to its batch), not pretrained (no weights can be
+downloaded). Head: one zero-initialised linear layer with 9 outputs, so an untrained network
+predicts the reference pose.
 
 Pose representation (chosen for conditioning, not the se(3) log of the paper):
 
