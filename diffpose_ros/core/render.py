@@ -110,9 +110,9 @@ class Renderer:
         return (self.ct_to_index @ pose.to(torch.float64).cpu())[:, :3]
 
     def march(self, P: torch.Tensor, dirs: torch.Tensor, with_grad: bool) -> torch.Tensor:
-        """Per-ray accumulators (see :mod:`.raymarch`): ``(B, N, 1)`` or ``(B, N, 7)`` float32."""
+        """Per-ray accumulators (see :mod:`.raymarch`): ``(B, N, 1)`` or ``(B, N, 7)`` float32 on :attr:`device`."""
         if self.backend == "numba":
-            return march_numba(self._vol, P, dirs, self.step_mm, with_grad)
+            return march_numba(self._vol, P, dirs, self.step_mm, with_grad).to(self.device)
         return march_torch(self._vol, P, dirs, self.step_mm, with_grad)
 
     @staticmethod
@@ -142,7 +142,7 @@ class Renderer:
         """Line integrals ``(B, N)`` and their Jacobian ``(B, N, 6)`` w.r.t. ``xi`` in ``T exp(xi)`` at 0.
 
         Columns: translation (per mm) along source x, y, z, then rotation (per rad) about them.
-        Pixels are row-major when ``pixels`` is None. Float32, on the CPU for the numba backend.
+        Pixels are row-major when ``pixels`` is None. Float32, on :attr:`device`.
         """
         poses, _ = self._batch(pose.detach())
         dirs = _rays(intrinsics) if pixels is None else intrinsics.rays(pixels)

@@ -5,10 +5,12 @@ renderer on a coarsened attenuation volume, applies device-like augmentations (:
 and regresses the pose (:mod:`.regressor`). The loss is the 3D mean target registration error
 (mm, over the target points) plus a small rotation term (degrees): the metric we report, directly.
 
-Rendering is the costly half, so renders are pooled and reused with an exact augmentation: a view
-with in-plane roll ``gamma`` is ``T(gamma = 0) Rz(gamma)`` (a rotation about the principal ray),
-so the pool holds renders at ``gamma = 0`` on a slightly larger detector and each use rotates the
-image about the principal point by a fresh ``gamma`` and crops it, with fresh noise on top.
+On a CPU rendering is the costly half, so renders are pooled and reused with an exact augmentation:
+a view with in-plane roll ``gamma`` is ``T(gamma = 0) Rz(gamma)`` (a rotation about the principal
+ray), so the pool holds renders at ``gamma = 0`` on a slightly larger detector and each use rotates
+the image about the principal point by a fresh ``gamma`` and crops it, with fresh noise on top. On
+a GPU (:data:`GPU_PROFILE`) each step renders as many new views as it uses. The pool, the
+augmentations and the network live on the training device; poses and the sampler stay on the CPU.
 
 The schedule is set by wall-clock time (the user's budget): cosine decay of the learning rate over
 the budget after a short warm-up. Checkpoints are safetensors (weights and optimiser state) plus a
@@ -35,12 +37,27 @@ from .render import Renderer
 from .sampling import ViewRange, sample_views
 from .volume import Volume, hu_to_mu
 
-__all__ = ["TrainConfig", "Trainer", "validation_errors"]
+__all__ = ["GPU_PROFILE", "TrainConfig", "Trainer", "validation_errors"]
+
+#: Defaults that differ on a CUDA device: rendering costs little there, so each step renders its
+#: whole batch fresh and batches are larger (measured on an H200 in 2 minutes: 3171 steps, CNN-only
+#: median 1.38 mm on ``diffpose-evaluate``'s 50 views, against 1.92 mm with batch 64); validation
+#: and checkpoints come more often in a run of minutes.
+GPU_PROFILE = {
+    "batch_size": 128,
+    "learning_rate": 3e-3,
+    "warmup_steps": 300,
+    "pool_size": 16384,
+    "pool_refresh": 128,
+    "validation_every_s": 10.0,
+    "checkpoint_every_s": 60.0,
+}
 
 
 @dataclass
 class TrainConfig:
-    """Training settings (``config/training.yaml`` holds the defaults in readable form).
+    """Training settings (``config/training.yaml`` holds the CPU defaults in readable form;
+    :meth:`for_device` gives a CUDA device's).
 
     Detector: ``sdd_mm``, ``detector_pixels``, ``pixel_mm`` define the device-independent working
     camera; the CNN sees it resampled to ``image_size`` pixels. ``voxel_mm``: training volume voxel
@@ -69,6 +86,12 @@ class TrainConfig:
     seed: int = 0
     view_range: ViewRange = field(default_factory=ViewRange)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    @classmethod
+    def for_device(cls, device: str | torch.device, d: dict | None = None) -> "TrainConfig":
+        """The defaults for ``device`` (a CUDA device starts from :data:`GPU_PROFILE`), overridden by ``d``."""
+        base = GPU_PROFILE if torch.device(device).type == "cuda" else {}
+        return cls.from_dict({**base, **(d or {})})
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "TrainConfig":
@@ -158,14 +181,14 @@ class Trainer:
         self.history: list[dict] = []
         self.best: dict | None = None
         self._best_state: dict | None = None
-        self._pool_images = torch.empty(0)
-        self._pool_poses = torch.empty(0)
+        self._pool_images = torch.empty(0, device=self.device)  # on the training device
+        self._pool_poses = torch.empty(0, dtype=torch.float64)  # on the CPU, with the sampler
         self.validation = self._make_validation()
 
     # ----- data -----
     def _render(self, poses: torch.Tensor, camera: Intrinsics, renderer: Renderer) -> torch.Tensor:
         with torch.no_grad():
-            return renderer.render(poses, camera).float().cpu()
+            return renderer.render(poses.to(self.device), camera).float()
 
     def _views(self, n: int, roll: bool) -> torch.Tensor:
         vr = self.config.view_range
@@ -191,7 +214,7 @@ class Trainer:
         idx = torch.randint(len(self._pool_images), (cfg.batch_size,), generator=self.generator)
         lo, hi = (math.radians(g) for g in cfg.view_range.gamma_deg)
         gamma = lo + (hi - lo) * torch.rand(cfg.batch_size, generator=self.generator, dtype=torch.float64)
-        images = _roll(self._pool_images[idx], gamma, cfg.image_size)
+        images = _roll(self._pool_images[idx.to(self.device)], gamma.to(self.device), cfg.image_size)
         zeros = torch.zeros_like(gamma)
         roll = se3.exp(torch.stack([zeros, zeros, zeros, zeros, zeros, gamma], -1))
         poses = self._pool_poses[idx] @ roll
@@ -259,7 +282,8 @@ class Trainer:
                 self.save_checkpoint(checkpoint)
                 last_ckpt = self.elapsed
             if progress is not None:
-                progress(self.elapsed, {"step": self.step, "loss": info["loss"], "train_mtre_mm": running, **(self.best or {})})
+                best = {f"best_{k}": v for k, v in (self.best or {}).items()}
+                progress(self.elapsed, {"step": self.step, "loss": info["loss"], "train_mtre_mm": running, **best})
         self._record_validation()
         if checkpoint is not None:
             self.save_checkpoint(checkpoint)

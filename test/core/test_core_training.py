@@ -221,3 +221,41 @@ def test_train_config_yaml_matches_defaults():
     with pytest.raises(ValueError, match="unknown"):
         TrainConfig.from_dict({"batchsize": 3})
     assert math.isclose(TrainConfig().intrinsics.fx, 1020 / 1.2 / 4)
+
+
+def test_device_defaults_and_overrides():
+    from diffpose_ros.core.train import GPU_PROFILE
+
+    assert TrainConfig.for_device("cpu").as_dict() == TrainConfig().as_dict()
+    gpu = TrainConfig.for_device("cuda")
+    assert all(getattr(gpu, k) == v for k, v in GPU_PROFILE.items())
+    assert gpu.pool_refresh == gpu.batch_size  # every step renders its batch fresh on a GPU
+    mixed = TrainConfig.for_device("cuda", {"seed": 3, "batch_size": 16})
+    assert (mixed.seed, mixed.batch_size, mixed.pool_refresh) == (3, 16, GPU_PROFILE["pool_refresh"])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_training_and_registration_on_the_device(hu, tmp_path, device):
+    """Each device's path end to end: pool, augmentations and loss on it, then the pipeline on it."""
+    from diffpose_ros.core import metrics
+    from diffpose_ros.core.pipeline import Pipeline
+    from diffpose_ros.core.volume import hu_to_mu
+
+    targets = hu.center[None].double()
+    cfg = TrainConfig.for_device(device, {"batch_size": 8, "pool_size": 64, "pool_refresh": 8, "validation_views": 8, "voxel_mm": 5.0})
+    trainer = Trainer(hu, targets, cfg, device=device)
+    x, _ = trainer.batch()
+    assert x.device.type == device and torch.isfinite(x).all()
+    assert math.isfinite(trainer.train_step(0.5)["loss"])
+    path = tmp_path / "model.safetensors"
+    save_patient_model(path, PatientModel(trainer.best_model().cpu(), hu_to_mu(hu).coarsened_to(2.0), cfg.intrinsics, {}))
+    pipeline = Pipeline.from_file(path, device=device)
+    camera = Intrinsics.from_detector(1020.0, 128, 128, 2.4)
+    truth = carm_pose(0.1, -0.05, 0.02, 750.0, hu.center)
+    image = pipeline.registrar.renderer().render(truth, camera)
+    assert image.device.type == "cpu"
+    start = truth @ se3.exp(torch.tensor([3.0, -2.0, 4.0, 0.02, -0.01, 0.015], dtype=torch.float64))
+    result = pipeline.registrar.register(image, camera, start)
+    grid = metrics.grid_targets(hu.center)
+    assert result.pose.device.type == "cpu"
+    assert float(metrics.mtre(start, truth, grid)) > 5 and float(metrics.mtre(result.pose, truth, grid)) < 0.5
