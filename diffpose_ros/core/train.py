@@ -40,9 +40,9 @@ from .volume import Volume, hu_to_mu
 __all__ = ["GPU_PROFILE", "TrainConfig", "Trainer", "validation_errors"]
 
 #: Defaults that differ on a CUDA device: rendering costs little there, so each step renders its
-#: whole batch fresh and batches are larger (measured on an H200 in 2 minutes: 3171 steps, CNN-only
-#: median 1.38 mm on ``diffpose-evaluate``'s 50 views, against 1.92 mm with batch 64); validation
-#: and checkpoints come more often in a run of minutes.
+#: whole batch fresh and batches are larger (measured on an H200 in 2 minutes: 2591-3183 steps,
+#: CNN-only median 1.38-1.61 mm on ``diffpose-evaluate``'s 50 views over three seeds, against
+#: 1.92 mm with batch 64); validation and checkpoints come more often in a run of minutes.
 GPU_PROFILE = {
     "batch_size": 128,
     "learning_rate": 3e-3,
