@@ -3,8 +3,9 @@
 Tensors: the CNN's weights (``cnn.*``), the attenuation volume used for refinement
 (``volume.mu``, float16, 1/mm) and its affine (``volume.index_to_ct``, float64, voxel index -> LPS mm),
 and the CNN's reference pose and anchor. Metadata (the safetensors header's string map) holds one
-JSON document under ``diffpose_ros``: the format version, the CT source and geometry, the working
-intrinsics, the training configuration and summary, and validation errors.
+JSON document under ``diffpose_ros``: the format version, the CT source and geometry, the backbone
+(timm name, stage widths or null for timm's), the working intrinsics, the training configuration
+and summary, and validation errors. Files written before the widths were recorded load with timm's.
 
 safetensors parses only a JSON header and raw arrays: a pickle or any other foreign file is refused
 before anything in it can run. Loading checks the version, the names and shapes it expects, and
@@ -60,6 +61,7 @@ def save_patient_model(path: str | Path, model: PatientModel) -> None:
         {
             "format_version": FORMAT_VERSION,
             "backbone": model.regressor.backbone_name,
+            "backbone_channels": list(model.regressor.channels) if model.regressor.channels else None,
             "image_size": model.regressor.image_size,
             "intrinsics": {"width": k.width, "height": k.height, "fx": k.fx, "fy": k.fy, "cx": k.cx, "cy": k.cy},
             "ct_source": model.mu.source,
@@ -102,7 +104,8 @@ def load_patient_model(path: str | Path, device: str | torch.device = "cpu") -> 
         weights = {name[4:]: t for name, t in tensors.items() if name.startswith("cnn.")}
         # Reference and anchor are buffers: placeholders here, the file's values load below.
         regressor = PoseRegressor(
-            torch.eye(4, dtype=torch.float64), torch.zeros(3), backbone=meta["backbone"], image_size=meta["image_size"]
+            torch.eye(4, dtype=torch.float64), torch.zeros(3), backbone=meta["backbone"], image_size=meta["image_size"],
+            channels=meta.get("backbone_channels"),
         )
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise PatientModelError(f"{path}: incomplete or inconsistent patient model: {err!r}") from err

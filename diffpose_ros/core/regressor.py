@@ -3,8 +3,12 @@
 Backbone: a timm model (default ``resnet10t``: its forward and backward pass costs ~0.6x the
 paper's resnet18 on a 2-core CPU, so more steps fit a 15-minute budget), one input channel,
 GroupNorm (batch statistics would tie a prediction to its batch), not pretrained (no weights can be
-downloaded). Head: one zero-initialised linear layer with 9 outputs, so an untrained network
-predicts the reference pose.
+downloaded). Stage widths can be narrowed (timm ResNets): at 64^2 input the last stage runs on a
+2x2 map, where the backward pass of its 512-channel 3x3 convolution alone took 59 of the 186 ms
+that all convolution backward passes took per batch of 32 (profiled on an AVX2 CPU); the CPU
+training defaults use 192 and 256 channels in the last two stages (``benchmarks/bench_train_step.py``).
+Head: one zero-initialised linear layer with 9 outputs, so an untrained network predicts the
+reference pose.
 
 Pose representation (chosen for conditioning, not the se(3) log of the paper):
 
@@ -57,18 +61,28 @@ class PoseRegressor(nn.Module):
 
     ``reference_pose``: ``T_ct_source`` (4x4, mm) the head's zero output stands for (the centre of
     the training range); ``anchor_ct``: the anchor point (``ct``, mm); ``backbone``: a timm model
-    name; ``image_size``: the square input size in pixels (inputs from :meth:`prepare`).
+    name; ``channels``: widths of its four stages where not the model's own (timm ResNets only);
+    ``image_size``: the square input size in pixels (inputs from :meth:`prepare`).
     """
 
-    def __init__(self, reference_pose: torch.Tensor, anchor_ct: torch.Tensor, backbone: str = "resnet10t", image_size: int = 64):
+    def __init__(
+        self,
+        reference_pose: torch.Tensor,
+        anchor_ct: torch.Tensor,
+        backbone: str = "resnet10t",
+        image_size: int = 64,
+        channels: tuple[int, ...] | None = None,
+    ):
         super().__init__()
         self.backbone_name = backbone
+        self.channels = tuple(int(c) for c in channels) if channels else None
         self.image_size = int(image_size)
         # No global pooling: the head sees where features are (the final map is S/32 x S/32), which
         # in-plane position needs; pooling would leave it to padding artefacts.
+        widths = {"channels": self.channels} if self.channels else {}
         self.backbone = timm.create_model(
             backbone, pretrained=False, in_chans=1, num_classes=0, global_pool="",
-            norm_layer=functools.partial(GroupNorm, num_groups=8),
+            norm_layer=functools.partial(GroupNorm, num_groups=8), **widths,
         )
         cells = math.ceil(self.image_size / 32) ** 2
         self.head = nn.Linear(self.backbone.num_features * cells, 9)

@@ -42,8 +42,13 @@ __all__ = ["GPU_PROFILE", "TrainConfig", "Trainer", "validation_errors"]
 #: Defaults that differ on a CUDA device: rendering costs little there, so each step renders its
 #: whole batch fresh and batches are larger (measured on an H200 in 2 minutes: 2591-3183 steps,
 #: CNN-only median 1.38-1.61 mm on ``diffpose-evaluate``'s 50 views over three seeds, against
-#: 1.92 mm with batch 64); validation and checkpoints come more often in a run of minutes.
+#: 1.92 mm with batch 64); validation and checkpoints come more often in a run of minutes; the
+#: backbone keeps timm's stage widths and the training range its wider margin (the narrower
+#: ones spend a CPU's fewer steps better; the H200 figures are with these).
 GPU_PROFILE = {
+    "backbone_channels": None,
+    "view_range": {"alpha_deg": [-35, 35], "beta_deg": [-25, 25], "gamma_deg": [-12, 12], "sod_mm": [630, 870],
+                   "isocenter_mm": [45, 45, 45]},
     "batch_size": 128,
     "learning_rate": 3e-3,
     "warmup_steps": 300,
@@ -63,6 +68,8 @@ class TrainConfig:
     camera; the CNN sees it resampled to ``image_size`` pixels. ``voxel_mm``: training volume voxel
     size; ``bone_scales``: bone attenuation multipliers (one volume each, drawn per batch);
     ``mixed_precision``: bfloat16 backbone, ``"auto"`` = where it is fast (:func:`.regressor.bfloat16_is_fast`).
+    ``backbone``: a timm model name; ``backbone_channels``: its four stage widths (timm ResNets),
+    ``None`` for the model's own (the default given when another ``backbone`` is named alone).
     """
 
     image_size: int = 64
@@ -76,6 +83,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 200
     backbone: str = "resnet10t"
+    backbone_channels: tuple[int, ...] | None = (64, 128, 192, 256)
     pool_size: int = 2048
     pool_refresh: int = 8
     validation_views: int = 64
@@ -90,8 +98,11 @@ class TrainConfig:
     @classmethod
     def for_device(cls, device: str | torch.device, d: dict | None = None) -> "TrainConfig":
         """The defaults for ``device`` (a CUDA device starts from :data:`GPU_PROFILE`), overridden by ``d``."""
-        base = GPU_PROFILE if torch.device(device).type == "cuda" else {}
-        return cls.from_dict({**base, **(d or {})})
+        merged = dict(GPU_PROFILE) if torch.device(device).type == "cuda" else {}
+        for key, value in (d or {}).items():  # nested sections (view_range, augment) merge key by key
+            both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+            merged[key] = {**merged[key], **value} if both else value
+        return cls.from_dict(merged)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "TrainConfig":
@@ -104,8 +115,11 @@ class TrainConfig:
             raise ValueError(f"unknown training keys: {sorted(unknown)}")
         if d.get("mixed_precision", "auto") not in (True, False, "auto"):
             raise ValueError(f"mixed_precision must be true, false or auto, got {d['mixed_precision']!r}")
-        if "bone_scales" in d:
-            d["bone_scales"] = tuple(d["bone_scales"])
+        if "backbone" in d and "backbone_channels" not in d:
+            d["backbone_channels"] = None  # another backbone named alone: its own widths
+        for key in ("bone_scales", "backbone_channels"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
         return cls(view_range=view, augment=aug, **d)
 
     def as_dict(self) -> dict:
@@ -113,6 +127,7 @@ class TrainConfig:
         d["view_range"] = self.view_range.as_dict()
         d["augment"] = self.augment.as_dict()
         d["bone_scales"] = list(self.bone_scales)
+        d["backbone_channels"] = list(self.backbone_channels) if self.backbone_channels else None
         return d
 
     @property
@@ -172,7 +187,7 @@ class Trainer:
         mid = lambda r: sum(r) / 2  # noqa: E731
         vr = config.view_range
         reference = carm_pose(math.radians(mid(vr.alpha_deg)), math.radians(mid(vr.beta_deg)), 0.0, mid(vr.sod_mm), self.center)
-        self.model = PoseRegressor(reference, self.center, config.backbone, config.image_size).to(self.device)
+        self.model = PoseRegressor(reference, self.center, config.backbone, config.image_size, config.backbone_channels).to(self.device)
         auto = config.mixed_precision == "auto"
         self.mixed_precision = bfloat16_is_fast(self.device) if auto else bool(config.mixed_precision)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -181,8 +196,11 @@ class Trainer:
         self.history: list[dict] = []
         self.best: dict | None = None
         self._best_state: dict | None = None
-        self._pool_images = torch.empty(0, device=self.device)  # on the training device
-        self._pool_poses = torch.empty(0, dtype=torch.float64)  # on the CPU, with the sampler
+        # A ring buffer: renders overwrite the oldest in place (no per-step copy of the whole pool).
+        size = (config.pool_size, pool_px, pool_px)
+        self._pool_images = torch.empty(size, device=self.device)  # on the training device
+        self._pool_poses = torch.empty(config.pool_size, 4, 4, dtype=torch.float64)  # on the CPU, with the sampler
+        self._pool_count = self._pool_next = 0
         self.validation = self._make_validation()
 
     # ----- data -----
@@ -198,20 +216,25 @@ class Trainer:
 
     def _refresh_pool(self, n: int) -> None:
         """Render ``n`` new gamma = 0 views into the pool (evicting the oldest when full)."""
+        n = min(n, self.config.pool_size)
         renderer = self.renderers[int(torch.randint(len(self.renderers), (1,), generator=self.generator))]
         poses = self._views(n, roll=False)
         images = self._render(poses, self.pool_camera, renderer)
-        self._pool_images = torch.cat([self._pool_images, images])[-self.config.pool_size :]
-        self._pool_poses = torch.cat([self._pool_poses, poses])[-self.config.pool_size :]
+        size = self.config.pool_size
+        slots = (self._pool_next + torch.arange(n)) % size
+        self._pool_images[slots.to(self.device)] = images
+        self._pool_poses[slots] = poses
+        self._pool_next = (self._pool_next + n) % size
+        self._pool_count = min(size, self._pool_count + n)
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One training batch: prepared inputs ``(B, 1, S, S)`` and true poses ``(B, 4, 4)`` (float64)."""
         cfg = self.config
-        if len(self._pool_images) < cfg.batch_size:
-            self._refresh_pool(cfg.batch_size * 4)
+        if self._pool_count < cfg.batch_size:
+            self._refresh_pool(min(cfg.batch_size * 4, cfg.pool_size))
         else:
             self._refresh_pool(cfg.pool_refresh)
-        idx = torch.randint(len(self._pool_images), (cfg.batch_size,), generator=self.generator)
+        idx = torch.randint(self._pool_count, (cfg.batch_size,), generator=self.generator)
         lo, hi = (math.radians(g) for g in cfg.view_range.gamma_deg)
         gamma = lo + (hi - lo) * torch.rand(cfg.batch_size, generator=self.generator, dtype=torch.float64)
         images = _roll(self._pool_images[idx.to(self.device)], gamma.to(self.device), cfg.image_size)

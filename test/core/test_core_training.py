@@ -122,13 +122,26 @@ def test_a_few_training_steps_reduce_the_loss_on_a_fixed_batch(trainer):
     assert losses[-1] < 0.85 * losses[0], losses
 
 
+def test_pool_keeps_the_newest_renders_with_their_poses(trainer):
+    size = trainer.config.pool_size
+    for _ in range(size // trainer.config.pool_refresh + 3):
+        trainer._refresh_pool(trainer.config.pool_refresh)
+    assert trainer._pool_count == size
+    newest = (trainer._pool_next - 1) % size
+    pose = trainer._pool_poses[newest : newest + 1]
+    again = trainer._render(pose, trainer.pool_camera, trainer.renderers[0])
+    torch.testing.assert_close(trainer._pool_images[newest : newest + 1], again)
+    # Every slot holds a distinct view: nothing was duplicated or left unwritten.
+    assert len(torch.unique(trainer._pool_poses[:, :3, 3], dim=0)) == size
+
+
 def test_checkpoint_round_trip(trainer, tmp_path):
     trainer.train_step(0.5)
     trainer._record_validation()
     trainer.save_checkpoint(tmp_path / "ckpt")
     other = Trainer.__new__(Trainer)
     other.__dict__.update({k: v for k, v in trainer.__dict__.items()})
-    other.model = PoseRegressor(torch.eye(4, dtype=torch.float64), torch.zeros(3), image_size=64)
+    other.model = PoseRegressor(torch.eye(4, dtype=torch.float64), torch.zeros(3), image_size=64, channels=trainer.config.backbone_channels)
     other.optimizer = torch.optim.AdamW(other.model.parameters())
     other.load_checkpoint(tmp_path / "ckpt")
     for (k, a), b in zip(trainer.model.state_dict().items(), other.model.state_dict().values()):
@@ -158,6 +171,17 @@ def test_bundle_round_trip_is_bit_exact(small_model, tmp_path):
     # Saving what was loaded gives the same bytes.
     save_patient_model(tmp_path / "again.safetensors", loaded)
     assert (tmp_path / "again.safetensors").read_bytes() == path.read_bytes()
+
+
+def test_bundle_keeps_custom_backbone_widths(mu, tmp_path):
+    net = PoseRegressor(carm_pose(0.0, 0.0, 0.0, 750.0, mu.center), mu.center, image_size=32, channels=(16, 32, 48, 64))
+    assert net.backbone.num_features == 64
+    model = PatientModel(net, mu.coarsened_to(8.0), Intrinsics.from_detector(1020, 256, 256, 1.2).resized(32))
+    save_patient_model(tmp_path / "narrow.safetensors", model)
+    loaded = load_patient_model(tmp_path / "narrow.safetensors")
+    assert loaded.regressor.channels == (16, 32, 48, 64) and loaded.metadata["backbone_channels"] == [16, 32, 48, 64]
+    for (k, a), b in zip(net.state_dict().items(), loaded.regressor.state_dict().values()):
+        assert torch.equal(a, b), k
 
 
 def test_bundle_refuses_bad_files(small_model, tmp_path):
@@ -228,10 +252,16 @@ def test_device_defaults_and_overrides():
 
     assert TrainConfig.for_device("cpu").as_dict() == TrainConfig().as_dict()
     gpu = TrainConfig.for_device("cuda")
-    assert all(getattr(gpu, k) == v for k, v in GPU_PROFILE.items())
+    assert gpu.as_dict() == TrainConfig.from_dict(GPU_PROFILE).as_dict()
     assert gpu.pool_refresh == gpu.batch_size  # every step renders its batch fresh on a GPU
-    mixed = TrainConfig.for_device("cuda", {"seed": 3, "batch_size": 16})
+    assert gpu.backbone_channels is None and gpu.view_range.alpha_deg == (-35.0, 35.0)
+    mixed = TrainConfig.for_device("cuda", {"seed": 3, "batch_size": 16, "view_range": {"alpha_deg": [-40, 40]}})
     assert (mixed.seed, mixed.batch_size, mixed.pool_refresh) == (3, 16, GPU_PROFILE["pool_refresh"])
+    # A nested section overrides key by key: the rest of the GPU's range stays.
+    assert mixed.view_range.alpha_deg == (-40.0, 40.0) and mixed.view_range.beta_deg == (-25.0, 25.0)
+    # Naming another backbone alone gives that model with its own stage widths.
+    assert TrainConfig.from_dict({"backbone": "resnet18"}).backbone_channels is None
+    assert TrainConfig().backbone_channels == (64, 128, 192, 256)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))])
