@@ -69,7 +69,7 @@ class TrainConfig:
     size; ``bone_scales``: bone attenuation multipliers (one volume each, drawn per batch);
     ``mixed_precision``: bfloat16 backbone, ``"auto"`` = where it is fast (:func:`.regressor.bfloat16_is_fast`).
     ``backbone``: a timm model name; ``backbone_channels``: its four stage widths (timm ResNets),
-    ``None`` for the model's own (the default given when another ``backbone`` is named alone).
+    ``None`` for the model's own (what a ``backbone`` named without widths gets).
     """
 
     image_size: int = 64
@@ -116,10 +116,13 @@ class TrainConfig:
         if d.get("mixed_precision", "auto") not in (True, False, "auto"):
             raise ValueError(f"mixed_precision must be true, false or auto, got {d['mixed_precision']!r}")
         if "backbone" in d and "backbone_channels" not in d:
-            d["backbone_channels"] = None  # another backbone named alone: its own widths
+            d["backbone_channels"] = None  # a backbone named without widths keeps its own
         for key in ("bone_scales", "backbone_channels"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
+        widths = d.get("backbone_channels")
+        if widths is not None and (len(widths) != 4 or not all(isinstance(w, int) and w > 0 for w in widths)):
+            raise ValueError(f"backbone_channels must be four positive integers (one per stage), got {list(widths)}")
         return cls(view_range=view, augment=aug, **d)
 
     def as_dict(self) -> dict:

@@ -259,9 +259,11 @@ def test_device_defaults_and_overrides():
     assert (mixed.seed, mixed.batch_size, mixed.pool_refresh) == (3, 16, GPU_PROFILE["pool_refresh"])
     # A nested section overrides key by key: the rest of the GPU's range stays.
     assert mixed.view_range.alpha_deg == (-40.0, 40.0) and mixed.view_range.beta_deg == (-25.0, 25.0)
-    # Naming another backbone alone gives that model with its own stage widths.
+    # A backbone named without widths gets its own stage widths.
     assert TrainConfig.from_dict({"backbone": "resnet18"}).backbone_channels is None
     assert TrainConfig().backbone_channels == (64, 128, 192, 256)
+    with pytest.raises(ValueError, match="four positive integers"):
+        TrainConfig.from_dict({"backbone_channels": [64, 128]})
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))])
