@@ -219,11 +219,11 @@ class Trainer:
 
     def _refresh_pool(self, n: int) -> None:
         """Render ``n`` new gamma = 0 views into the pool (evicting the oldest when full)."""
-        n = min(n, self.config.pool_size)
+        size = self.config.pool_size
+        n = min(n, size)
         renderer = self.renderers[int(torch.randint(len(self.renderers), (1,), generator=self.generator))]
         poses = self._views(n, roll=False)
         images = self._render(poses, self.pool_camera, renderer)
-        size = self.config.pool_size
         slots = (self._pool_next + torch.arange(n)) % size
         self._pool_images[slots.to(self.device)] = images
         self._pool_poses[slots] = poses
@@ -234,7 +234,7 @@ class Trainer:
         """One training batch: prepared inputs ``(B, 1, S, S)`` and true poses ``(B, 4, 4)`` (float64)."""
         cfg = self.config
         if self._pool_count < cfg.batch_size:
-            self._refresh_pool(min(cfg.batch_size * 4, cfg.pool_size))
+            self._refresh_pool(cfg.batch_size * 4)
         else:
             self._refresh_pool(cfg.pool_refresh)
         idx = torch.randint(self._pool_count, (cfg.batch_size,), generator=self.generator)
