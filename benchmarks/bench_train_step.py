@@ -1,9 +1,9 @@
-"""Benchmark one training step (render, augment, forward, backward, optimiser) per backbone.
+"""Benchmark one training step (render, augment, forward, backward, optimiser) per network and pool setting.
 
-Builds one :class:`Trainer` per backbone on the bundled CT with otherwise identical settings (the
-training defaults unless ``--config`` says otherwise), fills each pool, then times their
-``train_step`` calls round-robin (so that a noisy machine slows them alike) and prints the median
-seconds per step and the ratio to the first backbone, measured in the same run.
+Builds one :class:`Trainer` per variant on the bundled CT, each the training defaults (or
+``--config``) with a few keys changed, fills each pool, then times their ``train_step`` calls
+round-robin (so that a noisy machine slows them alike) and prints the median seconds per step and
+the ratio to the first variant, measured in the same run.
 
 Run: ``cd /work/main && PYTHONPATH=. .venv/bin/python benchmarks/bench_train_step.py [--steps 15]``
 """
@@ -21,11 +21,13 @@ from diffpose_ros.cli.common import load_ct_and_targets
 from diffpose_ros.cli.train import load_config
 from diffpose_ros.core.train import TrainConfig, Trainer
 
-# (label, timm model name, stage widths or None for the model's own)
-BACKBONES = [
-    ("defaults", None, None),
-    ("resnet10t, timm's widths 64-128-256-512", "resnet10t", None),
-    ("resnet18", "resnet18", None),
+# (label, training keys changed from the base configuration)
+VARIANTS = [
+    ("base (the defaults or --config)", {}),
+    ("timm's stem (3 convolutions and a max-pool)", {"backbone_stem": None}),
+    ("resnet10t, timm's widths 64-128-256-512 and stem", {"backbone": "resnet10t"}),
+    ("resnet18", {"backbone": "resnet18"}),
+    ("aim 1.5 deg (larger pool renders)", {"aim_deg": 1.5}),
 ]
 
 
@@ -39,10 +41,10 @@ def main() -> None:
     base = load_config(args.config, args.device)
     _, hu, targets, _ = load_ct_and_targets(None, None)
     trainers = {}
-    for label, name, widths in BACKBONES:
-        d = base.as_dict()
-        if name is not None:
-            d.update(backbone=name, backbone_channels=widths)
+    for label, changes in VARIANTS:
+        d = {**base.as_dict(), **changes}
+        if "backbone" in changes:  # its own widths and stem
+            d.update(backbone_channels=None, backbone_stem=None)
         trainer = Trainer(hu, targets, TrainConfig.from_dict(d), device=args.device)
         for _ in range(3):  # pool fill, allocations, JIT
             trainer.train_step(0.5)
@@ -61,7 +63,7 @@ def main() -> None:
         "image_size": base.image_size,
         "pool_refresh": base.pool_refresh,
         "steps": {
-            label: {"median_s": statistics.median(t), "ratio_to_defaults": statistics.median(t) / first}
+            label: {"median_s": statistics.median(t), "ratio_to_base": statistics.median(t) / first}
             for label, t in times.items()
         },
     }

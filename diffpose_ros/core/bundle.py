@@ -62,6 +62,7 @@ def save_patient_model(path: str | Path, model: PatientModel) -> None:
             "format_version": FORMAT_VERSION,
             "backbone": model.regressor.backbone_name,
             "backbone_channels": list(model.regressor.channels) if model.regressor.channels else None,
+            "backbone_stem": model.regressor.stem,
             "image_size": model.regressor.image_size,
             "intrinsics": {"width": k.width, "height": k.height, "fx": k.fx, "fy": k.fy, "cx": k.cx, "cy": k.cy},
             "ct_source": model.mu.source,
@@ -105,7 +106,7 @@ def load_patient_model(path: str | Path, device: str | torch.device = "cpu") -> 
         # Reference and anchor are buffers: placeholders here, the file's values load below.
         regressor = PoseRegressor(
             torch.eye(4, dtype=torch.float64), torch.zeros(3), backbone=meta["backbone"], image_size=meta["image_size"],
-            channels=meta.get("backbone_channels"),
+            channels=meta.get("backbone_channels"), stem=meta.get("backbone_stem"),
         )
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise PatientModelError(f"{path}: incomplete or inconsistent patient model: {err!r}") from err

@@ -172,6 +172,22 @@ class Intrinsics:
         v = self.fy * points_source[..., 1] / z + self.cy
         return torch.stack([u, v], dim=-1)
 
+    def sampling_grid(self, source: "Intrinsics", rotation: torch.Tensor | None = None) -> torch.Tensor:
+        """``grid_sample`` grid (``align_corners=False``) that resamples an image of camera ``source``
+        into this camera, both with the same focal spot: ``(..., H, W, 2)`` (float64).
+
+        ``rotation`` ``(..., 3, 3)``: this camera's axes in ``source``'s frame (``x_source = R x_this``,
+        i.e. ``T_ct_this = T_ct_source [R | 0]``); default identity. A camera turned about its focal
+        spot sees the same rays, so the warp is an exact homography: this camera's pixel ``u`` reads
+        ``source`` at ``K_source R K^-1 u``.
+        """
+        rays = self.rays()
+        if rotation is not None:
+            rays = rays @ rotation.to(torch.float64).transpose(-1, -2)
+        uv = source.project(rays)
+        size = torch.tensor([source.width, source.height], dtype=torch.float64)
+        return ((2 * uv + 1) / size - 1).reshape(*uv.shape[:-2], self.height, self.width, 2)
+
     def sdd(self, pixel_spacing: float) -> float:
         """Source-to-detector distance (mm) for a detector pixel spacing ``dx`` (mm): ``fx * dx``."""
         return self.fx * pixel_spacing

@@ -68,12 +68,7 @@ def warp_to_camera(image: torch.Tensor, source: Intrinsics, target: Intrinsics) 
         small = F.interpolate(img[None, None], size=(h, w), mode="area")[0, 0]
         source = source.resized(w, h)
         img = small
-    v, u = torch.meshgrid(
-        torch.arange(target.height, dtype=torch.float64), torch.arange(target.width, dtype=torch.float64), indexing="ij"
-    )
-    us = source.fx * (u - target.cx) / target.fx + source.cx
-    vs = source.fy * (v - target.cy) / target.fy + source.cy
-    grid = torch.stack([(2 * us + 1) / source.width - 1, (2 * vs + 1) / source.height - 1], -1).float()
+    grid = target.sampling_grid(source).float()
     fill = img.mean()
     out = F.grid_sample((img - fill)[None, None], grid[None], mode="bilinear", padding_mode="zeros", align_corners=False)
     return out[0, 0] + fill

@@ -7,6 +7,9 @@ downloaded). Stage widths can be narrowed (timm ResNets): at 64^2 input the last
 2x2 map, where the backward pass of its 512-channel 3x3 convolution alone took 59 of the 186 ms
 that all convolution backward passes took per batch of 32 (profiled on an AVX2 CPU); the CPU
 training defaults use 192 and 256 channels in the last two stages (``benchmarks/bench_train_step.py``).
+Stem: the model's own, or ``"patch"``: one 4x4 convolution of stride 4 (a lossless linear map of
+each 4x4 patch to the stem's width, as in ConvNeXt) in place of a ResNet's convolutions and
+max-pool, which at 64^2 input cost more than all the stages after them.
 Head: one zero-initialised linear layer with 9 outputs, so an untrained network predicts the
 reference pose.
 
@@ -36,9 +39,11 @@ from torch import nn
 
 from . import se3
 
-__all__ = ["PoseRegressor", "bfloat16_is_fast"]
+__all__ = ["PoseRegressor", "STEMS", "bfloat16_is_fast"]
 
 _P_SCALE = 100.0  # mm per output unit of the anchor position
+STEMS = (None, "patch")
+"""Stems a :class:`PoseRegressor` can have: the backbone's own (``None``) or a 4x4 stride-4 patch convolution."""
 
 
 def bfloat16_is_fast(device: str | torch.device) -> bool:
@@ -62,7 +67,8 @@ class PoseRegressor(nn.Module):
     ``reference_pose``: ``T_ct_source`` (4x4, mm) the head's zero output stands for (the centre of
     the training range); ``anchor_ct``: the anchor point (``ct``, mm); ``backbone``: a timm model
     name; ``channels``: widths of its four stages where not the model's own (timm ResNets only);
-    ``image_size``: the square input size in pixels (inputs from :meth:`prepare`).
+    ``image_size``: the square input size in pixels (inputs from :meth:`prepare`); ``stem``:
+    ``None`` for the model's own, ``"patch"`` for a 4x4 stride-4 convolution (timm ResNets only).
     """
 
     def __init__(
@@ -72,10 +78,14 @@ class PoseRegressor(nn.Module):
         backbone: str = "resnet10t",
         image_size: int = 64,
         channels: tuple[int, ...] | None = None,
+        stem: str | None = None,
     ):
         super().__init__()
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {list(STEMS)}, got {stem!r}")
         self.backbone_name = backbone
         self.channels = tuple(int(c) for c in channels) if channels else None
+        self.stem = stem
         self.image_size = int(image_size)
         # No global pooling: the head sees where features are (the final map is S/32 x S/32), which
         # in-plane position needs; pooling would leave it to padding artefacts.
@@ -84,6 +94,14 @@ class PoseRegressor(nn.Module):
             backbone, pretrained=False, in_chans=1, num_classes=0, global_pool="",
             norm_layer=functools.partial(GroupNorm, num_groups=8), **widths,
         )
+        if stem == "patch":
+            net = self.backbone
+            if not all(hasattr(net, name) for name in ("conv1", "bn1", "maxpool")):
+                raise ValueError(f"the patch stem needs a timm ResNet backbone, not {backbone}")
+            width = net.bn1.num_channels
+            net.conv1 = nn.Conv2d(1, width, kernel_size=4, stride=4)
+            net.bn1 = GroupNorm(width, num_groups=8)
+            net.maxpool = nn.Identity()
         cells = math.ceil(self.image_size / 32) ** 2
         self.head = nn.Linear(self.backbone.num_features * cells, 9)
         nn.init.zeros_(self.head.weight)

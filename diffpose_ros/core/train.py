@@ -6,10 +6,12 @@ and regresses the pose (:mod:`.regressor`). The loss is the 3D mean target regis
 (mm, over the target points) plus a small rotation term (degrees): the metric we report, directly.
 
 On a CPU rendering is the costly half, so renders are pooled and reused with an exact augmentation:
-a view with in-plane roll ``gamma`` is ``T(gamma = 0) Rz(gamma)`` (a rotation about the principal
-ray), so the pool holds renders at ``gamma = 0`` on a slightly larger detector and each use rotates
-the image about the principal point by a fresh ``gamma`` and crops it, with fresh noise on top. On
-a GPU (:data:`GPU_PROFILE`) each step renders as many new views as it uses. The pool, the
+a camera turned about its focal spot sees the same rays, so its image is an exact homography of the
+unturned one (:meth:`.geometry.Intrinsics.sampling_grid`). The pool holds renders at roll
+``gamma = 0`` on a larger detector; each use turns the camera by a fresh roll about the principal
+ray (a view with roll ``gamma`` is ``T(gamma = 0) Rz(gamma)``) and, with ``aim_deg``, tilts the
+principal ray by up to that angle in a random direction, then resamples the image and adds fresh
+noise. On a GPU (:data:`GPU_PROFILE`) each step renders as many new views as it uses. The pool, the
 augmentations and the network live on the training device; poses and the sampler stay on the CPU.
 
 The schedule is set by wall-clock time (the user's budget): cosine decay of the learning rate over
@@ -25,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import roma
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -32,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from . import metrics, se3
 from .augment import AugmentConfig, augment
 from .geometry import Intrinsics, carm_pose
-from .regressor import PoseRegressor, bfloat16_is_fast
+from .regressor import STEMS, PoseRegressor, bfloat16_is_fast
 from .render import Renderer
 from .sampling import ViewRange, sample_views
 from .volume import Volume, hu_to_mu
@@ -43,10 +46,11 @@ __all__ = ["GPU_PROFILE", "TrainConfig", "Trainer", "validation_errors"]
 #: whole batch fresh and batches are larger (measured on an H200 in 2 minutes: 2591-3183 steps,
 #: CNN-only median 1.38-1.61 mm on ``diffpose-evaluate``'s 50 views over three seeds, against
 #: 1.92 mm with batch 64); validation and checkpoints come more often in a run of minutes; the
-#: backbone keeps timm's stage widths and the training range its wider margin (the narrower
-#: ones spend a CPU's fewer steps better; the H200 figures are with these).
+#: backbone keeps timm's stage widths and stem and the training range its wider margin (the
+#: narrower ones spend a CPU's fewer steps better; the H200 figures are with these).
 GPU_PROFILE = {
     "backbone_channels": None,
+    "backbone_stem": None,
     "view_range": {"alpha_deg": [-35, 35], "beta_deg": [-25, 25], "gamma_deg": [-12, 12], "sod_mm": [630, 870],
                    "isocenter_mm": [45, 45, 45]},
     "batch_size": 128,
@@ -69,7 +73,9 @@ class TrainConfig:
     size; ``bone_scales``: bone attenuation multipliers (one volume each, drawn per batch);
     ``mixed_precision``: bfloat16 backbone, ``"auto"`` = where it is fast (:func:`.regressor.bfloat16_is_fast`).
     ``backbone``: a timm model name; ``backbone_channels``: its four stage widths (timm ResNets),
-    ``None`` for the model's own (what a ``backbone`` named without widths gets).
+    ``None`` for the model's own (what a ``backbone`` named without widths gets); ``backbone_stem``:
+    ``"patch"`` or ``None`` (:data:`.regressor.STEMS`; likewise). ``aim_deg``: largest
+    tilt (degrees) of the principal ray about the focal spot applied to pool renders on reuse.
     """
 
     image_size: int = 64
@@ -79,13 +85,15 @@ class TrainConfig:
     voxel_mm: float = 2.8
     bone_scales: tuple[float, ...] = (1.0, 1.6, 2.4)
     batch_size: int = 32
-    learning_rate: float = 2e-3
+    learning_rate: float = 3e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 200
     backbone: str = "resnet10t"
     backbone_channels: tuple[int, ...] | None = (64, 128, 192, 256)
+    backbone_stem: str | None = "patch"
     pool_size: int = 2048
     pool_refresh: int = 8
+    aim_deg: float = 0.0
     validation_views: int = 64
     validation_every_s: float = 60.0
     checkpoint_every_s: float = 120.0
@@ -115,8 +123,11 @@ class TrainConfig:
             raise ValueError(f"unknown training keys: {sorted(unknown)}")
         if d.get("mixed_precision", "auto") not in (True, False, "auto"):
             raise ValueError(f"mixed_precision must be true, false or auto, got {d['mixed_precision']!r}")
-        if "backbone" in d and "backbone_channels" not in d:
-            d["backbone_channels"] = None  # a backbone named without widths keeps its own
+        if "backbone" in d:  # a backbone named without widths or stem keeps its own
+            d.setdefault("backbone_channels", None)
+            d.setdefault("backbone_stem", None)
+        if d.get("backbone_stem") not in STEMS:
+            raise ValueError(f"backbone_stem must be one of {list(STEMS)} (null = the model's own), got {d['backbone_stem']!r}")
         for key in ("bone_scales", "backbone_channels"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
@@ -140,19 +151,31 @@ class TrainConfig:
         return full.resized(self.image_size)
 
 
-def _roll(images: torch.Tensor, angles: torch.Tensor, size: int) -> torch.Tensor:
-    """Rotate ``(B, S', S')`` images by ``angles`` (rad) about their centre and crop the central ``size``.
+def _turns(n: int, roll: tuple[float, float], max_aim: float, generator: torch.Generator) -> torch.Tensor:
+    """``(n, 3, 3)`` source-frame rotations (float64): a tilt of the principal ray by up to ``max_aim``
+    (rad, uniform over the disc of tilts) after a roll uniform in ``roll = (low, high)`` (rad)."""
+    lo, hi = roll
+    roll = lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
+    tilt = max_aim * torch.rand(n, generator=generator, dtype=torch.float64).sqrt()
+    direction = 2 * math.pi * torch.rand(n, generator=generator, dtype=torch.float64)
+    zero = torch.zeros_like(roll)
+    aim = torch.stack([tilt * torch.cos(direction), tilt * torch.sin(direction), zero], -1)
+    return roma.rotvec_to_rotmat(aim) @ roma.rotvec_to_rotmat(torch.stack([zero, zero, roll], -1))
 
-    A source-frame roll ``Rz(g)`` maps pixel offset ``(du, dv)`` to ``R(g)^T (du, dv)``: sampling the
-    rolled image at ``q`` reads the original at ``R(g) q``.
-    """
-    B, S, _ = images.shape
-    c, s = torch.cos(angles).float(), torch.sin(angles).float()
-    scale = size / S
-    theta = torch.stack([torch.stack([c * scale, -s * scale, torch.zeros_like(c)], -1),
-                         torch.stack([s * scale, c * scale, torch.zeros_like(c)], -1)], 1)
-    grid = F.affine_grid(theta, (B, 1, size, size), align_corners=False)
-    return F.grid_sample(images[:, None].float(), grid, mode="bilinear", align_corners=False)[:, 0]
+
+def _pool_pixels(camera: Intrinsics, max_roll: float, max_aim: float) -> int:
+    """Side (pixels, even) of a pool detector with ``camera``'s pixels that every turn of
+    :func:`_turns` can be resampled from without leaving it."""
+    h, w = camera.height - 1, camera.width - 1
+    corners = torch.tensor([[0.0, 0.0], [w, 0.0], [0.0, h], [w, h]], dtype=torch.float64)
+    angles = torch.linspace(-1, 1, 9, dtype=torch.float64)
+    roll, phase = torch.meshgrid(angles * max_roll, angles * math.pi, indexing="ij")
+    aim = torch.stack([max_aim * torch.cos(phase), max_aim * torch.sin(phase), torch.zeros_like(phase)], -1).reshape(-1, 3)
+    rolls = torch.stack([torch.zeros_like(roll), torch.zeros_like(roll), roll], -1).reshape(-1, 3)
+    R = roma.rotvec_to_rotmat(aim) @ roma.rotvec_to_rotmat(rolls)
+    rays = camera.rays(corners) @ R.transpose(-1, -2)
+    reach = (rays[..., :2] / rays[..., 2:]).abs() * torch.tensor([camera.fx, camera.fy], dtype=torch.float64)
+    return 2 * math.ceil(float(reach.max()) + 0.5)
 
 
 def validation_errors(estimates: torch.Tensor, truths: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
@@ -183,14 +206,17 @@ class Trainer:
             for b in config.bone_scales
         ]
         self.camera = config.intrinsics
-        # Pool renders are larger, so that any roll in the range can be cropped back to image_size.
-        max_roll = math.radians(max(abs(g) for g in config.view_range.gamma_deg))
-        pool_px = int(math.ceil(config.image_size * (math.cos(max_roll) + math.sin(max_roll)) / 2)) * 2
+        # Pool renders are larger, so that any turn (roll and aim) can be resampled into image_size.
+        self._roll = tuple(math.radians(g) for g in config.view_range.gamma_deg)
+        self._max_aim = math.radians(config.aim_deg)
+        pool_px = _pool_pixels(self.camera, max(abs(g) for g in self._roll), self._max_aim)
         self.pool_camera = Intrinsics(pool_px, pool_px, self.camera.fx, self.camera.fy, (pool_px - 1) / 2, (pool_px - 1) / 2)
         mid = lambda r: sum(r) / 2  # noqa: E731
         vr = config.view_range
         reference = carm_pose(math.radians(mid(vr.alpha_deg)), math.radians(mid(vr.beta_deg)), 0.0, mid(vr.sod_mm), self.center)
-        self.model = PoseRegressor(reference, self.center, config.backbone, config.image_size, config.backbone_channels).to(self.device)
+        self.model = PoseRegressor(
+            reference, self.center, config.backbone, config.image_size, config.backbone_channels, config.backbone_stem
+        ).to(self.device)
         auto = config.mixed_precision == "auto"
         self.mixed_precision = bfloat16_is_fast(self.device) if auto else bool(config.mixed_precision)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -238,13 +264,16 @@ class Trainer:
         else:
             self._refresh_pool(cfg.pool_refresh)
         idx = torch.randint(self._pool_count, (cfg.batch_size,), generator=self.generator)
-        lo, hi = (math.radians(g) for g in cfg.view_range.gamma_deg)
-        gamma = lo + (hi - lo) * torch.rand(cfg.batch_size, generator=self.generator, dtype=torch.float64)
-        images = _roll(self._pool_images[idx.to(self.device)], gamma.to(self.device), cfg.image_size)
-        zeros = torch.zeros_like(gamma)
-        roll = se3.exp(torch.stack([zeros, zeros, zeros, zeros, zeros, gamma], -1))
-        poses = self._pool_poses[idx] @ roll
+        turns = _turns(cfg.batch_size, self._roll, self._max_aim, self.generator)
+        images = self.turned(self._pool_images[idx.to(self.device)], turns)
+        poses = self._pool_poses[idx] @ se3.make_pose(turns, torch.zeros(cfg.batch_size, 3, dtype=torch.float64))
         return PoseRegressor.prepare(augment(images, cfg.augment, self.generator)), poses
+
+    def turned(self, pool_images: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+        """Working-camera images ``(B, S, S)`` of pool renders ``(B, P, P)`` (on the training device)
+        after turning each camera by ``turns`` ``(B, 3, 3)`` about its focal spot (``T [R | 0]``)."""
+        grid = self.camera.sampling_grid(self.pool_camera, turns).float().to(self.device)
+        return F.grid_sample(pool_images[:, None].float(), grid, mode="bilinear", align_corners=False)[:, 0]
 
     def _make_validation(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Held-out views (own seed), rendered once at full image size with fresh noise."""

@@ -7,6 +7,7 @@ import math
 import pickle
 
 import pytest
+import roma
 import torch
 from safetensors.torch import save_file
 
@@ -17,7 +18,7 @@ from diffpose_ros.core.geometry import Intrinsics, carm_pose
 from diffpose_ros.core.regressor import PoseRegressor
 from diffpose_ros.core.sampling import ViewRange, sample_views
 from diffpose_ros.core.similarity import ncc
-from diffpose_ros.core.train import TrainConfig, Trainer, _roll
+from diffpose_ros.core.train import TrainConfig, Trainer, _turns
 
 
 def _view_parameters(poses, center):
@@ -77,14 +78,25 @@ def test_augment_is_seeded_and_changes_images():
     torch.testing.assert_close(augment(x, quiet, torch.Generator().manual_seed(0)), x, atol=2e-3, rtol=0)
 
 
-def test_roll_augmentation_is_the_exact_in_plane_rotation(trainer):
-    poses = trainer._views(3, roll=False)
+def test_turning_a_pool_render_is_the_exact_view_of_the_turned_camera(trainer):
+    """Roll about the principal ray and aim (tilt about the focal spot) are homographies of the render."""
+    poses = trainer._views(4, roll=False)
     big = trainer._render(poses, trainer.pool_camera, trainer.renderers[0])
-    gamma = torch.tensor([0.15, -0.2, 0.05], dtype=torch.float64)
-    z = torch.zeros_like(gamma)
-    direct = trainer._render(poses @ se3.exp(torch.stack([z, z, z, z, z, gamma], -1)), trainer.camera, trainer.renderers[0])
-    assert float(ncc(_roll(big, gamma, 64), direct, dims=2).min()) > 0.995
-    assert float(ncc(_roll(big, -gamma, 64), direct, dims=2).max()) < 0.99
+    # The extreme turns of the configured range: roll +-11 deg, aim 1.5 deg in four directions.
+    roll, aim = math.radians(11.0), math.radians(1.5)
+    aims = torch.tensor([[aim, 0, 0], [0, aim, 0], [-aim, 0, 0], [0, -aim, 0]], dtype=torch.float64)
+    rolls = torch.tensor([[0, 0, roll], [0, 0, -roll], [0, 0, 0.05], [0, 0, -0.1]], dtype=torch.float64)
+    R = roma.rotvec_to_rotmat(aims) @ roma.rotvec_to_rotmat(rolls)
+    grid = trainer.camera.sampling_grid(trainer.pool_camera, R)
+    assert float(grid.abs().max()) < 1, "the pool detector is too small for the configured turns"
+    direct = trainer._render(poses @ se3.make_pose(R, torch.zeros(4, 3, dtype=torch.float64)), trainer.camera, trainer.renderers[0])
+    assert float(ncc(trainer.turned(big, R), direct, dims=2).min()) > 0.995
+    assert float(ncc(trainer.turned(big, R.transpose(1, 2)), direct, dims=2).max()) < 0.99
+    # Sampled turns stay within the range: roll within gamma_deg, tilt of the principal ray <= aim_deg.
+    turns = _turns(1000, (-roll, roll), aim, torch.Generator().manual_seed(0))
+    tilt = torch.acos(turns[:, 2, 2].clamp(max=1))
+    assert float(tilt.max()) <= aim + 1e-9 and float(tilt.max()) > 0.9 * aim
+    assert float(trainer.camera.sampling_grid(trainer.pool_camera, turns).abs().max()) < 1
 
 
 def test_regressor_zero_head_predicts_the_reference_and_decodes_rigid_poses():
@@ -103,7 +115,7 @@ def test_regressor_zero_head_predicts_the_reference_and_decodes_rigid_poses():
 @pytest.fixture(scope="module")
 def trainer(hu):
     targets = torch.stack([hu.center + torch.tensor(d, dtype=torch.float64) for d in ([0, 0, 0], [60, 0, 0], [0, 60, 0], [0, 0, 60])])
-    cfg = TrainConfig(image_size=64, batch_size=8, validation_views=8, warmup_steps=1, learning_rate=3e-4, voxel_mm=5.0, pool_size=64, pool_refresh=8, bone_scales=(1.0,))
+    cfg = TrainConfig(image_size=64, batch_size=8, validation_views=8, warmup_steps=1, learning_rate=3e-4, voxel_mm=5.0, pool_size=64, pool_refresh=8, bone_scales=(1.0,), aim_deg=1.5)
     return Trainer(hu, targets, cfg)
 
 
@@ -141,7 +153,8 @@ def test_checkpoint_round_trip(trainer, tmp_path):
     trainer.save_checkpoint(tmp_path / "ckpt")
     other = Trainer.__new__(Trainer)
     other.__dict__.update({k: v for k, v in trainer.__dict__.items()})
-    other.model = PoseRegressor(torch.eye(4, dtype=torch.float64), torch.zeros(3), image_size=64, channels=trainer.config.backbone_channels)
+    cfg = trainer.config
+    other.model = PoseRegressor(torch.eye(4, dtype=torch.float64), torch.zeros(3), image_size=64, channels=cfg.backbone_channels, stem=cfg.backbone_stem)
     other.optimizer = torch.optim.AdamW(other.model.parameters())
     other.load_checkpoint(tmp_path / "ckpt")
     for (k, a), b in zip(trainer.model.state_dict().items(), other.model.state_dict().values()):
@@ -173,13 +186,15 @@ def test_bundle_round_trip_is_bit_exact(small_model, tmp_path):
     assert (tmp_path / "again.safetensors").read_bytes() == path.read_bytes()
 
 
-def test_bundle_keeps_custom_backbone_widths(mu, tmp_path):
-    net = PoseRegressor(carm_pose(0.0, 0.0, 0.0, 750.0, mu.center), mu.center, image_size=32, channels=(16, 32, 48, 64))
+def test_bundle_keeps_custom_backbone_widths_and_stem(mu, tmp_path):
+    net = PoseRegressor(carm_pose(0.0, 0.0, 0.0, 750.0, mu.center), mu.center, image_size=32, channels=(16, 32, 48, 64), stem="patch")
     assert net.backbone.num_features == 64
+    assert net.backbone.conv1.kernel_size == (4, 4) and net.backbone.conv1.stride == (4, 4)
     model = PatientModel(net, mu.coarsened_to(8.0), Intrinsics.from_detector(1020, 256, 256, 1.2).resized(32))
     save_patient_model(tmp_path / "narrow.safetensors", model)
     loaded = load_patient_model(tmp_path / "narrow.safetensors")
     assert loaded.regressor.channels == (16, 32, 48, 64) and loaded.metadata["backbone_channels"] == [16, 32, 48, 64]
+    assert loaded.regressor.stem == "patch" and loaded.metadata["backbone_stem"] == "patch"
     for (k, a), b in zip(net.state_dict().items(), loaded.regressor.state_dict().values()):
         assert torch.equal(a, b), k
 
@@ -259,11 +274,14 @@ def test_device_defaults_and_overrides():
     assert (mixed.seed, mixed.batch_size, mixed.pool_refresh) == (3, 16, GPU_PROFILE["pool_refresh"])
     # A nested section overrides key by key: the rest of the GPU's range stays.
     assert mixed.view_range.alpha_deg == (-40.0, 40.0) and mixed.view_range.beta_deg == (-25.0, 25.0)
-    # A backbone named without widths gets its own stage widths.
-    assert TrainConfig.from_dict({"backbone": "resnet18"}).backbone_channels is None
+    # A backbone named without widths or stem gets its own.
+    named = TrainConfig.from_dict({"backbone": "resnet18"})
+    assert named.backbone_channels is None and named.backbone_stem is None
     assert TrainConfig().backbone_channels == (64, 128, 192, 256)
     with pytest.raises(ValueError, match="four positive integers"):
         TrainConfig.from_dict({"backbone_channels": [64, 128]})
+    with pytest.raises(ValueError, match="backbone_stem must be one of"):
+        TrainConfig.from_dict({"backbone_stem": "patch8"})
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))])
