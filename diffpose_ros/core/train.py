@@ -126,6 +126,8 @@ class TrainConfig:
         if "backbone" in d:  # a backbone named without widths or stem keeps its own
             d.setdefault("backbone_channels", None)
             d.setdefault("backbone_stem", None)
+        if not 0 <= float(d.get("aim_deg", 0.0)) <= 10:
+            raise ValueError(f"aim_deg must be between 0 and 10 degrees, got {d['aim_deg']}")
         if d.get("backbone_stem") not in STEMS:
             raise ValueError(f"backbone_stem must be one of {list(STEMS)} (null = the model's own), got {d['backbone_stem']!r}")
         for key in ("bone_scales", "backbone_channels"):
@@ -151,10 +153,10 @@ class TrainConfig:
         return full.resized(self.image_size)
 
 
-def _turns(n: int, roll: tuple[float, float], max_aim: float, generator: torch.Generator) -> torch.Tensor:
+def _turns(n: int, roll_range: tuple[float, float], max_aim: float, generator: torch.Generator) -> torch.Tensor:
     """``(n, 3, 3)`` source-frame rotations (float64): a tilt of the principal ray by up to ``max_aim``
-    (rad, uniform over the disc of tilts) after a roll uniform in ``roll = (low, high)`` (rad)."""
-    lo, hi = roll
+    (rad, uniform over the disc of tilts) after a roll uniform in ``roll_range = (low, high)`` (rad)."""
+    lo, hi = roll_range
     roll = lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
     tilt = max_aim * torch.rand(n, generator=generator, dtype=torch.float64).sqrt()
     direction = 2 * math.pi * torch.rand(n, generator=generator, dtype=torch.float64)

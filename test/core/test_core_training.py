@@ -282,6 +282,8 @@ def test_device_defaults_and_overrides():
         TrainConfig.from_dict({"backbone_channels": [64, 128]})
     with pytest.raises(ValueError, match="backbone_stem must be one of"):
         TrainConfig.from_dict({"backbone_stem": "patch8"})
+    with pytest.raises(ValueError, match="aim_deg must be between 0 and 10"):
+        TrainConfig.from_dict({"aim_deg": -1})
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))])
