@@ -153,16 +153,22 @@ class TrainConfig:
         return full.resized(self.image_size)
 
 
+def _turn(tilt: torch.Tensor, direction: torch.Tensor, roll: torch.Tensor) -> torch.Tensor:
+    """Source-frame rotations ``(..., 3, 3)``: a roll (rad) about the principal ray, then a tilt (rad)
+    of the principal ray toward ``direction`` (rad, from the source's +x axis toward +y)."""
+    zero = torch.zeros_like(roll)
+    aim = torch.stack([tilt * torch.cos(direction), tilt * torch.sin(direction), zero], -1)
+    return roma.rotvec_to_rotmat(aim) @ roma.rotvec_to_rotmat(torch.stack([zero, zero, roll], -1))
+
+
 def _turns(n: int, roll_range: tuple[float, float], max_aim: float, generator: torch.Generator) -> torch.Tensor:
-    """``(n, 3, 3)`` source-frame rotations (float64): a tilt of the principal ray by up to ``max_aim``
-    (rad, uniform over the disc of tilts) after a roll uniform in ``roll_range = (low, high)`` (rad)."""
+    """``n`` random :func:`_turn` rotations (float64): roll uniform in ``roll_range = (low, high)``
+    (rad), tilt up to ``max_aim`` (rad) uniform over the disc of tilts."""
     lo, hi = roll_range
     roll = lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
     tilt = max_aim * torch.rand(n, generator=generator, dtype=torch.float64).sqrt()
     direction = 2 * math.pi * torch.rand(n, generator=generator, dtype=torch.float64)
-    zero = torch.zeros_like(roll)
-    aim = torch.stack([tilt * torch.cos(direction), tilt * torch.sin(direction), zero], -1)
-    return roma.rotvec_to_rotmat(aim) @ roma.rotvec_to_rotmat(torch.stack([zero, zero, roll], -1))
+    return _turn(tilt, direction, roll)
 
 
 def _pool_pixels(camera: Intrinsics, max_roll: float, max_aim: float) -> int:
@@ -171,13 +177,11 @@ def _pool_pixels(camera: Intrinsics, max_roll: float, max_aim: float) -> int:
     h, w = camera.height - 1, camera.width - 1
     corners = torch.tensor([[0.0, 0.0], [w, 0.0], [0.0, h], [w, h]], dtype=torch.float64)
     angles = torch.linspace(-1, 1, 9, dtype=torch.float64)
-    roll, phase = torch.meshgrid(angles * max_roll, angles * math.pi, indexing="ij")
-    aim = torch.stack([max_aim * torch.cos(phase), max_aim * torch.sin(phase), torch.zeros_like(phase)], -1).reshape(-1, 3)
-    rolls = torch.stack([torch.zeros_like(roll), torch.zeros_like(roll), roll], -1).reshape(-1, 3)
-    R = roma.rotvec_to_rotmat(aim) @ roma.rotvec_to_rotmat(rolls)
-    rays = camera.rays(corners) @ R.transpose(-1, -2)
-    reach = (rays[..., :2] / rays[..., 2:]).abs() * torch.tensor([camera.fx, camera.fy], dtype=torch.float64)
-    return 2 * math.ceil(float(reach.max()) + 0.5)
+    roll, direction = torch.meshgrid(angles * max_roll, angles * math.pi, indexing="ij")
+    R = _turn(torch.full_like(roll, max_aim), direction, roll).reshape(-1, 1, 3, 3)
+    rays = camera.rays(corners)[..., None]  # (4, 3, 1)
+    offsets = camera.project((R @ rays)[..., 0]) - torch.tensor([camera.cx, camera.cy], dtype=torch.float64)
+    return 2 * math.ceil(float(offsets.abs().max()) + 0.5)
 
 
 def validation_errors(estimates: torch.Tensor, truths: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
