@@ -181,12 +181,17 @@ class Intrinsics:
         spot sees the same rays, so the warp is an exact homography: this camera's pixel ``u`` reads
         ``source`` at ``K_source R K^-1 u``.
         """
-        rays = self.rays()
+        # One 3x3 map per rotation, from this camera's rays to source grid coordinates: the pixel
+        # ``u = K_source R d``, then ``(2u + 1) / size - 1``.
+        to_grid = torch.tensor(
+            [[2 / source.width, 0.0, 1 / source.width - 1], [0.0, 2 / source.height, 1 / source.height - 1], [0.0, 0.0, 1.0]],
+            dtype=torch.float64,
+        ) @ source.K
         if rotation is not None:
-            rays = rays @ rotation.to(torch.float64).transpose(-1, -2)
-        uv = source.project(rays)
-        size = torch.tensor([source.width, source.height], dtype=torch.float64)
-        return ((2 * uv + 1) / size - 1).reshape(*uv.shape[:-2], self.height, self.width, 2)
+            to_grid = to_grid @ rotation.to(torch.float64)
+        q = to_grid @ self.rays().T  # (..., 3, H*W)
+        grid = (q[..., :2, :] / q[..., 2:, :]).transpose(-1, -2)
+        return grid.reshape(*q.shape[:-2], self.height, self.width, 2)
 
     def sdd(self, pixel_spacing: float) -> float:
         """Source-to-detector distance (mm) for a detector pixel spacing ``dx`` (mm): ``fx * dx``."""

@@ -77,17 +77,24 @@ def _march_numba(vol, P, dirs, h, with_grad, out):
         s0 = s1 = s2 = 0.0
         if t1 > t0:
             dt = h / math.sqrt(dx * dx + dy * dy + dz * dz)
-            steps = int(math.ceil((t1 - t0) / dt))
+            # The midpoint samples t_k = t0 + (k + 1/2) dt that lie in [t0, t1], so every one is in
+            # the box up to rounding: the cell index is clamped rather than tested (a branch per
+            # sample that cost ~30 % of a forward render).
+            steps = int((t1 - t0) / dt + 0.5)
+            ts = t0 + 0.5 * dt
+            x0 = ox + ts * ex
+            y0 = oy + ts * ey
+            z0 = oz + ts * ez
+            sx = dt * ex
+            sy = dt * ey
+            sz = dt * ez
             for k in range(steps):
-                t = t0 + (k + 0.5) * dt
-                x = ox + t * ex
-                y = oy + t * ey
-                z = oz + t * ez
-                if x < 0.0 or y < 0.0 or z < 0.0 or x >= nx - 1 or y >= ny - 1 or z >= nz - 1:
-                    continue
-                i = int(x)
-                j = int(y)
-                m = int(z)
+                x = x0 + k * sx
+                y = y0 + k * sy
+                z = z0 + k * sz
+                i = min(max(int(x), 0), nx - 2)
+                j = min(max(int(y), 0), ny - 2)
+                m = min(max(int(z), 0), nz - 2)
                 fx = x - i
                 fy = y - j
                 fz = z - m
@@ -108,6 +115,7 @@ def _march_numba(vol, P, dirs, h, with_grad, out):
                 c1 = c01 + fy * (c11 - c01)
                 acc += c0 + fz * (c1 - c0)
                 if with_grad:
+                    t = ts + k * dt
                     d00 = c100 - c000
                     d10 = c110 - c010
                     d01 = c101 - c001
