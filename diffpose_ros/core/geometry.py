@@ -183,9 +183,9 @@ class Intrinsics:
         """
         # One 3x3 map per rotation, from this camera's rays to source grid coordinates: the pixel
         # ``u = K_source R d``, then ``(2u + 1) / size - 1``.
+        w, h = source.width, source.height
         to_grid = torch.tensor(
-            [[2 / source.width, 0.0, 1 / source.width - 1], [0.0, 2 / source.height, 1 / source.height - 1], [0.0, 0.0, 1.0]],
-            dtype=torch.float64,
+            [[2 / w, 0.0, 1 / w - 1], [0.0, 2 / h, 1 / h - 1], [0.0, 0.0, 1.0]], dtype=torch.float64
         ) @ source.K
         if rotation is not None:
             to_grid = to_grid @ rotation.to(torch.float64)
