@@ -84,7 +84,7 @@ class TrainConfig:
     pixel_mm: float = 1.2
     voxel_mm: float = 2.8
     bone_scales: tuple[float, ...] = (1.0, 1.6, 2.4)
-    batch_size: int = 32
+    batch_size: int = 48
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 200
