@@ -94,7 +94,7 @@ class TrainConfig:
     pool_size: int = 2048
     pool_refresh: int = 8
     aim_deg: float = 0.0
-    validation_views: int = 64
+    validation_views: int = 256
     validation_every_s: float = 60.0
     checkpoint_every_s: float = 120.0
     rotation_weight: float = 1.0
