@@ -43,8 +43,8 @@ from .volume import Volume, hu_to_mu
 __all__ = ["GPU_PROFILE", "TrainConfig", "Trainer", "validation_errors"]
 
 #: Defaults that differ on a CUDA device: rendering costs little there, so each step renders its
-#: whole batch fresh and batches are larger (measured on an H200 in 2 minutes: 2591-3183 steps,
-#: CNN-only median 1.38-1.61 mm on ``diffpose-evaluate``'s 50 views over three seeds, against
+#: whole batch fresh and batches are larger (measured on H200s in 2 minutes: 2303-3183 steps,
+#: CNN-only median 1.38-1.84 mm on ``diffpose-evaluate``'s 50 views in six seed runs, against
 #: 1.92 mm with batch 64); validation and checkpoints come more often in a run of minutes; the
 #: backbone keeps timm's stage widths and stem and the training range its wider margin (the
 #: narrower ones spend a CPU's fewer steps better; the H200 figures are with these).
