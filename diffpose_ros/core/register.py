@@ -51,7 +51,9 @@ class RegistrationConfig:
 
     ``global_weight``: weight of the whole-image NCC (the rest goes to the patch NCC where a level
     has patches). A level ends when a step moves every point by less than ``step_tolerance_mm``
-    (rotation scaled by ``radius_mm``) or improves the similarity by less than ``cost_tolerance``.
+    (rotation scaled by ``radius_mm``) or changes the similarity by less than ``cost_tolerance``,
+    accepted or not: near the optimum the cost of a trial step differs from the current one by the
+    renderer's interpolation noise, so a rejected step of that size means the level has converged.
     The finest level renders a 1.4 mm volume (the bundled CT's 0.7 mm in-plane voxels, 2x2
     coarsened): at 128 px (about 1.9 mm pixels at the isocentre) the full-resolution volume gave the
     same accuracy at twice the cost (``benchmarks/bench_node_latency.py``).
@@ -217,7 +219,7 @@ class Registrar:
                         break
                 else:
                     lam *= 4
-                    if moved < cfg.step_tolerance_mm:
+                    if moved < cfg.step_tolerance_mm or t_cost - cost < cfg.cost_tolerance:
                         level_converged = True
                         break
             converged = level_converged
