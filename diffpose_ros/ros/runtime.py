@@ -43,8 +43,14 @@ def use_large_frame_profile() -> str | None:
 
 class RosSession:
     """``with RosSession("name") as s:`` an initialised context, ``s.node`` spun by a
-    multi-threaded executor in a daemon thread, and ``s.stop`` (a ``threading.Event``) set by
-    SIGINT/SIGTERM (so a tool's main loop ends cleanly and finishes its files)."""
+    single-threaded executor in a daemon thread, and ``s.stop`` (a ``threading.Event``) set by
+    SIGINT/SIGTERM (so a tool's main loop ends cleanly and finishes its files).
+
+    Single-threaded because the tools' callbacks are short and the caller's thread must keep its
+    timing: rclpy's ``MultiThreadedExecutor`` loops in Python (rebuilding its wait set, polling its
+    futures) and held the GIL so much that the replay thread's sleeps overran by up to 1.9 s, and a
+    node that keeps only the newest frame lost the frames that then went out together (measured in
+    ``diffpose-demo``)."""
 
     def __init__(self, name: str, args: list[str] | None = None):
         self.name = name
@@ -53,14 +59,14 @@ class RosSession:
 
     def __enter__(self) -> "RosSession":
         import rclpy
-        from rclpy.executors import MultiThreadedExecutor
+        from rclpy.executors import SingleThreadedExecutor
         from rclpy.signals import SignalHandlerOptions
 
         use_large_frame_profile()
         rclpy.init(args=self.args, signal_handler_options=SignalHandlerOptions.NO)
         self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self.node = rclpy.create_node(self.name)
-        self.executor = MultiThreadedExecutor(num_threads=2)
+        self.executor = SingleThreadedExecutor()
         self.executor.add_node(self.node)
         self._thread = threading.Thread(target=self._spin, name=f"{self.name}-spin", daemon=True)
         self._thread.start()
