@@ -82,7 +82,7 @@ def run_live(session, truth: Truth, out_bag: str | Path, options: ReplayOptions,
     recorder = Recorder(session.node, out_bag, topics, on_message=on_output)
     player = Player(session.node, truth.bag, options, stop_event=session.stop)
     try:
-        player.wait_for_subscribers([image_topic], wait_timeout_s)
+        player.wait_for_subscribers([image_topic, *([info_topic] if info_topic else [])], wait_timeout_s)
         # The recorder must be matched with every output (and the replayed camera_info) before the
         # first frame goes out: DDS does not deliver what was published before the match.
         deadline = time.monotonic() + wait_timeout_s

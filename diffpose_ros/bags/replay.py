@@ -118,16 +118,25 @@ class Player:
         return self.options.remap.get(bag_topic, bag_topic)
 
     def wait_for_subscribers(self, topics: list[str], timeout_s: float) -> None:
-        """Block until each published topic in ``topics`` (published names) has a subscriber."""
+        """Block until each published topic in ``topics`` (published names) has a subscriber and is
+        matched with every subscription the ROS graph knows on it (DDS delivers nothing to a
+        subscription before the match, and endpoints of one process match one by one)."""
         publishers = {self.published_name(t): p for t, p in self._publishers.items()}
         unknown = [t for t in topics if t not in publishers]
         if unknown:
             raise ValueError(f"--wait-for names topics that are not replayed: {', '.join(unknown)}")
+
+        def ready(topic: str) -> bool:
+            matched = publishers[topic].get_subscription_count()
+            return matched > 0 and matched >= self.node.count_subscribers(topic)
+
         deadline = time.monotonic() + timeout_s
-        while not all(publishers[t].get_subscription_count() > 0 for t in topics):
+        while not all(ready(t) for t in topics):
             if time.monotonic() > deadline or self.stop_event.is_set():
-                waiting = [t for t in topics if publishers[t].get_subscription_count() == 0]
-                raise TimeoutError(f"no subscriber on {', '.join(waiting)} after {timeout_s:.0f} s")
+                waiting = ", ".join(f"{t} ({publishers[t].get_subscription_count()} of {self.node.count_subscribers(t)} "
+                                    "subscriptions matched)" for t in topics if not ready(t))
+                raise TimeoutError(f"not matched with every subscriber after {timeout_s:.0f} s: {waiting}; "
+                                   "a subscription with an incompatible QoS never matches")
             time.sleep(0.05)
 
     def _publish_clock(self, bag_ns: int) -> None:

@@ -41,7 +41,8 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--clock", type=float, nargs="?", const=100.0, default=0.0, metavar="HZ",
                         help="publish /clock with the bag time (default 100 Hz when given) for use_sim_time")
     parser.add_argument("--wait-for", nargs="+", metavar="TOPIC", default=[],
-                        help="before playing, wait until these published topics have a subscriber")
+                        help="before playing, wait until these published topics have a subscriber and are "
+                             "matched with every subscriber the ROS graph shows")
     parser.add_argument("--wait-timeout", type=float, default=60.0, help="seconds to wait for them (default 60)")
     args = parser.parse_args(argv)
     options = ReplayOptions(rate=args.rate, start_offset_s=args.start_offset, loop=args.loop, topics=args.topics,

@@ -282,7 +282,7 @@ def test_bags_replay_through_the_node_and_score(scene, dds, tmp_path):
         play_log = tmp_path / "replay.log"
         player = tool("diffpose-replay", str(tmp_path / "ours"), "--remap", "/carm/image_raw:=/xray/image",
                       "/carm/camera_info:=/xray/camera_info", "--topics", "/carm/image_raw", "/carm/camera_info",
-                      "--wait-for", "/xray/image", env=dds, log=play_log)
+                      "--wait-for", "/xray/image", "/xray/camera_info", env=dds, log=play_log)
         stamps = [t for _, _, t, _ in read_messages(tmp_path / "ours", ["/carm/image_raw"])]
         probe.spin_until(lambda: all(probe.frame_status(_stamp(s)) is not None for s in stamps), 180.0,
                          "the node's answers to the three frames")
