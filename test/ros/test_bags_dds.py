@@ -1,7 +1,7 @@
 """The bag tools over real DDS, each tool in its own process: replay timing (and the tools' executor
-leaving the replaying thread on time), lossless recording at
-30 Hz with 512^2 mono16 frames, and bags replayed through a real ``diffpose_node`` and scored (one
-made by diffpose-make-bag, one written by plain ``rosbags`` with other topic names and remapped).
+leaving the replaying thread on time), lossless recording at 30 Hz with 512^2 mono16 frames, and
+bags replayed through a real ``diffpose_node`` and scored (one made by diffpose-make-bag, one
+written by plain ``rosbags`` with other topic names and remapped).
 """
 
 from __future__ import annotations
