@@ -210,18 +210,15 @@ class Registrar:
                 iterations += 1
                 moved = float((step * scale).abs().max())
                 history.append({"level": li, "cost": t_cost, "accepted": t_cost < cost, "step_mm": moved, "damping": lam})
+                negligible = moved < cfg.step_tolerance_mm or abs(t_cost - cost) < cfg.cost_tolerance
                 if t_cost < cost:
-                    improvement = cost - t_cost
                     pose, cost, r, J = trial, t_cost, t_r, t_J
                     lam = max(lam / 3, 1e-7)
-                    if moved < cfg.step_tolerance_mm or improvement < cfg.cost_tolerance:
-                        level_converged = True
-                        break
                 else:
                     lam *= 4
-                    if moved < cfg.step_tolerance_mm or t_cost - cost < cfg.cost_tolerance:
-                        level_converged = True
-                        break
+                if negligible:
+                    level_converged = True
+                    break
             converged = level_converged
             similarity = 1.0 - cost
             hessian = (J.T @ J).double().cpu()
