@@ -61,8 +61,10 @@ def machine_description() -> str:
     except OSError:
         pass
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    text = (f"{cpu}, {affinity} usable cores (os.cpu_count {os.cpu_count()}), torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+    text = (
+        f"{cpu}, {affinity} usable cores (os.cpu_count {os.cpu_count()}), torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), Python {platform.python_version()}"
+    )
     if torch.cuda.is_available():
         text += f"; GPU {torch.cuda.get_device_name(0)}"
     try:
@@ -83,27 +85,47 @@ def build_model(path: Path, voxel_mm: float = 0.0):
     mu_full = volume.hu_to_mu(hu)
     mu = mu_full.coarsened_to(voxel_mm) if voxel_mm > 0 else mu_full
     reference = geometry.carm_pose(0.0, 0.0, 0.0, 750.0, hu.center)
-    model = bundle.PatientModel(regressor.PoseRegressor(reference, hu.center), mu, detector().resized(64),
-                                {"purpose": "benchmark (untrained CNN)"})
+    model = bundle.PatientModel(
+        regressor.PoseRegressor(reference, hu.center),
+        mu,
+        detector().resized(64),
+        {"purpose": "benchmark (untrained CNN)"},
+    )
     bundle.save_patient_model(path, model)
     return hu, mu_full
 
 
 def view(center: torch.Tensor, alpha=0.0, beta=0.0, gamma=0.0, sod=750.0, offset=(0.0, 0.0, 0.0)) -> torch.Tensor:
-    return geometry.carm_pose(math.radians(alpha), math.radians(beta), math.radians(gamma), sod,
-                              center + torch.tensor(offset, dtype=torch.float64))
+    return geometry.carm_pose(
+        math.radians(alpha),
+        math.radians(beta),
+        math.radians(gamma),
+        sod,
+        center + torch.tensor(offset, dtype=torch.float64),
+    )
 
 
 def cold_views(center, n: int, seed: int = 0) -> list[torch.Tensor]:
     g = np.random.default_rng(seed)
-    return [view(center, *g.uniform(-4, 4, 2), g.uniform(-2, 2), 750 + g.uniform(-12, 12), g.uniform(-8, 8, 3))
-            for _ in range(n)]
+    return [
+        view(center, *g.uniform(-4, 4, 2), g.uniform(-2, 2), 750 + g.uniform(-12, 12), g.uniform(-8, 8, 3))
+        for _ in range(n)
+    ]
 
 
 def trajectory(center, n: int, deg_per_frame: float = 0.4, mm_per_frame: float = 0.6) -> list[torch.Tensor]:
     """A smooth sweep starting near the reference view."""
-    return [view(center, 2 + deg_per_frame * i, -1 + 0.5 * deg_per_frame * i, 0.5, 755 - mm_per_frame * i,
-                 (3 + mm_per_frame * i, -2, 2)) for i in range(n)]
+    return [
+        view(
+            center,
+            2 + deg_per_frame * i,
+            -1 + 0.5 * deg_per_frame * i,
+            0.5,
+            755 - mm_per_frame * i,
+            (3 + mm_per_frame * i, -2, 2),
+        )
+        for i in range(n)
+    ]
 
 
 def render_frames(mu_full, poses, seed: int = 0) -> list[np.ndarray]:
@@ -122,8 +144,14 @@ def percentile(values, q):
 
 
 def run_device(device: str, model_path: Path, cold, track, targets) -> None:
-    from diffpose_ros.ros.conversions import (camera_info_to_intrinsics, covariance_to_ros, image_to_numpy,
-                                              intrinsics_to_camera_info, matrix_to_transform, numpy_to_image)
+    from diffpose_ros.ros.conversions import (
+        camera_info_to_intrinsics,
+        covariance_to_ros,
+        image_to_numpy,
+        intrinsics_to_camera_info,
+        matrix_to_transform,
+        numpy_to_image,
+    )
 
     t = time.perf_counter()
     pipeline = Pipeline.from_file(model_path, device=device)
@@ -157,15 +185,19 @@ def run_device(device: str, model_path: Path, cold, track, targets) -> None:
             rows, cpus = rows[1:], cpus[1:]  # the first frame of a sequence is cold
         totals = [s for s, _, _ in rows]
         modes = {m: sum(r.mode == m for _, r, _ in rows) for m in ("cold", "tracking")}
-        stages = {key: statistics.median(r.timings.get(key, 0.0) for _, r, _ in rows)
-                  for key in ("preprocess", "cnn", "refine")}
-        print(f"{name:9s} n={len(rows):3d}  median {statistics.median(totals) * 1e3:7.1f} ms  "
-              f"p90 {percentile(totals, 90) * 1e3:7.1f} ms  max {max(totals) * 1e3:7.1f} ms "
-              f"(CPU time, all threads: median {statistics.median(cpus) * 1e3:.0f} ms) | stages (median) "
-              + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in stages.items())
-              + f" | iterations median {statistics.median(r.iterations for _, r, _ in rows):.0f}"
-              f" | mTRE median {statistics.median(e for _, _, e in rows):.2f} mm, max {max(e for _, _, e in rows):.2f} mm"
-              f" | accepted {sum(r.accepted for _, r, _ in rows)}/{len(rows)} | modes {modes}")
+        stages = {
+            key: statistics.median(r.timings.get(key, 0.0) for _, r, _ in rows)
+            for key in ("preprocess", "cnn", "refine")
+        }
+        print(
+            f"{name:9s} n={len(rows):3d}  median {statistics.median(totals) * 1e3:7.1f} ms  "
+            f"p90 {percentile(totals, 90) * 1e3:7.1f} ms  max {max(totals) * 1e3:7.1f} ms "
+            f"(CPU time, all threads: median {statistics.median(cpus) * 1e3:.0f} ms) | stages (median) "
+            + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in stages.items())
+            + f" | iterations median {statistics.median(r.iterations for _, r, _ in rows):.0f}"
+            f" | mTRE median {statistics.median(e for _, _, e in rows):.2f} mm, max {max(e for _, _, e in rows):.2f} mm"
+            f" | accepted {sum(r.accepted for _, r, _ in rows)}/{len(rows)} | modes {modes}"
+        )
 
 
 def main(argv=None) -> int:
@@ -188,9 +220,11 @@ def main(argv=None) -> int:
         else:
             model_path = args.model
         model = bundle.load_patient_model(model_path)
-        print(f"patient model: volume {tuple(model.mu.data.shape[::-1])} voxels of "
-              f"{[round(float(s), 2) for s in model.mu.spacing]} mm, CNN {model.metadata.get('backbone')} "
-              f"{model.regressor.image_size}^2; frames 256^2 mono16")
+        print(
+            f"patient model: volume {tuple(model.mu.data.shape[::-1])} voxels of "
+            f"{[round(float(s), 2) for s in model.mu.spacing]} mm, CNN {model.metadata.get('backbone')} "
+            f"{model.regressor.image_size}^2; frames 256^2 mono16"
+        )
         center = hu.center
         cold_poses = cold_views(center, args.frames)
         track_poses = trajectory(center, 3 * args.frames + 1)

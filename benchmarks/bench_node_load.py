@@ -101,14 +101,19 @@ def main(argv=None) -> int:
         frames = render_frames(mu_full, poses, seed=3)
         targets = metrics.grid_targets(center)
         del mu_full
-        print(f"scene: {args.unique} views rendered, model written ({model_path.stat().st_size / 2**20:.0f} MB) "
-              f"in {time.perf_counter() - t:.1f} s")
+        print(
+            f"scene: {args.unique} views rendered, model written ({model_path.stat().st_size / 2**20:.0f} MB) "
+            f"in {time.perf_counter() - t:.1f} s"
+        )
 
         log_path = Path(tmp) / "node.log"
         log = log_path.open("wb")
-        proc = subprocess.Popen([str(NODE_EXE), "--ros-args", "-p", f"patient_model:={model_path}",
-                                 "-p", "autostart:=true"], stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **env})
+        proc = subprocess.Popen(
+            [str(NODE_EXE), "--ros-args", "-p", f"patient_model:={model_path}", "-p", "autostart:=true"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+        )
         context = Context()
         rclpy.init(context=context, domain_id=domain)
         node = rclpy.create_node("bench_node_load", context=context)
@@ -149,8 +154,12 @@ def main(argv=None) -> int:
             return True
 
         try:
-            ok = spin_until(lambda: image_pub.get_subscription_count() > 0 and summaries
-                            and summaries[-1][1].get("state") == "active", 300)
+            ok = spin_until(
+                lambda: (
+                    image_pub.get_subscription_count() > 0 and summaries and summaries[-1][1].get("state") == "active"
+                ),
+                300,
+            )
             if not ok:
                 print("node did not become active:\n" + log_path.read_text()[-3000:])
                 return 1
@@ -221,19 +230,29 @@ def main(argv=None) -> int:
         processed = int(final.get("frames_processed", "0"))
         dropped = int(final.get("frames_dropped_mailbox", "0"))
         before = int(final.get("frames_dropped_before_receipt", "0"))
-        print(f"\nstream: {published} frames at {args.rate:g} Hz for {args.seconds:g} s "
-              f"(achieved {published / max(sent[-1][0] - sent[0][0], 1e-9):.1f} Hz)")
-        print(f"node: received {received}, processed {processed}, TF published {len(rows)} "
-              f"(node count {final.get('frames_published')}), rejected {final.get('frames_rejected')}, "
-              f"dropped in the 1-slot mailbox {dropped}, dropped before the callback (depth-1 reader queue, "
-              f"from sequence gaps) {before}; published - received = {published - received}; "
-              f"processed + mailbox drops = {processed + dropped} (received - 1 if a frame was in flight)")
-        print("node RSS (MB): " + ", ".join(f"t={t_rel:.0f}s {mb:.0f}" for t_rel, mb in rss)
-              + f"  -> growth {rss[-1][1] - rss[0][1]:+.1f} MB")
-        print(f"stamp -> TF arrival latency: first 10 s median {statistics.median(first) * 1e3:.0f} ms "
-              f"p90 {percentile(first, 90) * 1e3:.0f} ms (n={len(first)}); last 10 s median "
-              f"{statistics.median(last) * 1e3:.0f} ms p90 {percentile(last, 90) * 1e3:.0f} ms (n={len(last)})"
-              if first and last else "stamp -> TF latency: not enough TFs")
+        print(
+            f"\nstream: {published} frames at {args.rate:g} Hz for {args.seconds:g} s "
+            f"(achieved {published / max(sent[-1][0] - sent[0][0], 1e-9):.1f} Hz)"
+        )
+        print(
+            f"node: received {received}, processed {processed}, TF published {len(rows)} "
+            f"(node count {final.get('frames_published')}), rejected {final.get('frames_rejected')}, "
+            f"dropped in the 1-slot mailbox {dropped}, dropped before the callback (depth-1 reader queue, "
+            f"from sequence gaps) {before}; published - received = {published - received}; "
+            f"processed + mailbox drops = {processed + dropped} (received - 1 if a frame was in flight)"
+        )
+        print(
+            "node RSS (MB): "
+            + ", ".join(f"t={t_rel:.0f}s {mb:.0f}" for t_rel, mb in rss)
+            + f"  -> growth {rss[-1][1] - rss[0][1]:+.1f} MB"
+        )
+        print(
+            f"stamp -> TF arrival latency: first 10 s median {statistics.median(first) * 1e3:.0f} ms "
+            f"p90 {percentile(first, 90) * 1e3:.0f} ms (n={len(first)}); last 10 s median "
+            f"{statistics.median(last) * 1e3:.0f} ms p90 {percentile(last, 90) * 1e3:.0f} ms (n={len(last)})"
+            if first and last
+            else "stamp -> TF latency: not enough TFs"
+        )
         windows = []
         for w0 in range(0, int(args.seconds), 10):
             lat = [v for t_rel, v in latencies if w0 <= t_rel < w0 + 10]
@@ -244,22 +263,32 @@ def main(argv=None) -> int:
         for w0 in range(0, int(args.seconds), 10):
             vals = [v for a, v in frame_statuses if w0 <= a - t_start < w0 + 10 and "t_total_s" in v]
             if vals:
-                med = {key: statistics.median(float(v.get(key, "nan")) for v in vals)
-                       for key in ("t_in_mailbox_s", "t_camera_info_wait_s", "t_total_s")}
+                med = {
+                    key: statistics.median(float(v.get(key, "nan")) for v in vals)
+                    for key in ("t_in_mailbox_s", "t_camera_info_wait_s", "t_total_s")
+                }
                 modes = sum(v.get("mode") == "tracking" for v in vals)
-                parts.append(f"{w0}-{w0 + 10}s mailbox {med['t_in_mailbox_s'] * 1e3:.0f} / camera_info wait "
-                             f"{med['t_camera_info_wait_s'] * 1e3:.0f} / processing {med['t_total_s'] * 1e3:.0f}"
-                             f" ({modes}/{len(vals)} tracking)")
+                parts.append(
+                    f"{w0}-{w0 + 10}s mailbox {med['t_in_mailbox_s'] * 1e3:.0f} / camera_info wait "
+                    f"{med['t_camera_info_wait_s'] * 1e3:.0f} / processing {med['t_total_s'] * 1e3:.0f}"
+                    f" ({modes}/{len(vals)} tracking)"
+                )
         print("node-side medians per window (ms): " + "; ".join(parts))
-        print(f"processing rate {len(rows) / args.seconds:.2f} poses/s; node-side median latency receipt->publish "
-              f"{final.get('latency_receipt_to_publish_median_s')} s, stamp->publish "
-              f"{final.get('latency_stamp_to_publish_median_s')} s")
+        print(
+            f"processing rate {len(rows) / args.seconds:.2f} poses/s; node-side median latency receipt->publish "
+            f"{final.get('latency_receipt_to_publish_median_s')} s, stamp->publish "
+            f"{final.get('latency_stamp_to_publish_median_s')} s"
+        )
         if errors:
-            print(f"mTRE of published poses: median {statistics.median(errors):.2f} mm, p90 "
-                  f"{percentile(errors, 90):.2f} mm, max {max(errors):.2f} mm")
-        print(f"backlog check: {len(after)} TF(s) arrived after the last frame was sent"
-              + (f", the last {max(after):.2f} s after it" if after else "")
-              + (" -> no backlog" if len(after) <= 2 else " -> BACKLOG"))
+            print(
+                f"mTRE of published poses: median {statistics.median(errors):.2f} mm, p90 "
+                f"{percentile(errors, 90):.2f} mm, max {max(errors):.2f} mm"
+            )
+        print(
+            f"backlog check: {len(after)} TF(s) arrived after the last frame was sent"
+            + (f", the last {max(after):.2f} s after it" if after else "")
+            + (" -> no backlog" if len(after) <= 2 else " -> BACKLOG")
+        )
     return 0
 
 

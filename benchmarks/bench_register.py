@@ -11,7 +11,8 @@ direction:
 The registrar resamples the target itself (its finest pyramid level is 128 px wide). Reported per
 trial: initial and final 3D mTRE (mm, ``metrics.grid_targets`` around the CT centre), rotation and
 translation errors, LM iterations, wall seconds (``RegistrationResult.seconds``) and process CPU
-seconds (all threads; less sensitive to other processes on a shared machine), converged/failed; then medians, maxima and success
+seconds (all threads; less sensitive to other processes on a shared machine), converged/failed; then medians,
+maxima and success
 shares.
 
 ``--target-renderer diffdrr`` renders the target with DiffDRR's Siddon and DiffDRR's own HU->density
@@ -79,11 +80,19 @@ def draw_trial(g, center: torch.Tensor, rot_deg: float, trans_mm: float):
     pp = uniform(g, -10, 10, 2)
     K = Intrinsics.from_detector(SDD, 256, 256, 1.2, principal_point=(127.5 + float(pp[0]), 127.5 + float(pp[1])))
     T_true = carm_pose(alpha, beta, gamma, sod, iso)
-    R = se3.make_pose(roma.rotvec_to_rotmat(random_unit(g) * math.radians(rot_deg)), torch.zeros(3, dtype=torch.float64))
+    R = se3.make_pose(
+        roma.rotvec_to_rotmat(random_unit(g) * math.radians(rot_deg)), torch.zeros(3, dtype=torch.float64)
+    )
     d = random_unit(g) * trans_mm
     T_init = translation(d) @ translation(iso) @ R @ translation(-iso) @ T_true
-    view = {"alpha_deg": math.degrees(alpha), "beta_deg": math.degrees(beta), "gamma_deg": math.degrees(gamma),
-            "sod_mm": sod, "isocenter_offset_mm": (iso - center).tolist(), "principal_point": [K.cx, K.cy]}
+    view = {
+        "alpha_deg": math.degrees(alpha),
+        "beta_deg": math.degrees(beta),
+        "gamma_deg": math.degrees(gamma),
+        "sod_mm": sod,
+        "isocenter_offset_mm": (iso - center).tolist(),
+        "principal_point": [K.cx, K.cy],
+    }
     return T_true, T_init, K, view
 
 
@@ -100,8 +109,14 @@ def main():
     ap.add_argument("--json", metavar="OUT")
     args = ap.parse_args()
 
-    env = {"torch": torch.__version__, "numba": numba.__version__, "torch_threads": torch.get_num_threads(),
-           "numba_threads": numba.get_num_threads(), "os_cpu_count": os.cpu_count(), "cpu": cpu_model()}
+    env = {
+        "torch": torch.__version__,
+        "numba": numba.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "numba_threads": numba.get_num_threads(),
+        "os_cpu_count": os.cpu_count(),
+        "cpu": cpu_model(),
+    }
     for k, v in env.items():
         print(f"{k:>14s}: {v}")
 
@@ -116,7 +131,7 @@ def main():
     # DiffDRR Siddon with DiffDRR's own HU->density map (mapping: geometry contract)
     diffdrr_target = DiffDRRReference(ct_path, sdd_mm=SDD) if args.target_renderer == "diffdrr" else None
     print(f"{'registrar':>14s}: built in {build_s:.2f} s; levels {registrar.config.levels}")
-    print(f"{'target':>14s}: {args.target_renderer} 256^2{' + Poisson noise I0=%g' % args.i0 if args.noise else ''}")
+    print(f"{'target':>14s}: {args.target_renderer} 256^2{f' + Poisson noise I0={args.i0:g}' if args.noise else ''}")
 
     def make_target(T, K, g):
         L = target_renderer.render(T, K).double()
@@ -139,8 +154,10 @@ def main():
     print(f"{'warm-up':>14s}: {time.perf_counter() - t0:.2f} s (one untimed registration)")
 
     results = []
-    hdr = (f"{'trial':>5s} {'init mTRE':>10s} {'final mTRE':>11s} {'rot deg':>8s} {'trans mm':>9s} {'iters':>6s} "
-           f"{'seconds':>8s} {'cpu s':>6s} {'NCC':>7s} {'conv':>5s} {'fail':>5s}")
+    hdr = (
+        f"{'trial':>5s} {'init mTRE':>10s} {'final mTRE':>11s} {'rot deg':>8s} {'trans mm':>9s} {'iters':>6s} "
+        f"{'seconds':>8s} {'cpu s':>6s} {'NCC':>7s} {'conv':>5s} {'fail':>5s}"
+    )
     print("\n" + hdr)
     for trial in range(args.trials):
         g = torch.Generator().manual_seed(args.seed * 1000 + trial)
@@ -152,16 +169,30 @@ def main():
         init_mtre = float(metrics.mtre(T_init, T_true, targets))
         final_mtre = float(metrics.mtre(res.pose, T_true, targets))
         errs = metrics.pose_errors(res.pose, T_true, SDD / 2)
-        row = {"trial": trial, "init_mtre_mm": init_mtre, "final_mtre_mm": final_mtre,
-               "rotation_deg": errs["rotation_deg"], "translation_mm": errs["translation_mm"],
-               "iterations": res.iterations, "seconds": res.seconds, "cpu_seconds": cpu_s, "similarity": res.similarity,
-               "converged": res.converged, "failed": bool(res.failure()), "view": view,
-               "iterations_per_level": [sum(1 for h in res.history if h["level"] == lv)
-                                        for lv in range(len(registrar.config.levels))]}
+        row = {
+            "trial": trial,
+            "init_mtre_mm": init_mtre,
+            "final_mtre_mm": final_mtre,
+            "rotation_deg": errs["rotation_deg"],
+            "translation_mm": errs["translation_mm"],
+            "iterations": res.iterations,
+            "seconds": res.seconds,
+            "cpu_seconds": cpu_s,
+            "similarity": res.similarity,
+            "converged": res.converged,
+            "failed": bool(res.failure()),
+            "view": view,
+            "iterations_per_level": [
+                sum(1 for h in res.history if h["level"] == lv) for lv in range(len(registrar.config.levels))
+            ],
+        }
         results.append(row)
-        print(f"{trial:5d} {init_mtre:10.2f} {final_mtre:11.4f} {errs['rotation_deg']:8.4f} "
-              f"{errs['translation_mm']:9.4f} {res.iterations:6d} {res.seconds:8.3f} {cpu_s:6.2f} {res.similarity:7.4f} "
-              f"{str(res.converged):>5s} {str(bool(res.failure())):>5s}   per level {row['iterations_per_level']}", flush=True)
+        print(
+            f"{trial:5d} {init_mtre:10.2f} {final_mtre:11.4f} {errs['rotation_deg']:8.4f} "
+            f"{errs['translation_mm']:9.4f} {res.iterations:6d} {res.seconds:8.3f} {cpu_s:6.2f} {res.similarity:7.4f} "
+            f"{str(res.converged):>5s} {str(bool(res.failure())):>5s}   per level {row['iterations_per_level']}",
+            flush=True,
+        )
 
     fm = [r["final_mtre_mm"] for r in results]
     secs = [r["seconds"] for r in results]

@@ -139,7 +139,7 @@ def bench_size(size, args, mu, ct_path, T, T_fixed, ours, ours_torch, rows, chec
     flat_fixed = fixed.reshape(-1)
 
     def sparse(pixels, groups):
-        idx = (pixels[:, 1].long() * K.width + pixels[:, 0].long())
+        idx = pixels[:, 1].long() * K.width + pixels[:, 0].long()
         tgt = flat_fixed[idx].reshape(groups, -1)
 
         def run():
@@ -154,6 +154,7 @@ def bench_size(size, args, mu, ct_path, T, T_fixed, ours, ours_torch, rows, chec
 
     # ---- ours, torch backend
     if ours_torch is not None:
+
         def tfwd():
             with torch.no_grad():
                 ours_torch.render(T, K)
@@ -165,8 +166,13 @@ def bench_size(size, args, mu, ct_path, T, T_fixed, ours, ours_torch, rows, chec
         add("ours torch fwd", timeit(tfwd, rep))
         add("ours torch fwd+bwd", timeit(tfwdbwd, rep))
         with torch.no_grad():
-            checks.append({"size": size, "what": "ncc(ours numba, ours torch)",
-                           "value": float(ncc(img_ours.flatten(), ours_torch.render(T, K).flatten().cpu()))})
+            checks.append(
+                {
+                    "size": size,
+                    "what": "ncc(ours numba, ours torch)",
+                    "value": float(ncc(img_ours.flatten(), ours_torch.render(T, K).flatten().cpu())),
+                }
+            )
 
     # ---- DiffDRR
     renderers = ["siddon"] + (["trilinear"] if args.with_trilinear else [])
@@ -191,8 +197,13 @@ def bench_size(size, args, mu, ct_path, T, T_fixed, ours, ours_torch, rows, chec
         with torch.no_grad():
             img_d = diffdrr_render(drr, rot0, trans0, K, **kw).double()
         rel = float((img_d - img_ours.double()).norm() / img_d.norm())
-        checks.append({"size": size, "what": f"ncc(ours, diffdrr {name})",
-                       "value": float(ncc(img_ours.double().flatten(), img_d.flatten()))})
+        checks.append(
+            {
+                "size": size,
+                "what": f"ncc(ours, diffdrr {name})",
+                "value": float(ncc(img_ours.double().flatten(), img_d.flatten())),
+            }
+        )
         checks.append({"size": size, "what": f"rel L2(ours - diffdrr {name})", "value": rel})
         grads = []
         for render in ("ours", "diffdrr"):
@@ -206,10 +217,16 @@ def bench_size(size, args, mu, ct_path, T, T_fixed, ours, ours_torch, rows, chec
             grads.append(torch.cat([rot.grad.flatten(), trans.grad.flatten()]).double())
         cos = float(torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0))
         cos_t = float(torch.nn.functional.cosine_similarity(grads[0][3:], grads[1][3:], dim=0))
-        checks.append({"size": size, "what": f"grad cosine(ours, diffdrr {name}) (ZXY, t)", "value": cos,
-                       "ours": grads[0].tolist(), "diffdrr": grads[1].tolist()})
+        checks.append(
+            {
+                "size": size,
+                "what": f"grad cosine(ours, diffdrr {name}) (ZXY, t)",
+                "value": cos,
+                "ours": grads[0].tolist(),
+                "diffdrr": grads[1].tolist(),
+            }
+        )
         checks.append({"size": size, "what": f"grad cosine(ours, diffdrr {name}) t only", "value": cos_t})
-        del drr
 
     # Time ours again after DiffDRR and pool both blocks, so that load from other processes on a
     # shared machine weighs on both sides of the ratio alike.
@@ -260,13 +277,22 @@ def bench_cuda(args, mu, ct_path, T, T_fixed, rows, checks):
             loss_ncc(diffdrr_render(drr, rot, trans, K), fixed).backward()
 
         add("diffdrr siddon fwd", timeit(dfwd, args.repeats_diffdrr, sync), base="ours torch fwd", impl="diffdrr")
-        add("diffdrr siddon fwd+bwd", timeit(dfwdbwd, args.repeats_diffdrr, sync), base="ours torch fwd+bwd",
-            impl="diffdrr")
+        add(
+            "diffdrr siddon fwd+bwd",
+            timeit(dfwdbwd, args.repeats_diffdrr, sync),
+            base="ours torch fwd+bwd",
+            impl="diffdrr",
+        )
         with torch.no_grad():
             img_d = diffdrr_render(drr, rot0, trans0, K).double()
-        checks.append({"size": size, "what": "ncc(ours torch, diffdrr siddon) [cuda]",
-                       "value": float(ncc(img_ours.double().flatten(), img_d.flatten()))})
-        del drr
+        checks.append(
+            {
+                "size": size,
+                "what": "ncc(ours torch, diffdrr siddon) [cuda]",
+                "value": float(ncc(img_ours.double().flatten(), img_d.flatten())),
+            }
+        )
+        drr = None  # release DiffDRR's buffers before the next size
         torch.cuda.empty_cache()
 
 
@@ -277,7 +303,8 @@ def print_table(rows, checks):
         ratio = ""  # listed on the DiffDRR rows, against the matching operation of ours
         if "base" in r:
             base = next(
-                (b for b in rows if b["op"] == r["base"] and b["size"] == r["size"] and b["device"] == r["device"]), None
+                (b for b in rows if b["op"] == r["base"] and b["size"] == r["size"] and b["device"] == r["device"]),
+                None,
             )
             if base:
                 r["ratio"] = r["median_s"] / base["median_s"]

@@ -19,72 +19,75 @@ from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import LifecycleNode
 from launch_ros.substitutions import FindPackageShare
 
-PACKAGE = 'diffpose_ros'
+PACKAGE = "diffpose_ros"
 
 
 def _true(text):
-    return str(text).strip().lower() in ('1', 'true', 'yes', 'on')
+    return str(text).strip().lower() in ("1", "true", "yes", "on")
 
 
 def _node(context, *args, **kwargs):
     overrides = {
-        'autostart': _true(LaunchConfiguration('autostart').perform(context)),
-        'use_sim_time': _true(LaunchConfiguration('use_sim_time').perform(context)),
+        "autostart": _true(LaunchConfiguration("autostart").perform(context)),
+        "use_sim_time": _true(LaunchConfiguration("use_sim_time").perform(context)),
     }
-    patient_model = LaunchConfiguration('patient_model').perform(context)
+    patient_model = LaunchConfiguration("patient_model").perform(context)
     if patient_model:  # else the params file's value stands
-        overrides['patient_model'] = os.path.abspath(os.path.expanduser(patient_model))
+        overrides["patient_model"] = os.path.abspath(os.path.expanduser(patient_model))
     env = {}
-    profile = LaunchConfiguration('fastdds_profile').perform(context)
+    profile = LaunchConfiguration("fastdds_profile").perform(context)
     if profile:
-        env['FASTDDS_DEFAULT_PROFILES_FILE'] = os.path.abspath(os.path.expanduser(profile))
+        env["FASTDDS_DEFAULT_PROFILES_FILE"] = os.path.abspath(os.path.expanduser(profile))
     node = LifecycleNode(
         package=PACKAGE,
-        executable='diffpose_node',
-        name='diffpose_node',
-        namespace=LaunchConfiguration('namespace'),
-        output='screen',
+        executable="diffpose_node",
+        name="diffpose_node",
+        namespace=LaunchConfiguration("namespace"),
+        output="screen",
         emulate_tty=True,
-        parameters=[LaunchConfiguration('params_file'), overrides],
+        parameters=[LaunchConfiguration("params_file"), overrides],
         remappings=[
-            ('image', LaunchConfiguration('image_topic')),
-            ('camera_info', LaunchConfiguration('camera_info_topic')),
+            ("image", LaunchConfiguration("image_topic")),
+            ("camera_info", LaunchConfiguration("camera_info_topic")),
         ],
-        ros_arguments=['--log-level', LaunchConfiguration('log_level')],
+        ros_arguments=["--log-level", LaunchConfiguration("log_level")],
         additional_env=env or None,
     )
     return [node]
 
 
 def generate_launch_description():
-    return LaunchDescription([
-        DeclareLaunchArgument(
-            'params_file',
-            default_value=PathJoinSubstitution([FindPackageShare(PACKAGE), 'config', 'diffpose.yaml']),
-            description='YAML parameter file (/**: ros__parameters:)'),
-        DeclareLaunchArgument(
-            'patient_model', default_value='',
-            description='patient model file (.safetensors); empty: the value in params_file'),
-        DeclareLaunchArgument(
-            'image_topic', default_value='image',
-            description='fluoroscopy image topic (sensor_msgs/Image)'),
-        DeclareLaunchArgument(
-            'camera_info_topic', default_value='camera_info',
-            description='camera_info topic paired with the images by stamp'),
-        DeclareLaunchArgument(
-            'use_sim_time', default_value='false',
-            description='use /clock (bag replay)'),
-        DeclareLaunchArgument(
-            'autostart', default_value='true',
-            description='configure and activate the lifecycle node at start'),
-        DeclareLaunchArgument(
-            'namespace', default_value='',
-            description='namespace of the node'),
-        DeclareLaunchArgument(
-            'log_level', default_value='info',
-            description='logging level (debug, info, warn, error)'),
-        DeclareLaunchArgument(
-            'fastdds_profile', default_value='',
-            description='Fast DDS XML profile for large frames (empty: none)'),
-        OpaqueFunction(function=_node),
-    ])
+    return LaunchDescription(
+        [
+            DeclareLaunchArgument(
+                "params_file",
+                default_value=PathJoinSubstitution([FindPackageShare(PACKAGE), "config", "diffpose.yaml"]),
+                description="YAML parameter file (/**: ros__parameters:)",
+            ),
+            DeclareLaunchArgument(
+                "patient_model",
+                default_value="",
+                description="patient model file (.safetensors); empty: the value in params_file",
+            ),
+            DeclareLaunchArgument(
+                "image_topic", default_value="image", description="fluoroscopy image topic (sensor_msgs/Image)"
+            ),
+            DeclareLaunchArgument(
+                "camera_info_topic",
+                default_value="camera_info",
+                description="camera_info topic paired with the images by stamp",
+            ),
+            DeclareLaunchArgument("use_sim_time", default_value="false", description="use /clock (bag replay)"),
+            DeclareLaunchArgument(
+                "autostart", default_value="true", description="configure and activate the lifecycle node at start"
+            ),
+            DeclareLaunchArgument("namespace", default_value="", description="namespace of the node"),
+            DeclareLaunchArgument(
+                "log_level", default_value="info", description="logging level (debug, info, warn, error)"
+            ),
+            DeclareLaunchArgument(
+                "fastdds_profile", default_value="", description="Fast DDS XML profile for large frames (empty: none)"
+            ),
+            OpaqueFunction(function=_node),
+        ]
+    )

@@ -39,7 +39,7 @@ class QosSpec:
     depth: int = 10
 
     @classmethod
-    def named(cls, name: str) -> "QosSpec":
+    def named(cls, name: str) -> QosSpec:
         """``reliable``, ``best_effort``/``sensor_data`` or ``latched`` (reliable, transient local)."""
         table = {
             "reliable": cls(True, False, 10),
@@ -242,7 +242,7 @@ class BagWriter:
             self._writer.close()
             self._writer = None
 
-    def __enter__(self) -> "BagWriter":
+    def __enter__(self) -> BagWriter:
         return self
 
     def __exit__(self, *exc) -> None:

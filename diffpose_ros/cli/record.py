@@ -18,8 +18,9 @@ from .common import run_cli, split_ros_args
 
 def _main(argv: list[str] | None) -> int:
     argv, ros_args = split_ros_args(argv)
-    parser = argparse.ArgumentParser(prog="diffpose-record", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="diffpose-record", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="rosbag2 folder to create (must not exist)")
     parser.add_argument("topics", nargs="*", help=f"absolute topic names (default: {' '.join(DEFAULT_TOPICS)})")
     parser.add_argument("--storage", default="mcap", choices=("mcap", "sqlite3"))
@@ -30,8 +31,9 @@ def _main(argv: list[str] | None) -> int:
     from ..ros.runtime import RosSession
 
     with RosSession("diffpose_record", ros_args) as session:
-        recorder = Recorder(session.node, args.out, args.topics or DEFAULT_TOPICS, args.storage,
-                            args.max_messages, args.duration)
+        recorder = Recorder(
+            session.node, args.out, args.topics or DEFAULT_TOPICS, args.storage, args.max_messages, args.duration
+        )
         print(f"recording {' '.join(recorder.topics)} into {args.out} (Ctrl-C to stop)", flush=True)
         start = time.monotonic()
         while not (session.stop.is_set() or recorder.done.is_set()):

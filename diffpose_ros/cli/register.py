@@ -11,8 +11,8 @@ import torch
 
 from ..core.geometry import Intrinsics
 from ..core.io import load_pose, read_xray, save_json, write_overlay
-from ..core.preprocess import check_image, line_integrals_from_transmission
 from ..core.pipeline import Pipeline
+from ..core.preprocess import check_image, line_integrals_from_transmission
 from ..core.register import Registrar
 from .common import add_ct_arguments, load_attenuation, run_cli
 
@@ -23,7 +23,9 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--model", help="patient model from diffpose-train: its CNN initialises and its CT refines")
     parser.add_argument("--camera-info", required=True, help="ROS camera-calibration YAML of the image")
     parser.add_argument("--image", required=True, help=".npy line integrals, or PNG/TIFF transmission image")
-    parser.add_argument("--init", help="initial pose JSON (T_ct_source, mm); required without --model, overrides the CNN")
+    parser.add_argument(
+        "--init", help="initial pose JSON (T_ct_source, mm); required without --model, overrides the CNN"
+    )
     parser.add_argument("--out", help="write the result JSON here (it is always printed)")
     parser.add_argument("--mirror", action="store_true", help="the device shows the image from the detector side")
     parser.add_argument("--overlay", help="write a PNG of the image with the DRR's edges at the result")

@@ -28,25 +28,49 @@ def _qos_overrides(items: list[str] | None) -> dict[str, QosSpec]:
 
 def _main(argv: list[str] | None) -> int:
     argv, ros_args = split_ros_args(argv)
-    parser = argparse.ArgumentParser(prog="diffpose-replay", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="diffpose-replay", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("bag", help="rosbag2 folder (with metadata.yaml)")
     parser.add_argument("--rate", type=float, default=1.0, help="playback speed factor (default 1)")
     parser.add_argument("--start-offset", type=float, default=0.0, help="skip this many seconds of the bag")
     parser.add_argument("--loop", action="store_true", help="play again and again until stopped")
     parser.add_argument("--topics", nargs="+", help="play only these bag topics")
     parser.add_argument("--remap", nargs="+", metavar="OLD:=NEW", help="publish bag topic OLD as NEW")
-    parser.add_argument("--qos", nargs="+", metavar="TOPIC=PROFILE",
-                        help="override a bag topic's QoS: reliable, best_effort, sensor_data or latched")
-    parser.add_argument("--clock", type=float, nargs="?", const=100.0, default=0.0, metavar="HZ",
-                        help="publish /clock with the bag time (default 100 Hz when given) for use_sim_time")
-    parser.add_argument("--wait-for", nargs="+", metavar="TOPIC", default=[],
-                        help="before playing, wait until these published topics have a subscriber and are "
-                             "matched with every subscriber the ROS graph shows")
+    parser.add_argument(
+        "--qos",
+        nargs="+",
+        metavar="TOPIC=PROFILE",
+        help="override a bag topic's QoS: reliable, best_effort, sensor_data or latched",
+    )
+    parser.add_argument(
+        "--clock",
+        type=float,
+        nargs="?",
+        const=100.0,
+        default=0.0,
+        metavar="HZ",
+        help="publish /clock with the bag time (default 100 Hz when given) for use_sim_time",
+    )
+    parser.add_argument(
+        "--wait-for",
+        nargs="+",
+        metavar="TOPIC",
+        default=[],
+        help="before playing, wait until these published topics have a subscriber and are "
+        "matched with every subscriber the ROS graph shows",
+    )
     parser.add_argument("--wait-timeout", type=float, default=60.0, help="seconds to wait for them (default 60)")
     args = parser.parse_args(argv)
-    options = ReplayOptions(rate=args.rate, start_offset_s=args.start_offset, loop=args.loop, topics=args.topics,
-                            remap=parse_remaps(args.remap), qos=_qos_overrides(args.qos), clock_hz=args.clock)
+    options = ReplayOptions(
+        rate=args.rate,
+        start_offset_s=args.start_offset,
+        loop=args.loop,
+        topics=args.topics,
+        remap=parse_remaps(args.remap),
+        qos=_qos_overrides(args.qos),
+        clock_hz=args.clock,
+    )
 
     from ..ros.runtime import RosSession
 

@@ -24,7 +24,9 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ct", help="CT for the overlays (default: the one the bag's scene names)")
     parser.add_argument("--ct-frame", help="TF frame of the CT (default: the scene's, else ct)")
     parser.add_argument("--camera-frame", help="child frame of the estimates (default: the images' frame_id)")
-    parser.add_argument("--truth-topic", help="ground-truth topic (default /tf_ground_truth, else any TF topic but /tf)")
+    parser.add_argument(
+        "--truth-topic", help="ground-truth topic (default /tf_ground_truth, else any TF topic but /tf)"
+    )
     parser.add_argument("--image-topic", help="the truth bag's image topic (default: its only sensor_msgs/Image topic)")
     parser.add_argument("--camera-info-topic", help="the truth bag's camera_info topic")
     parser.add_argument("--sdd-mm", type=float, help="SDD for mPE (default: the scene's, else 1020)")
@@ -36,8 +38,9 @@ def load_truth(args: argparse.Namespace) -> scoring.Truth:
     return scoring.read_truth(args.truth, args.truth_topic, args.image_topic, args.camera_info_topic, args.ct_frame)
 
 
-def score_and_report(args: argparse.Namespace, truth: scoring.Truth, estimate_bag: str | Path, out: Path,
-                     extra: dict | None = None) -> dict:
+def score_and_report(
+    args: argparse.Namespace, truth: scoring.Truth, estimate_bag: str | Path, out: Path, extra: dict | None = None
+) -> dict:
     """Score ``estimate_bag`` against ``truth``, write the report into ``out``; returns the summary."""
     ct_frame = args.ct_frame or truth.scene.get("ct_frame", "ct")
     camera_frame = args.camera_frame or truth.camera_frame
@@ -46,11 +49,16 @@ def score_and_report(args: argparse.Namespace, truth: scoring.Truth, estimate_ba
     rows = scoring.score_frames(truth, estimates, targets, scoring.sdd_for(truth, args.sdd_mm))
     summary = scoring.summarize(rows, estimates)
     summary.update(
-        truth_bag=str(Path(truth.bag).resolve()), estimate_bag=str(Path(estimate_bag).resolve()),
+        truth_bag=str(Path(truth.bag).resolve()),
+        estimate_bag=str(Path(estimate_bag).resolve()),
         estimate_source=estimates.source or "none found",
-        latency_source="pose arrival - input arrival (recorder clock)" if estimates.inputs
-        else "node diagnostics (receipt -> publish)" if estimates.node_latency_s else "not available",
-        targets=targets_desc, **(extra or {}),
+        latency_source="pose arrival - input arrival (recorder clock)"
+        if estimates.inputs
+        else "node diagnostics (receipt -> publish)"
+        if estimates.node_latency_s
+        else "not available",
+        targets=targets_desc,
+        **(extra or {}),
     )
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("overlay_*.png"):  # from an earlier report in the same folder
@@ -74,16 +82,22 @@ def print_summary(summary: dict, out: Path) -> None:
         return "n/a" if s.get(key) is None else format(s[key], spec)
 
     print(f"frames {s['frames']}, with pose {s['frames_with_pose']}, without {s['frames_without_pose']}")
-    print(f"3D mTRE median {f('median_mtre_mm')} mm, mean {f('mean_mtre_mm')} mm, p90 {f('p90_mtre_mm')} mm; "
-          f"success <2 mm {f('success_rate_2mm', '.1%')}; mPE median {f('median_mpe_mm')} mm")
-    print(f"latency median {f('median_latency_s')} s, p90 {f('p90_latency_s')} s; throughput {f('throughput_hz', '.2f')} Hz")
+    print(
+        f"3D mTRE median {f('median_mtre_mm')} mm, mean {f('mean_mtre_mm')} mm, p90 {f('p90_mtre_mm')} mm; "
+        f"success <2 mm {f('success_rate_2mm', '.1%')}; mPE median {f('median_mpe_mm')} mm"
+    )
+    print(
+        f"latency median {f('median_latency_s')} s, p90 {f('p90_latency_s')} s; "
+        f"throughput {f('throughput_hz', '.2f')} Hz"
+    )
     print(f"report: {out.resolve()}/report.md, summary.json, frames.json, pictures")
 
 
 def _main(argv: list[str] | None) -> int:
     argv, ros_args = split_ros_args(argv)
-    parser = argparse.ArgumentParser(prog="diffpose-score", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="diffpose-score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--truth", required=True, help="ground-truth bag (e.g. from diffpose-make-bag)")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--estimate", help="recorded output bag")
@@ -105,18 +119,36 @@ def _main(argv: list[str] | None) -> int:
 
         targets, _ = scoring.targets_for(truth, args.targets)
         estimate = out / "output_bag"
-        options = ReplayOptions(rate=args.rate, remap=parse_remaps(args.remap),
-                                topics=[t for t in (truth.image_topic, truth.camera_info_topic) if t])
+        options = ReplayOptions(
+            rate=args.rate,
+            remap=parse_remaps(args.remap),
+            topics=[t for t in (truth.image_topic, truth.camera_info_topic) if t],
+        )
         with RosSession("diffpose_score", ros_args) as session:
-            result = run_live(session, truth, estimate, options, args.outputs, targets, settle_s=args.settle,
-                              ct_frame=args.ct_frame, camera_frame=args.camera_frame)
+            result = run_live(
+                session,
+                truth,
+                estimate,
+                options,
+                args.outputs,
+                targets,
+                settle_s=args.settle,
+                ct_frame=args.ct_frame,
+                camera_frame=args.camera_frame,
+            )
         extra = {"replay": result.replay, "recorded": result.recorded, "replay_rate": args.rate}
     else:
         estimate = Path(args.estimate)
     summary = score_and_report(args, truth, estimate, out, extra)
     print_summary(summary, out)
-    print(json.dumps({k: summary[k] for k in ("frames", "frames_with_pose", "median_mtre_mm", "success_rate_2mm",
-                                              "median_latency_s")}))
+    print(
+        json.dumps(
+            {
+                k: summary[k]
+                for k in ("frames", "frames_with_pose", "median_mtre_mm", "success_rate_2mm", "median_latency_s")
+            }
+        )
+    )
     return 0
 
 

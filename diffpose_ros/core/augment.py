@@ -41,7 +41,7 @@ class AugmentConfig:
     offset: tuple[float, float] = (-0.1, 0.1)
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "AugmentConfig":
+    def from_dict(cls, d: dict | None) -> AugmentConfig:
         d = dict(d or {})
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:

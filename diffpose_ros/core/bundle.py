@@ -105,13 +105,19 @@ def load_patient_model(path: str | Path, device: str | torch.device = "cpu") -> 
         weights = {name[4:]: t for name, t in tensors.items() if name.startswith("cnn.")}
         # Reference and anchor are buffers: placeholders here, the file's values load below.
         regressor = PoseRegressor(
-            torch.eye(4, dtype=torch.float64), torch.zeros(3), backbone=meta["backbone"], image_size=meta["image_size"],
-            channels=meta.get("backbone_channels"), stem=meta.get("backbone_stem"),
+            torch.eye(4, dtype=torch.float64),
+            torch.zeros(3),
+            backbone=meta["backbone"],
+            image_size=meta["image_size"],
+            channels=meta.get("backbone_channels"),
+            stem=meta.get("backbone_stem"),
         )
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise PatientModelError(f"{path}: incomplete or inconsistent patient model: {err!r}") from err
     if mu.dim() != 3 or affine.shape != (4, 4):
-        raise PatientModelError(f"{path}: volume must be 3D with a 4x4 affine, got {tuple(mu.shape)}, {tuple(affine.shape)}")
+        raise PatientModelError(
+            f"{path}: volume must be 3D with a 4x4 affine, got {tuple(mu.shape)}, {tuple(affine.shape)}"
+        )
     if not (torch.isfinite(mu).all() and torch.isfinite(affine).all()):
         raise PatientModelError(f"{path}: the volume holds NaN or Inf values")
     try:

@@ -32,7 +32,14 @@ class DiffDRRReference:
     size from it); ``renderer``: ``siddon`` or ``trilinear``; ``device``: torch device.
     """
 
-    def __init__(self, ct_path: str | Path, mu: Volume | None = None, sdd_mm: float = 1020.0, renderer: str = "siddon", device=None):
+    def __init__(
+        self,
+        ct_path: str | Path,
+        mu: Volume | None = None,
+        sdd_mm: float = 1020.0,
+        renderer: str = "siddon",
+        device=None,
+    ):
         try:
             from diffdrr.data import read
         except ImportError as err:  # pragma: no cover - depends on the environment
@@ -54,9 +61,16 @@ class DiffDRRReference:
 
             dx, dy = self.sdd / k.fx, self.sdd / k.fy
             drr = DRR(
-                self.subject, sdd=self.sdd, height=k.height, width=k.width, delx=dx, dely=dy,
-                x0=dx * (k.cx - (k.width / 2 - 0.5)), y0=dy * (k.cy - (k.height / 2 - 0.5)),
-                reverse_x_axis=True, renderer=self.renderer,
+                self.subject,
+                sdd=self.sdd,
+                height=k.height,
+                width=k.width,
+                delx=dx,
+                dely=dy,
+                x0=dx * (k.cx - (k.width / 2 - 0.5)),
+                y0=dy * (k.cy - (k.height / 2 - 0.5)),
+                reverse_x_axis=True,
+                renderer=self.renderer,
             )
             if self.mu is not None:
                 drr.density = self.mu.data.permute(2, 1, 0).contiguous()

@@ -53,7 +53,7 @@ class Intrinsics:
 
     # ----- constructors -----
     @classmethod
-    def from_K(cls, K, width: int, height: int) -> "Intrinsics":
+    def from_K(cls, K, width: int, height: int) -> Intrinsics:
         """From a row-major 3x3 (or flat 9) camera matrix, as in ``sensor_msgs/CameraInfo.k``."""
         k = [float(x) for x in torch.as_tensor(K, dtype=torch.float64).flatten().tolist()]
         if len(k) != 9:
@@ -68,7 +68,7 @@ class Intrinsics:
         height: int,
         pixel_spacing: float | tuple[float, float],
         principal_point: tuple[float, float] | None = None,
-    ) -> "Intrinsics":
+    ) -> Intrinsics:
         """From a source-to-detector distance ``sdd`` (mm), detector size (pixels) and pixel spacing (mm).
 
         ``pixel_spacing`` is ``dx`` or ``(dx, dy)`` at the detector; ``principal_point`` is ``(cx, cy)``
@@ -81,7 +81,7 @@ class Intrinsics:
         return cls(int(width), int(height), sdd / dx, sdd / dy, float(cx), float(cy))
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "Intrinsics":
+    def from_yaml(cls, path: str | Path) -> Intrinsics:
         """Read a ROS camera-calibration YAML (``image_width``, ``image_height``, ``camera_matrix.data``)."""
         path = Path(path)
         if not path.is_file():
@@ -91,8 +91,7 @@ class Intrinsics:
             return cls.from_K(doc["camera_matrix"]["data"], doc["image_width"], doc["image_height"])
         except (KeyError, TypeError, yaml.YAMLError) as err:
             raise ValueError(
-                f"{path} is not a camera-calibration YAML with image_width, image_height and "
-                f"camera_matrix.data: {err}"
+                f"{path} is not a camera-calibration YAML with image_width, image_height and camera_matrix.data: {err}"
             ) from err
 
     def to_yaml(self, path: str | Path, camera_name: str = "carm") -> None:
@@ -117,11 +116,9 @@ class Intrinsics:
     @property
     def K(self) -> torch.Tensor:
         """3x3 camera matrix (float64, pixels)."""
-        return torch.tensor(
-            [[self.fx, 0.0, self.cx], [0.0, self.fy, self.cy], [0.0, 0.0, 1.0]], dtype=torch.float64
-        )
+        return torch.tensor([[self.fx, 0.0, self.cx], [0.0, self.fy, self.cy], [0.0, 0.0, 1.0]], dtype=torch.float64)
 
-    def resized(self, width: int, height: int | None = None) -> "Intrinsics":
+    def resized(self, width: int, height: int | None = None) -> Intrinsics:
         """The same detector resampled to ``width x height`` pixels (aspect kept when ``height`` is None).
 
         Pixel edges stay fixed: a pixel-centre coordinate maps as ``u' = (u + 0.5) * W'/W - 0.5``.
@@ -139,7 +136,7 @@ class Intrinsics:
             cy=(self.cy + 0.5) * sy - 0.5,
         )
 
-    def mirrored(self) -> "Intrinsics":
+    def mirrored(self) -> Intrinsics:
         """Intrinsics of the left-right flipped image (column j -> W - 1 - j)."""
         return replace(self, cx=self.width - 1 - self.cx)
 
@@ -172,7 +169,7 @@ class Intrinsics:
         v = self.fy * points_source[..., 1] / z + self.cy
         return torch.stack([u, v], dim=-1)
 
-    def sampling_grid(self, source: "Intrinsics", rotation: torch.Tensor | None = None) -> torch.Tensor:
+    def sampling_grid(self, source: Intrinsics, rotation: torch.Tensor | None = None) -> torch.Tensor:
         """``grid_sample`` grid (``align_corners=False``) that resamples an image of camera ``source``
         into this camera, both with the same focal spot: ``(..., H, W, 2)`` (float64).
 
@@ -184,9 +181,10 @@ class Intrinsics:
         # One 3x3 map per rotation, from this camera's rays to source grid coordinates: the pixel
         # ``u = K_source R d``, then ``(2u + 1) / size - 1``.
         w, h = source.width, source.height
-        to_grid = torch.tensor(
-            [[2 / w, 0.0, 1 / w - 1], [0.0, 2 / h, 1 / h - 1], [0.0, 0.0, 1.0]], dtype=torch.float64
-        ) @ source.K
+        to_grid = (
+            torch.tensor([[2 / w, 0.0, 1 / w - 1], [0.0, 2 / h, 1 / h - 1], [0.0, 0.0, 1.0]], dtype=torch.float64)
+            @ source.K
+        )
         if rotation is not None:
             to_grid = to_grid @ rotation.to(torch.float64)
         q = to_grid @ self.rays().T  # (..., 3, H*W)
@@ -238,7 +236,11 @@ def carm_pose(
 
 
 def perturb_pose(
-    pose: torch.Tensor, angle_deg: float, shift_mm: float, center: torch.Tensor, generator: torch.Generator | None = None
+    pose: torch.Tensor,
+    angle_deg: float,
+    shift_mm: float,
+    center: torch.Tensor,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """``pose`` (``T_ct_source``, mm) rotated by ``angle_deg`` about a random axis through ``center``
     (``ct``, mm) and then shifted by ``shift_mm`` in a random direction of ``ct``."""

@@ -14,7 +14,16 @@ import cv2
 import numpy as np
 import torch
 
-__all__ = ["check_pose", "load_pose", "load_poses", "save_json", "read_xray", "write_png", "overlay_edges", "write_overlay"]
+__all__ = [
+    "check_pose",
+    "load_pose",
+    "load_poses",
+    "save_json",
+    "read_xray",
+    "write_png",
+    "overlay_edges",
+    "write_overlay",
+]
 
 
 def check_pose(T, where: str = "pose") -> torch.Tensor:
@@ -61,7 +70,7 @@ def load_poses(path: str | Path) -> torch.Tensor:
     doc = _read_json(path, "pose list")
     items = doc.get("poses") if isinstance(doc, dict) else doc
     if not isinstance(items, list) or not items:
-        raise ValueError(f"{path}: expected a non-empty list of poses (or {{\"poses\": [...]}})")
+        raise ValueError(f'{path}: expected a non-empty list of poses (or {{"poses": [...]}})')
     poses = []
     for i, item in enumerate(items):
         matrix = item.get("T_ct_source") if isinstance(item, dict) else item

@@ -24,7 +24,9 @@ def mtre(T_est: torch.Tensor, T_true: torch.Tensor, targets_ct: torch.Tensor) ->
     return torch.linalg.vector_norm(a - b, dim=-1).mean(-1)
 
 
-def mpe(T_est: torch.Tensor, T_true: torch.Tensor, targets_ct: torch.Tensor, intrinsics: Intrinsics, pixel_mm: float) -> torch.Tensor:
+def mpe(
+    T_est: torch.Tensor, T_true: torch.Tensor, targets_ct: torch.Tensor, intrinsics: Intrinsics, pixel_mm: float
+) -> torch.Tensor:
     """Mean projection error (mm on the detector): target projections under both poses, pixels times ``pixel_mm``."""
     a = intrinsics.project(se3.transform_points(se3.inverse(T_est.double()), targets_ct.double()))
     b = intrinsics.project(se3.transform_points(se3.inverse(T_true.double()), targets_ct.double()))
@@ -41,7 +43,12 @@ def pose_errors(T_est: torch.Tensor, T_true: torch.Tensor, radius_mm: float) -> 
 
 
 def frame_errors(
-    T_est: torch.Tensor, T_true: torch.Tensor, targets_ct: torch.Tensor, intrinsics: Intrinsics, pixel_mm: float, sdd_mm: float
+    T_est: torch.Tensor,
+    T_true: torch.Tensor,
+    targets_ct: torch.Tensor,
+    intrinsics: Intrinsics,
+    pixel_mm: float,
+    sdd_mm: float,
 ) -> dict[str, float]:
     """Every error of one frame: 3D mTRE and mPE (mm), then :func:`pose_errors` with DiffPose's radius ``SDD / 2``."""
     return {

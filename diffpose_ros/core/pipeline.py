@@ -26,7 +26,7 @@ import torch
 from .bundle import PatientModel, load_patient_model
 from .geometry import Intrinsics
 from .preprocess import check_image, warp_to_camera
-from .register import MIN_SIMILARITY, Level, RegistrationConfig, Registrar
+from .register import MIN_SIMILARITY, Level, Registrar, RegistrationConfig
 
 __all__ = ["PipelineConfig", "FrameResult", "Pipeline", "covariance_in_parent"]
 
@@ -91,7 +91,7 @@ class Pipeline:
         self._last: tuple[float, torch.Tensor] | None = None
 
     @classmethod
-    def from_file(cls, path, device: str | torch.device = "cpu", config: PipelineConfig | None = None) -> "Pipeline":
+    def from_file(cls, path, device: str | torch.device = "cpu", config: PipelineConfig | None = None) -> Pipeline:
         """Load a patient model file (refused with ``PatientModelError`` when bad) and build the pipeline."""
         return cls(load_patient_model(path, device="cpu"), device, config)
 
@@ -138,7 +138,9 @@ class Pipeline:
         except RuntimeError:
             return torch.full((6, 6), float("inf"), dtype=torch.float64)
 
-    def process(self, image: torch.Tensor, intrinsics: Intrinsics, stamp: float | None = None, track: bool = True) -> FrameResult:
+    def process(
+        self, image: torch.Tensor, intrinsics: Intrinsics, stamp: float | None = None, track: bool = True
+    ) -> FrameResult:
         """Register one frame: ``image`` ``(H, W)`` line integrals, ``intrinsics`` of its pixels, ``stamp`` (s).
 
         Raises ``ValueError`` for an image that cannot be registered (empty, non-finite, constant,
@@ -147,10 +149,17 @@ class Pipeline:
         t0 = time.perf_counter()
         image = check_image(image)
         if tuple(image.shape) != (intrinsics.height, intrinsics.width):
-            raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} but intrinsics say {intrinsics.width}x{intrinsics.height}")
+            raise ValueError(
+                f"image is {image.shape[1]}x{image.shape[0]} but intrinsics say {intrinsics.width}x{intrinsics.height}"
+            )
         timings = {"preprocess": time.perf_counter() - t0, "cnn": 0.0, "refine": 0.0}
         attempts = []
-        if track and self._last is not None and stamp is not None and 0 < stamp - self._last[0] <= self.config.tracking_max_age_s:
+        if (
+            track
+            and self._last is not None
+            and stamp is not None
+            and 0 < stamp - self._last[0] <= self.config.tracking_max_age_s
+        ):
             attempts.append(("tracking", self._last[1], self.config.tracking_levels))
         attempts.append(("cold", None, None))
         for mode, start, levels in attempts:

@@ -70,5 +70,7 @@ def warp_to_camera(image: torch.Tensor, source: Intrinsics, target: Intrinsics) 
         img = small
     grid = target.sampling_grid(source).float()
     fill = img.mean()
-    out = F.grid_sample((img - fill)[None, None], grid[None], mode="bilinear", padding_mode="zeros", align_corners=False)
+    out = F.grid_sample(
+        (img - fill)[None, None], grid[None], mode="bilinear", padding_mode="zeros", align_corners=False
+    )
     return out[0, 0] + fill

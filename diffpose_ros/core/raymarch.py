@@ -183,7 +183,9 @@ def ray_segments(P: torch.Tensor, dirs: torch.Tensor, size_xyz: torch.Tensor) ->
 def _sample(channel: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Trilinear samples ``(R, K)`` of one ``(D, H, W)`` channel at index points ``q (R, K, 3)``; 0 outside."""
     grid = (q * scale - 1).to(torch.float32)[None, None]  # (1, 1, R, K, 3), x = i
-    return F.grid_sample(channel[None, None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0, 0, 0]
+    return F.grid_sample(channel[None, None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)[
+        0, 0, 0
+    ]
 
 
 def march_torch(

@@ -209,7 +209,9 @@ class Registrar:
                 t_cost, t_r, t_J = evaluate(trial)
                 iterations += 1
                 moved = float((step * scale).abs().max())
-                history.append({"level": li, "cost": t_cost, "accepted": t_cost < cost, "step_mm": moved, "damping": lam})
+                history.append(
+                    {"level": li, "cost": t_cost, "accepted": t_cost < cost, "step_mm": moved, "damping": lam}
+                )
                 negligible = moved < cfg.step_tolerance_mm or abs(t_cost - cost) < cfg.cost_tolerance
                 if t_cost < cost:
                     pose, cost, r, J = trial, t_cost, t_r, t_J

@@ -91,8 +91,13 @@ class PoseRegressor(nn.Module):
         # in-plane position needs; pooling would leave it to padding artefacts.
         widths = {"channels": self.channels} if self.channels else {}
         self.backbone = timm.create_model(
-            backbone, pretrained=False, in_chans=1, num_classes=0, global_pool="",
-            norm_layer=functools.partial(GroupNorm, num_groups=8), **widths,
+            backbone,
+            pretrained=False,
+            in_chans=1,
+            num_classes=0,
+            global_pool="",
+            norm_layer=functools.partial(GroupNorm, num_groups=8),
+            **widths,
         )
         if stem == "patch":
             net = self.backbone

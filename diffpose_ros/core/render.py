@@ -166,4 +166,3 @@ def patch_pixels(intrinsics: Intrinsics, centers: torch.Tensor, size: int) -> to
     c[:, 0] = c[:, 0].clamp(half, intrinsics.width - 1 - (size - 1 - half))
     c[:, 1] = c[:, 1].clamp(half, intrinsics.height - 1 - (size - 1 - half))
     return (c[:, None, :] + torch.stack([du.flatten(), dv.flatten()], -1)[None]).reshape(-1, 2)
-

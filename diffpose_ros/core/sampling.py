@@ -45,7 +45,7 @@ class ViewRange:
             raise ValueError("sod_mm must be positive")
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "ViewRange":
+    def from_dict(cls, d: dict | None) -> ViewRange:
         """From a mapping with the field names (missing keys keep their defaults; unknown keys are errors)."""
         d = dict(d or {})
         unknown = set(d) - {f.name for f in fields(cls)}
@@ -75,7 +75,11 @@ def sample_views(
         return (lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)) * scale
 
     rad = math.pi / 180
-    alpha, beta, gamma = uniform(view_range.alpha_deg, rad), uniform(view_range.beta_deg, rad), uniform(view_range.gamma_deg, rad)
+    alpha, beta, gamma = (
+        uniform(view_range.alpha_deg, rad),
+        uniform(view_range.beta_deg, rad),
+        uniform(view_range.gamma_deg, rad),
+    )
     sod = uniform(view_range.sod_mm)
     half = torch.tensor(view_range.isocenter_mm, dtype=torch.float64)
     iso = center_ct.to(torch.float64) + (2 * torch.rand(n, 3, generator=generator, dtype=torch.float64) - 1) * half

@@ -53,7 +53,7 @@ def simulate_transmission(
         h, w = expected.shape
         dy, dx = round(collimation * h), round(collimation * w)
         shut = torch.ones_like(expected, dtype=torch.bool)
-        shut[dy:h - dy, dx:w - dx] = False
+        shut[dy : h - dy, dx : w - dx] = False
         expected = torch.where(shut, expected * COLLIMATOR_TRANSMISSION, expected)
     counts = torch.from_numpy(rng.poisson(expected.numpy()).astype(np.float64)) if i0 > 0 else expected
     if blur_sigma_px > 0:

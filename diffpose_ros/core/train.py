@@ -51,8 +51,13 @@ __all__ = ["GPU_PROFILE", "TrainConfig", "Trainer", "validation_errors"]
 GPU_PROFILE = {
     "backbone_channels": None,
     "backbone_stem": None,
-    "view_range": {"alpha_deg": [-35, 35], "beta_deg": [-25, 25], "gamma_deg": [-12, 12], "sod_mm": [630, 870],
-                   "isocenter_mm": [45, 45, 45]},
+    "view_range": {
+        "alpha_deg": [-35, 35],
+        "beta_deg": [-25, 25],
+        "gamma_deg": [-12, 12],
+        "sod_mm": [630, 870],
+        "isocenter_mm": [45, 45, 45],
+    },
     "batch_size": 128,
     "learning_rate": 3e-3,
     "warmup_steps": 300,
@@ -104,7 +109,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     @classmethod
-    def for_device(cls, device: str | torch.device, d: dict | None = None) -> "TrainConfig":
+    def for_device(cls, device: str | torch.device, d: dict | None = None) -> TrainConfig:
         """The defaults for ``device`` (a CUDA device starts from :data:`GPU_PROFILE`), overridden by ``d``."""
         merged = dict(GPU_PROFILE) if torch.device(device).type == "cuda" else {}
         for key, value in (d or {}).items():  # nested sections (view_range, augment) merge key by key
@@ -113,7 +118,7 @@ class TrainConfig:
         return cls.from_dict(merged)
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "TrainConfig":
+    def from_dict(cls, d: dict | None) -> TrainConfig:
         d = dict(d or {})
         view = ViewRange.from_dict(d.pop("view_range", None))
         aug = AugmentConfig.from_dict(d.pop("augment", None))
@@ -129,7 +134,9 @@ class TrainConfig:
         if not 0 <= float(d.get("aim_deg", 0.0)) <= 10:
             raise ValueError(f"aim_deg must be between 0 and 10 degrees, got {d['aim_deg']}")
         if d.get("backbone_stem") not in STEMS:
-            raise ValueError(f"backbone_stem must be one of {list(STEMS)} (null = the model's own), got {d['backbone_stem']!r}")
+            raise ValueError(
+                f"backbone_stem must be one of {list(STEMS)} (null = the model's own), got {d['backbone_stem']!r}"
+            )
         for key in ("bone_scales", "backbone_channels"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
@@ -216,16 +223,22 @@ class Trainer:
         self._roll = tuple(math.radians(g) for g in config.view_range.gamma_deg)
         self._max_aim = math.radians(config.aim_deg)
         pool_px = _pool_pixels(self.camera, max(abs(g) for g in self._roll), self._max_aim)
-        self.pool_camera = Intrinsics(pool_px, pool_px, self.camera.fx, self.camera.fy, (pool_px - 1) / 2, (pool_px - 1) / 2)
+        self.pool_camera = Intrinsics(
+            pool_px, pool_px, self.camera.fx, self.camera.fy, (pool_px - 1) / 2, (pool_px - 1) / 2
+        )
         mid = lambda r: sum(r) / 2  # noqa: E731
         vr = config.view_range
-        reference = carm_pose(math.radians(mid(vr.alpha_deg)), math.radians(mid(vr.beta_deg)), 0.0, mid(vr.sod_mm), self.center)
+        reference = carm_pose(
+            math.radians(mid(vr.alpha_deg)), math.radians(mid(vr.beta_deg)), 0.0, mid(vr.sod_mm), self.center
+        )
         self.model = PoseRegressor(
             reference, self.center, config.backbone, config.image_size, config.backbone_channels, config.backbone_stem
         ).to(self.device)
         auto = config.mixed_precision == "auto"
         self.mixed_precision = bfloat16_is_fast(self.device) if auto else bool(config.mixed_precision)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
         self.step = 0
         self.elapsed = 0.0
         self.history: list[dict] = []
@@ -375,8 +388,14 @@ class Trainer:
                 tensors[f"optim.{i}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path))
-        state = {"step": self.step, "elapsed": self.elapsed, "history": self.history, "best": self.best,
-                 "config": self.config.as_dict(), "generator": self.generator.get_state().tolist()}
+        state = {
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "history": self.history,
+            "best": self.best,
+            "config": self.config.as_dict(),
+            "generator": self.generator.get_state().tolist(),
+        }
         Path(str(path) + ".json").write_text(json.dumps(state))
 
     def load_checkpoint(self, path: Path) -> None:

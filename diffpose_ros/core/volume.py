@@ -16,7 +16,16 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Volume", "load_ct", "load_labels", "label_centroids", "hu_to_mu", "default_ct_path", "default_labels_path", "MU_WATER"]
+__all__ = [
+    "Volume",
+    "load_ct",
+    "load_labels",
+    "label_centroids",
+    "hu_to_mu",
+    "default_ct_path",
+    "default_labels_path",
+    "MU_WATER",
+]
 
 MU_WATER = 0.0206
 """Linear attenuation of water (1/mm) at a ~60 keV effective fluoroscopy energy."""
@@ -61,7 +70,7 @@ class Volume:
         )
         return (idx @ self.index_to_ct.T)[:, :3]
 
-    def downsampled(self, factors: tuple[int, int, int]) -> "Volume":
+    def downsampled(self, factors: tuple[int, int, int]) -> Volume:
         """Average ``factors = (fx, fy, fz)`` voxels per axis into one (a coarser grid, same physical extent).
 
         Where a size is not a multiple of its factor, the grid grows by less than half a coarse
@@ -82,7 +91,7 @@ class Volume:
         affine[:3, 3] = self.index_to_ct[:3, 3] + self.index_to_ct[:3, :3] @ shift
         return Volume(pooled.contiguous(), affine, self.source)
 
-    def coarsened_to(self, spacing_mm: float) -> "Volume":
+    def coarsened_to(self, spacing_mm: float) -> Volume:
         """Downsample by integer factors so that each voxel edge is close to ``spacing_mm`` (never finer)."""
         factors = [max(1, round(spacing_mm / float(s))) for s in self.spacing]
         return self.downsampled(tuple(factors))

@@ -115,8 +115,12 @@ def numpy_to_image(
 
     a = np.asarray(image)
     if encoding is None:
-        defaults = {(np.dtype(np.uint8), 2): "mono8", (np.dtype(np.uint16), 2): "mono16",
-                    (np.dtype(np.float32), 2): "32FC1", (np.dtype(np.uint8), 3): "bgr8"}
+        defaults = {
+            (np.dtype(np.uint8), 2): "mono8",
+            (np.dtype(np.uint16), 2): "mono16",
+            (np.dtype(np.float32), 2): "32FC1",
+            (np.dtype(np.uint8), 3): "bgr8",
+        }
         encoding = defaults.get((a.dtype, a.ndim))
         if encoding is None:
             raise ValueError(f"no default encoding for a {a.ndim}D {a.dtype} array; pass encoding=")
@@ -294,4 +298,3 @@ def covariance_to_ros(T_ct_source_mm, covariance_xi) -> list[float]:
     P = s[:, None] * P * s[None, :]
     P = 0.5 * (P + P.T)
     return [float(v) for v in P.flatten().tolist()]
-

@@ -62,8 +62,8 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import PoseWithCovarianceStamped, TransformStamped
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.exceptions import ParameterUninitializedException
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import State, TransitionCallbackReturn
 from rclpy.parameter import Parameter
@@ -193,7 +193,9 @@ class DiffPoseNode(LifecycleNode):
             self._tf_static_pub = self.create_publisher(TFMessage, "/tf_static", TF_STATIC_QOS)
         self._publish_static_transform()
         period = float(self.get_parameter("diagnostics.period_s").value)
-        self._diag_timer = self.create_timer(max(period, 0.05), self._on_diagnostics_timer, callback_group=self._timer_group)
+        self._diag_timer = self.create_timer(
+            max(period, 0.05), self._on_diagnostics_timer, callback_group=self._timer_group
+        )
         self.get_logger().info(
             f"{self.get_fully_qualified_name()} up (unconfigured); "
             f"TF via {'tf2_ros' if tf2_ros is not None else 'tf2_msgs/TFMessage on /tf'}"
@@ -204,7 +206,9 @@ class DiffPoseNode(LifecycleNode):
         ro = dict(read_only=True)
 
         def declare(name, default, description, read_only=False):
-            self.declare_parameter(name, default, ParameterDescriptor(description=description, **(ro if read_only else {})))
+            self.declare_parameter(
+                name, default, ParameterDescriptor(description=description, **(ro if read_only else {}))
+            )
 
         declare("patient_model", "", "path of the patient model file (.safetensors)", True)
         declare("device", "auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N", True)
@@ -226,8 +230,11 @@ class DiffPoseNode(LifecycleNode):
             Parameter.Type.DOUBLE_ARRAY,
             ParameterDescriptor(description="[cx, cy] in pixels when no camera_info; unset or empty: image centre"),
         )
-        declare("gate.min_similarity", PipelineConfig.min_similarity,
-                "smallest accepted final similarity (0.5 NCC + 0.5 patch NCC)")
+        declare(
+            "gate.min_similarity",
+            PipelineConfig.min_similarity,
+            "smallest accepted final similarity (0.5 NCC + 0.5 patch NCC)",
+        )
         declare("gate.max_source_distance_mm", 2000.0, "largest plausible source distance from the CT centre (mm)")
         declare("tracking.enabled", True, "start from the last accepted pose when it is recent")
         declare("tracking.max_age_s", 1.0, "tracking when the last accepted pose is younger than this (stamps, s)")
@@ -275,7 +282,9 @@ class DiffPoseNode(LifecycleNode):
         try:
             path = str(self.get_parameter("patient_model").value or "")
             if not path:
-                return self._configure_failed("the patient_model parameter is empty: pass -p patient_model:=/path/model.safetensors")
+                return self._configure_failed(
+                    "the patient_model parameter is empty: pass -p patient_model:=/path/model.safetensors"
+                )
             threads = int(self.get_parameter("num_threads").value)
             if threads > 0:
                 torch.set_num_threads(threads)
@@ -314,26 +323,35 @@ class DiffPoseNode(LifecycleNode):
         try:
             reliable = self.get_parameter("image_qos").value == "reliable"
             reliability = ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT
-            image_qos = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=reliability,
-                                   durability=DurabilityPolicy.VOLATILE)
-            info_qos = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST, reliability=reliability,
-                                  durability=DurabilityPolicy.VOLATILE)
+            image_qos = QoSProfile(
+                depth=1, history=HistoryPolicy.KEEP_LAST, reliability=reliability, durability=DurabilityPolicy.VOLATILE
+            )
+            info_qos = QoSProfile(
+                depth=10, history=HistoryPolicy.KEEP_LAST, reliability=reliability, durability=DurabilityPolicy.VOLATILE
+            )
             self._mailbox.clear()
             with self._infos_cond:
                 self._infos.clear()
             self._stop = threading.Event()
-            self._worker = threading.Thread(target=self._worker_loop, args=(self._stop,), name="diffpose_worker", daemon=True)
+            self._worker = threading.Thread(
+                target=self._worker_loop, args=(self._stop,), name="diffpose_worker", daemon=True
+            )
             self._worker.start()
-            self._info_sub = self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, info_qos,
-                                                      callback_group=self._io_group)
+            self._info_sub = self.create_subscription(
+                CameraInfo, "camera_info", self._on_camera_info, info_qos, callback_group=self._io_group
+            )
             if _MESSAGE_INFO:  # exactly two parameters: rclpy then passes the MessageInfo
+
                 def callback(msg, msg_info):
                     self._on_image(msg, msg_info)
             else:  # pragma: no cover - older rclpy
+
                 def callback(msg):
                     self._on_image(msg)
-            self._image_sub = self.create_subscription(Image, "image", callback, image_qos,
-                                                       callback_group=self._io_group)
+
+            self._image_sub = self.create_subscription(
+                Image, "image", callback, image_qos, callback_group=self._io_group
+            )
             self.get_logger().info(
                 f"active: image {self._image_sub.topic_name} and {self._info_sub.topic_name} "
                 f"({'reliable' if reliable else 'best effort'}, depth 1)"
@@ -514,13 +532,17 @@ class DiffPoseNode(LifecycleNode):
         with self._settings_lock:
             s = self._settings
         stamp_ns = Time.from_msg(msg.header.stamp).nanoseconds
-        info = {"encoding": msg.encoding, "size": f"{msg.width}x{msg.height}",
-                "t_in_mailbox_s": time.monotonic() - frame.received_wall}
+        info = {
+            "encoding": msg.encoding,
+            "size": f"{msg.width}x{msg.height}",
+            "t_in_mailbox_s": time.monotonic() - frame.received_wall,
+        }
         if self._last_stamp_ns is not None and stamp_ns <= self._last_stamp_ns:
             with self._stats.lock:
                 self._stats.skipped_stamps += 1
-            self._frame_status(frame, DiagnosticStatus.WARN,
-                               "stamp not newer than the last published pose: frame skipped", info)
+            self._frame_status(
+                frame, DiagnosticStatus.WARN, "stamp not newer than the last published pose: frame skipped", info
+            )
             return
         try:
             array = image_to_numpy(msg)
@@ -663,9 +685,13 @@ class DiffPoseNode(LifecycleNode):
             ls = list(st.latency_stamp)
             last = st.last_frame
             last_age = now - st.last_frame_wall if last is not None else math.inf
-            counters = dict(frames_processed=st.processed, frames_published=st.published,
-                            frames_rejected=st.rejected, frames_skipped_old_stamp=st.skipped_stamps,
-                            frames_dropped_before_receipt=st.missed_before_receipt)
+            counters = dict(
+                frames_processed=st.processed,
+                frames_published=st.published,
+                frames_rejected=st.rejected,
+                frames_skipped_old_stamp=st.skipped_stamps,
+                frames_dropped_before_receipt=st.missed_before_receipt,
+            )
         status = DiagnosticStatus()
         status.name = f"{self._diag_name}: pipeline"
         status.hardware_id = self._device
@@ -699,8 +725,16 @@ class DiffPoseNode(LifecycleNode):
             values["cuda_allocated_mb"] = torch.cuda.memory_allocated() / 2**20
         if last is not None:
             for kv in last.values:
-                if kv.key in ("stamp", "similarity", "iterations", "mode", "t_preprocess_s", "t_cnn_s",
-                              "t_refine_s", "t_total_s"):
+                if kv.key in (
+                    "stamp",
+                    "similarity",
+                    "iterations",
+                    "mode",
+                    "t_preprocess_s",
+                    "t_cnn_s",
+                    "t_refine_s",
+                    "t_total_s",
+                ):
                     values[f"last_{kv.key}"] = kv.value
             values["last_result"] = last.message
         status.values = [key_value(k, v) for k, v in values.items()]

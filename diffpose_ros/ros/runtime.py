@@ -57,7 +57,7 @@ class RosSession:
         self.args = args
         self.stop = threading.Event()
 
-    def __enter__(self) -> "RosSession":
+    def __enter__(self) -> RosSession:
         import rclpy
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.signals import SignalHandlerOptions

@@ -15,8 +15,15 @@ import torch
 from ..core.geometry import Intrinsics
 from ..core.pipeline import PipelineConfig
 
-__all__ = ["INPUT_KINDS", "IMAGE_QOS", "Settings", "TUNABLE_PARAMETERS", "settings_problems", "pipeline_config",
-           "resolve_device"]
+__all__ = [
+    "INPUT_KINDS",
+    "IMAGE_QOS",
+    "Settings",
+    "TUNABLE_PARAMETERS",
+    "settings_problems",
+    "pipeline_config",
+    "resolve_device",
+]
 
 INPUT_KINDS = ("transmission", "line_integrals")
 IMAGE_QOS = ("sensor_data", "reliable")

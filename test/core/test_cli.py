@@ -32,7 +32,10 @@ def case(tmp_path_factory, hu):
 
 def test_drr_writes_npy_and_png(case, capsys):
     d, camera, _ = case
-    assert drr.main(["--camera-info", str(d / "camera.yaml"), "--pose", str(d / "truth.json"), "--out", str(d / "view")]) == 0
+    assert (
+        drr.main(["--camera-info", str(d / "camera.yaml"), "--pose", str(d / "truth.json"), "--out", str(d / "view")])
+        == 0
+    )
     image = np.load(d / "view.npy")
     assert image.shape == (128, 128) and image.dtype == np.float32 and image.max() > 1
     assert cv2.imread(str(d / "view.png"), cv2.IMREAD_UNCHANGED).shape == (128, 128)
@@ -48,8 +51,20 @@ def test_register_npy_and_png_recover_the_pose(case, hu, capsys):
     targets = metrics.grid_targets(hu.center)
     for image in ("view.npy", "frame.png"):
         out = d / f"result_{image}.json"
-        code = register.main(["--camera-info", str(d / "camera.yaml"), "--image", str(d / image),
-                              "--init", str(d / "init.json"), "--out", str(out), "--overlay", str(d / "overlay.png")])
+        code = register.main(
+            [
+                "--camera-info",
+                str(d / "camera.yaml"),
+                "--image",
+                str(d / image),
+                "--init",
+                str(d / "init.json"),
+                "--out",
+                str(out),
+                "--overlay",
+                str(d / "overlay.png"),
+            ]
+        )
         assert code == 0
         printed = json.loads(capsys.readouterr().out)
         result = json.loads(out.read_text())
@@ -65,8 +80,18 @@ def test_register_with_a_model_needs_no_init(case, mu, tmp_path, capsys):
     save_patient_model(tmp_path / "m.safetensors", model)
     if not (d / "view.npy").exists():
         drr.main(["--camera-info", str(d / "camera.yaml"), "--pose", str(d / "truth.json"), "--out", str(d / "view")])
-    code = register.main(["--model", str(tmp_path / "m.safetensors"), "--camera-info", str(d / "camera.yaml"),
-                          "--image", str(d / "view.npy"), "--out", str(tmp_path / "r.json")])
+    code = register.main(
+        [
+            "--model",
+            str(tmp_path / "m.safetensors"),
+            "--camera-info",
+            str(d / "camera.yaml"),
+            "--image",
+            str(d / "view.npy"),
+            "--out",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert code == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["initialisation"] == "CNN"
@@ -92,8 +117,14 @@ def test_register_bad_inputs_exit_2_with_a_message(case, tmp_path, capsys, args,
     (tmp_path / "bad.png").write_text("not a png")
     np.save(tmp_path / "wrong.npy", np.ones((10, 12), dtype=np.float32) + np.arange(12, dtype=np.float32))
     save_json(tmp_path / "bad_pose.json", {"T_ct_source": (2 * torch.eye(4)).tolist()})
-    names = {"camera": d / "camera.yaml", "init": d / "init.json", "bad_png": tmp_path / "bad.png",
-             "wrong_size": tmp_path / "wrong.npy", "view": d / "view.npy", "bad_pose": tmp_path / "bad_pose.json"}
+    names = {
+        "camera": d / "camera.yaml",
+        "init": d / "init.json",
+        "bad_png": tmp_path / "bad.png",
+        "wrong_size": tmp_path / "wrong.npy",
+        "view": d / "view.npy",
+        "bad_pose": tmp_path / "bad_pose.json",
+    }
     args = [a.format(**{k: str(v) for k, v in names.items()}) for a in args]
     assert register.main(args) == 2
     assert message in capsys.readouterr().err

@@ -130,7 +130,9 @@ def test_rays_project_round_trip_and_pixel_order():
     uv = K.project(d * 777.0)
     torch.testing.assert_close(uv, K.pixel_grid(torch.float64))
     # Arbitrary sub-pixel coordinates.
-    pix = torch.rand(50, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * torch.tensor([40.0, 30.0])
+    pix = torch.rand(50, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * torch.tensor(
+        [40.0, 30.0]
+    )
     depth = torch.linspace(300, 1200, 50, dtype=torch.float64)[:, None]
     torch.testing.assert_close(K.project(K.rays(pix) * depth), pix)
     # The contract's pinhole, written out.
@@ -168,9 +170,9 @@ def contract_pose(alpha, beta, gamma, sod, c):
     def Rx(t):
         return np.array([[1, 0, 0], [0, math.cos(t), -math.sin(t)], [0, math.sin(t), math.cos(t)]])
 
-    def H(R=np.eye(3), t=(0, 0, 0)):
+    def H(R=None, t=(0, 0, 0)):
         M = np.eye(4)
-        M[:3, :3] = R
+        M[:3, :3] = np.eye(3) if R is None else R
         M[:3, 3] = t
         return M
 
@@ -216,7 +218,10 @@ def test_carm_pose_isocenter_projects_to_principal_point_batched():
     beta = (torch.rand(n, generator=g, dtype=torch.float64) - 0.5) * math.radians(40)
     gamma = (torch.rand(n, generator=g, dtype=torch.float64) - 0.5) * math.radians(20)
     sod = 650 + 200 * torch.rand(n, generator=g, dtype=torch.float64)
-    iso = torch.tensor([13.6, 7.9, -175.0], dtype=torch.float64) + (torch.rand(n, 3, generator=g, dtype=torch.float64) - 0.5) * 80
+    iso = (
+        torch.tensor([13.6, 7.9, -175.0], dtype=torch.float64)
+        + (torch.rand(n, 3, generator=g, dtype=torch.float64) - 0.5) * 80
+    )
     T = carm_pose(alpha, beta, gamma, sod, iso)
     assert T.shape == (n, 4, 4)
     R = T[:, :3, :3]
@@ -224,7 +229,9 @@ def test_carm_pose_isocenter_projects_to_principal_point_batched():
     torch.testing.assert_close(torch.linalg.det(R), torch.ones(n, dtype=torch.float64))
     # The isocentre lies on the principal ray at depth SOD, so it projects to (cx, cy).
     p_src = se3.transform_points(se3.inverse(T), iso[:, None, :])[:, 0]
-    torch.testing.assert_close(p_src, torch.stack([torch.zeros_like(sod), torch.zeros_like(sod), sod], -1), atol=1e-9, rtol=0)
+    torch.testing.assert_close(
+        p_src, torch.stack([torch.zeros_like(sod), torch.zeros_like(sod), sod], -1), atol=1e-9, rtol=0
+    )
     K = Intrinsics.from_detector(1020.0, 256, 256, 1.2, principal_point=(131.0, 124.5))
     uv = K.project(p_src)
     torch.testing.assert_close(uv, torch.tensor([131.0, 124.5], dtype=torch.float64).expand(n, 2))

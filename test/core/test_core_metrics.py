@@ -16,7 +16,13 @@ CENTRE = torch.tensor([13.6, 7.9, -175.0], dtype=torch.float64)
 
 @pytest.fixture
 def T():
-    return carm_pose(math.radians(20), math.radians(-10), math.radians(5), 750.0, CENTRE + torch.tensor([5.0, -3.0, 8.0], dtype=torch.float64))
+    return carm_pose(
+        math.radians(20),
+        math.radians(-10),
+        math.radians(5),
+        750.0,
+        CENTRE + torch.tensor([5.0, -3.0, 8.0], dtype=torch.float64),
+    )
 
 
 def test_grid_targets():
@@ -34,7 +40,10 @@ def test_mtre_identical_and_translated(T):
     d = torch.tensor([3.0, -4.0, 12.0], dtype=torch.float64)  # |d| = 13
     shifted = se3.make_pose(torch.eye(3, dtype=torch.float64), d) @ T  # the source moved by d in ct
     torch.testing.assert_close(metrics.mtre(shifted, T, targets), torch.tensor(13.0, dtype=torch.float64))
-    torch.testing.assert_close(metrics.mtre(T @ se3.make_pose(torch.eye(3, dtype=torch.float64), d), T, targets), torch.tensor(13.0, dtype=torch.float64))
+    torch.testing.assert_close(
+        metrics.mtre(T @ se3.make_pose(torch.eye(3, dtype=torch.float64), d), T, targets),
+        torch.tensor(13.0, dtype=torch.float64),
+    )
     # Batched over poses.
     both = metrics.mtre(torch.stack([T, shifted]), torch.stack([T, T]), targets)
     torch.testing.assert_close(both, torch.tensor([0.0, 13.0], dtype=torch.float64))

@@ -20,7 +20,9 @@ from diffpose_ros.core.simulate import simulate_transmission
 def pipeline(mu):
     # An untrained CNN predicts its reference pose: frames near it are in the refinement's basin.
     ref = carm_pose(0.0, 0.0, 0.0, 750.0, mu.center)
-    model = PatientModel(PoseRegressor(ref, mu.center, image_size=64), mu, Intrinsics.from_detector(1020, 256, 256, 1.2).resized(64))
+    model = PatientModel(
+        PoseRegressor(ref, mu.center, image_size=64), mu, Intrinsics.from_detector(1020, 256, 256, 1.2).resized(64)
+    )
     return Pipeline(model)
 
 
@@ -40,7 +42,12 @@ def frames(pipeline, camera, mu):
 
     rng = np.random.default_rng(0)
     with torch.no_grad():
-        images = [line_integrals_from_transmission(simulate_transmission(pipeline.registrar.renderer().render(T, camera), rng=rng)) for T in poses]
+        images = [
+            line_integrals_from_transmission(
+                simulate_transmission(pipeline.registrar.renderer().render(T, camera), rng=rng)
+            )
+            for T in poses
+        ]
     return images, poses
 
 

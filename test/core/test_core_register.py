@@ -11,7 +11,7 @@ import torch
 from diffpose_ros.core import metrics, se3
 from diffpose_ros.core.geometry import carm_pose
 from diffpose_ros.core.preprocess import line_integrals_from_transmission
-from diffpose_ros.core.register import Level, RegistrationConfig, RegistrationResult, Registrar, resample_image
+from diffpose_ros.core.register import Level, Registrar, RegistrationConfig, RegistrationResult, resample_image
 from diffpose_ros.core.simulate import simulate_transmission
 
 

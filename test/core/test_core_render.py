@@ -112,7 +112,13 @@ def test_uniform_box_gives_mu_times_chord_length(direction):
     vol = Volume(torch.full((nz, ny, nx), mu0), A, "box")
     centre = vol.center
     K = Intrinsics(48, 48, 300.0, 300.0, 23.5, 23.5)  # about 80 mm across at the box: the box and its surroundings
-    T = carm_pose(math.radians(17), math.radians(-11), math.radians(4), 400.0, centre + torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    T = carm_pose(
+        math.radians(17),
+        math.radians(-11),
+        math.radians(4),
+        400.0,
+        centre + torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64),
+    )
     img = Renderer(vol, backend="numba").render(T, K).double().flatten().numpy()
     L = _chord_lengths(T, K, A, (nx, ny, nz))
     # Rays entering and leaving 1.5 voxels away from the box's edges: the trilinear integral (with its
@@ -188,7 +194,9 @@ def test_batch_equals_individual_renders(renderer, torch_coarse, poses, k64):
 
 def test_sparse_pixels_equal_dense_image(renderer, torch_coarse, clinical_pose, k64):
     g = torch.Generator().manual_seed(0)
-    pix = torch.stack([torch.randint(0, 64, (300,), generator=g), torch.randint(0, 64, (300,), generator=g)], -1).double()
+    pix = torch.stack(
+        [torch.randint(0, 64, (300,), generator=g), torch.randint(0, 64, (300,), generator=g)], -1
+    ).double()
     for r in (renderer, torch_coarse):
         dense = r.render(clinical_pose, k64)
         sparse = r.render(clinical_pose, k64, pix)
@@ -211,7 +219,9 @@ def test_patch_pixels_layout():
     K = Intrinsics.from_detector(1020.0, 64, 48, 4.8)
     p = patch_pixels(K, torch.tensor([[10, 20], [40, 30]]), 3)
     assert p.shape == (2 * 9, 2)
-    first = torch.tensor([[9, 19], [10, 19], [11, 19], [9, 20], [10, 20], [11, 20], [9, 21], [10, 21], [11, 21]], dtype=torch.float64)
+    first = torch.tensor(
+        [[9, 19], [10, 19], [11, 19], [9, 20], [10, 20], [11, 20], [9, 21], [10, 21], [11, 21]], dtype=torch.float64
+    )
     torch.testing.assert_close(p[:9], first)  # one patch contiguous, row-major (u fastest)
     torch.testing.assert_close(p[9:], first + torch.tensor([30.0, 10.0], dtype=torch.float64))
     # Patches near the border are moved inside the image, keeping their size.

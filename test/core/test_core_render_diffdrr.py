@@ -20,6 +20,7 @@ def pearson(a, b) -> float:
     a, b = a - a.mean(), b - b.mean()
     return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
 
+
 pytest.importorskip("diffdrr")
 
 # (alpha, beta, gamma deg, SOD mm, isocentre offset from the volume centre mm, principal-point offset px)
@@ -36,7 +37,9 @@ N = 96
 def test_matches_diffdrr_siddon(view, hu, renderer, diffdrr_render):
     a, b, g, sod, off, pp = view
     K = Intrinsics.from_detector(SDD, N, N, 1.2 * 256 / N, principal_point=((N - 1) / 2 + pp[0], (N - 1) / 2 + pp[1]))
-    T = carm_pose(math.radians(a), math.radians(b), math.radians(g), sod, hu.center + torch.tensor(off, dtype=torch.float64))
+    T = carm_pose(
+        math.radians(a), math.radians(b), math.radians(g), sod, hu.center + torch.tensor(off, dtype=torch.float64)
+    )
     ref = diffdrr_render(T, K)
     ours = renderer.render(T, K)
     assert ours.shape == ref.shape == (N, N)

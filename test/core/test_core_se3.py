@@ -101,7 +101,9 @@ def test_exp_known_screw_motion():
     T = se3.exp(torch.tensor([10.0, 0, 0, 0, 0, t], dtype=torch.float64))
     expected = torch.tensor([10 * math.sin(t) / t, 10 * (1 - math.cos(t)) / t, 0.0], dtype=torch.float64)
     torch.testing.assert_close(T[:3, 3], expected)
-    torch.testing.assert_close(T[:3, :3], torch.tensor([[0.0, -1, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.float64), atol=1e-15, rtol=0)
+    torch.testing.assert_close(
+        T[:3, :3], torch.tensor([[0.0, -1, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.float64), atol=1e-15, rtol=0
+    )
 
 
 def test_right_perturbation_acts_in_the_source_frame():
@@ -179,7 +181,9 @@ def test_log_gradcheck_away_from_singularities():
 
 
 def test_rotation_angle_known():
-    Rz = lambda t: se3.exp(torch.tensor([0, 0, 0, 0, 0, t], dtype=torch.float64))
+    def Rz(t):
+        return se3.exp(torch.tensor([0, 0, 0, 0, 0, t], dtype=torch.float64))
+
     torch.testing.assert_close(se3.rotation_angle(Rz(0.0), Rz(0.7)), torch.tensor(0.7, dtype=torch.float64))
     torch.testing.assert_close(se3.rotation_angle(Rz(-0.4), Rz(0.7)), torch.tensor(1.1, dtype=torch.float64))
     # Going the long way round: 350 deg apart is 10 deg.
@@ -202,7 +206,9 @@ def test_translation_and_double_geodesic_known():
     )
     r = 510.0
     torch.testing.assert_close(se3.translation_distance(Ta, Tb), torch.tensor(5.0, dtype=torch.float64))
-    torch.testing.assert_close(se3.double_geodesic(Ta, Tb, r), torch.tensor(math.hypot(r * 0.3, 5.0), dtype=torch.float64))
+    torch.testing.assert_close(
+        se3.double_geodesic(Ta, Tb, r), torch.tensor(math.hypot(r * 0.3, 5.0), dtype=torch.float64)
+    )
     # Pure rotation: r * angle; pure translation: |dt|; symmetric.
     Tr = se3.exp(torch.tensor([0, 0, 0, 0.1, 0, 0], dtype=torch.float64))
     torch.testing.assert_close(se3.double_geodesic(Ta, Tr, r), torch.tensor(51.0, dtype=torch.float64))

@@ -131,8 +131,11 @@ def test_standardize_with_jacobian_matches_autograd():
     jac = torch.randn(G, n, p, generator=g, dtype=torch.float64)
     xh, dxh = standardize_with_jacobian(x0, jac)
     torch.testing.assert_close(xh, standardize(x0))
+
     # x(q) = x0 + jac @ q: the Jacobian of standardize(x(q)) at q = 0.
-    f = lambda q: standardize(x0 + (jac @ q[:, :, None])[..., 0])
+    def f(q):
+        return standardize(x0 + (jac @ q[:, :, None])[..., 0])
+
     ref = torch.autograd.functional.jacobian(f, torch.zeros(G, p, dtype=torch.float64))  # (G, n, G, p)
     ref = torch.stack([ref[i, :, i] for i in range(G)])  # groups are independent
     torch.testing.assert_close(dxh, ref, rtol=1e-6, atol=1e-8)

@@ -28,7 +28,8 @@ def _view_parameters(poses, center):
     beta = torch.asin(z[:, 2].clamp(-1, 1))
     alpha = torch.atan2(-z[:, 0], z[:, 1])
     x = R[:, :, 0]
-    # x_src = M Rz(g) e1 = cos g M e1 + sin g M e2 with M = Rz(a) Rx(b) B, M e1 = Rz(a) e1, M e2 = Rz(a) Rx(b) (0, 0, -1)
+    # x_src = M Rz(g) e1 = cos g M e1 + sin g M e2 with M = Rz(a) Rx(b) B,
+    # M e1 = Rz(a) e1, M e2 = Rz(a) Rx(b) (0, 0, -1)
     ca, sa, cb, sb = torch.cos(alpha), torch.sin(alpha), torch.cos(beta), torch.sin(beta)
     y_base = torch.stack([-sa * sb, ca * sb, -cb], -1)
     x_base = torch.stack([ca, sa, torch.zeros_like(ca)], -1)
@@ -89,7 +90,9 @@ def test_turning_a_pool_render_is_the_exact_view_of_the_turned_camera(trainer):
     R = roma.rotvec_to_rotmat(aims) @ roma.rotvec_to_rotmat(rolls)
     grid = trainer.camera.sampling_grid(trainer.pool_camera, R)
     assert float(grid.abs().max()) < 1, "the pool detector is too small for the configured turns"
-    direct = trainer._render(poses @ se3.make_pose(R, torch.zeros(4, 3, dtype=torch.float64)), trainer.camera, trainer.renderers[0])
+    direct = trainer._render(
+        poses @ se3.make_pose(R, torch.zeros(4, 3, dtype=torch.float64)), trainer.camera, trainer.renderers[0]
+    )
     assert float(ncc(trainer.turned(big, R), direct, dims=2).min()) > 0.995
     assert float(ncc(trainer.turned(big, R.transpose(1, 2)), direct, dims=2).max()) < 0.99
     # Sampled turns stay within the range: roll within gamma_deg, tilt of the principal ray <= aim_deg.
@@ -114,8 +117,21 @@ def test_regressor_zero_head_predicts_the_reference_and_decodes_rigid_poses():
 
 @pytest.fixture(scope="module")
 def trainer(hu):
-    targets = torch.stack([hu.center + torch.tensor(d, dtype=torch.float64) for d in ([0, 0, 0], [60, 0, 0], [0, 60, 0], [0, 0, 60])])
-    cfg = TrainConfig(image_size=64, batch_size=8, validation_views=8, warmup_steps=1, learning_rate=3e-4, voxel_mm=5.0, pool_size=64, pool_refresh=8, bone_scales=(1.0,), aim_deg=1.5)
+    targets = torch.stack(
+        [hu.center + torch.tensor(d, dtype=torch.float64) for d in ([0, 0, 0], [60, 0, 0], [0, 60, 0], [0, 0, 60])]
+    )
+    cfg = TrainConfig(
+        image_size=64,
+        batch_size=8,
+        validation_views=8,
+        warmup_steps=1,
+        learning_rate=3e-4,
+        voxel_mm=5.0,
+        pool_size=64,
+        pool_refresh=8,
+        bone_scales=(1.0,),
+        aim_deg=1.5,
+    )
     return Trainer(hu, targets, cfg)
 
 
@@ -154,7 +170,13 @@ def test_checkpoint_round_trip(trainer, tmp_path):
     other = Trainer.__new__(Trainer)
     other.__dict__.update({k: v for k, v in trainer.__dict__.items()})
     cfg = trainer.config
-    other.model = PoseRegressor(torch.eye(4, dtype=torch.float64), torch.zeros(3), image_size=64, channels=cfg.backbone_channels, stem=cfg.backbone_stem)
+    other.model = PoseRegressor(
+        torch.eye(4, dtype=torch.float64),
+        torch.zeros(3),
+        image_size=64,
+        channels=cfg.backbone_channels,
+        stem=cfg.backbone_stem,
+    )
     other.optimizer = torch.optim.AdamW(other.model.parameters())
     other.load_checkpoint(tmp_path / "ckpt")
     for (k, a), b in zip(trainer.model.state_dict().items(), other.model.state_dict().values()):
@@ -169,7 +191,9 @@ def small_model(mu):
     net = PoseRegressor(ref, mu.center, image_size=32)
     with torch.no_grad():
         net.head.bias.copy_(torch.randn(9) * 0.01)
-    return PatientModel(net, mu.coarsened_to(8.0), Intrinsics.from_detector(1020, 256, 256, 1.2).resized(32), {"note": "test"})
+    return PatientModel(
+        net, mu.coarsened_to(8.0), Intrinsics.from_detector(1020, 256, 256, 1.2).resized(32), {"note": "test"}
+    )
 
 
 def test_bundle_round_trip_is_bit_exact(small_model, tmp_path):
@@ -187,7 +211,9 @@ def test_bundle_round_trip_is_bit_exact(small_model, tmp_path):
 
 
 def test_bundle_keeps_custom_backbone_widths_and_stem(mu, tmp_path):
-    net = PoseRegressor(carm_pose(0.0, 0.0, 0.0, 750.0, mu.center), mu.center, image_size=32, channels=(16, 32, 48, 64), stem="patch")
+    net = PoseRegressor(
+        carm_pose(0.0, 0.0, 0.0, 750.0, mu.center), mu.center, image_size=32, channels=(16, 32, 48, 64), stem="patch"
+    )
     assert net.backbone.num_features == 64
     assert net.backbone.conv1.kernel_size == (4, 4) and net.backbone.conv1.stride == (4, 4)
     model = PatientModel(net, mu.coarsened_to(8.0), Intrinsics.from_detector(1020, 256, 256, 1.2).resized(32))
@@ -237,7 +263,11 @@ def test_bundle_refuses_bad_files(small_model, tmp_path):
     tensors = load_file(str(good))
     with safe_open(str(good), framework="pt") as f:
         meta = json.loads(f.metadata()["diffpose_ros"])
-    save_file(tensors, str(tmp_path / "v99.safetensors"), metadata={"diffpose_ros": json.dumps({**meta, "format_version": 99})})
+    save_file(
+        tensors,
+        str(tmp_path / "v99.safetensors"),
+        metadata={"diffpose_ros": json.dumps({**meta, "format_version": 99})},
+    )
     with pytest.raises(PatientModelError, match="version 99"):
         load_patient_model(tmp_path / "v99.safetensors")
     tensors["cnn.head.weight"] = torch.zeros(9, 7)
@@ -252,8 +282,9 @@ def test_bundle_refuses_bad_files(small_model, tmp_path):
 
 
 def test_train_config_yaml_matches_defaults():
-    import yaml
     from pathlib import Path
+
+    import yaml
 
     doc = yaml.safe_load((Path(__file__).parents[2] / "config" / "training.yaml").read_text())
     assert TrainConfig.from_dict(doc["training"]).as_dict() == TrainConfig().as_dict()
@@ -286,7 +317,13 @@ def test_device_defaults_and_overrides():
         TrainConfig.from_dict({"aim_deg": -1})
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+    ],
+)
 def test_training_and_registration_on_the_device(hu, tmp_path, device):
     """Each device's path end to end: pool, augmentations and loss on it, then the pipeline on it."""
     from diffpose_ros.core import metrics
@@ -294,13 +331,17 @@ def test_training_and_registration_on_the_device(hu, tmp_path, device):
     from diffpose_ros.core.volume import hu_to_mu
 
     targets = hu.center[None].double()
-    cfg = TrainConfig.for_device(device, {"batch_size": 8, "pool_size": 64, "pool_refresh": 8, "validation_views": 8, "voxel_mm": 5.0})
+    cfg = TrainConfig.for_device(
+        device, {"batch_size": 8, "pool_size": 64, "pool_refresh": 8, "validation_views": 8, "voxel_mm": 5.0}
+    )
     trainer = Trainer(hu, targets, cfg, device=device)
     x, _ = trainer.batch()
     assert x.device.type == device and torch.isfinite(x).all()
     assert math.isfinite(trainer.train_step(0.5)["loss"])
     path = tmp_path / "model.safetensors"
-    save_patient_model(path, PatientModel(trainer.best_model().cpu(), hu_to_mu(hu).coarsened_to(2.0), cfg.intrinsics, {}))
+    save_patient_model(
+        path, PatientModel(trainer.best_model().cpu(), hu_to_mu(hu).coarsened_to(2.0), cfg.intrinsics, {})
+    )
     pipeline = Pipeline.from_file(path, device=device)
     camera = Intrinsics.from_detector(1020.0, 128, 128, 2.4)
     truth = carm_pose(0.1, -0.05, 0.02, 750.0, hu.center)

@@ -87,7 +87,9 @@ def written(tmp_path_factory):
     return out
 
 
-CASES = [("rotated", f) for f in ("nii.gz", "nrrd", "mha", "dicom")] + [("flipped", f) for f in ("nii.gz", "nrrd", "mha")]
+CASES = [("rotated", f) for f in ("nii.gz", "nrrd", "mha", "dicom")] + [
+    ("flipped", f) for f in ("nii.gz", "nrrd", "mha")
+]
 
 
 @pytest.mark.parametrize("name,fmt", CASES, ids=[f"{n}-{f}" for n, f in CASES])
@@ -133,7 +135,9 @@ def test_bundled_ct_is_lps(hu, ct_path):
     # NIfTI stores RAS; the ct frame is LPS: index_to_ct = diag(-1, -1, 1) @ the file's RAS affine.
     nib = pytest.importorskip("nibabel")
     ras = torch.from_numpy(np.asarray(nib.load(str(ct_path)).affine, dtype=np.float64))
-    torch.testing.assert_close(hu.index_to_ct, torch.diag(torch.tensor([-1.0, -1, 1, 1], dtype=torch.float64)) @ ras, atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        hu.index_to_ct, torch.diag(torch.tensor([-1.0, -1, 1, 1], dtype=torch.float64)) @ ras, atol=1e-4, rtol=0
+    )
     assert hu.data.shape == (133, 512, 512)
     # Hounsfield units: plenty of air near -1000 HU, bone above 1000 HU (-2048 marks outside the FOV).
     air = ((hu.data > -1050) & (hu.data < -950)).float().mean()
@@ -142,7 +146,9 @@ def test_bundled_ct_is_lps(hu, ct_path):
 
 # ----------------------------------------------------------------------------- hu_to_mu
 def test_hu_to_mu_values():
-    hu = Volume(torch.tensor([[[-3000.0, -1000.0, -500.0, 0.0, 300.0, 1000.0, 2000.0]]]), torch.eye(4, dtype=torch.float64), "t")
+    hu = Volume(
+        torch.tensor([[[-3000.0, -1000.0, -500.0, 0.0, 300.0, 1000.0, 2000.0]]]), torch.eye(4, dtype=torch.float64), "t"
+    )
     mu = hu_to_mu(hu)
     expected = MU_WATER * torch.tensor([0.0, 0.0, 0.5, 1.0, 1.3, 2.0, 3.0])
     torch.testing.assert_close(mu.data[0, 0], expected)
@@ -181,7 +187,9 @@ def test_downsampled_divisible_keeps_extent_and_centre():
     block = v.data[3:6, 4:8, 2:4]
     assert float(c.data[1, 1, 1]) == pytest.approx(float(block.mean()), rel=1e-6)
     centre_of_block = (v.index_to_ct @ torch.tensor([2.5, 5.5, 4.0, 1.0], dtype=torch.float64))[:3]
-    torch.testing.assert_close((c.index_to_ct @ torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=torch.float64))[:3], centre_of_block)
+    torch.testing.assert_close(
+        (c.index_to_ct @ torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=torch.float64))[:3], centre_of_block
+    )
     assert v.downsampled((1, 1, 1)) is v
 
 
@@ -199,7 +207,10 @@ def test_downsampled_non_divisible_corners_within_half_a_coarse_voxel():
 def test_downsampled_non_divisible_conserves_attenuation_mass():
     v = Volume(torch.ones(12, 16, 20), _synthetic_volume().index_to_ct, "ones")
     c = v.downsampled((3, 3, 5))
-    voxel = lambda vol: float(torch.linalg.det(vol.index_to_ct[:3, :3]).abs())
+
+    def voxel(vol):
+        return float(torch.linalg.det(vol.index_to_ct[:3, :3]).abs())
+
     assert float(c.data.sum()) * voxel(c) == pytest.approx(float(v.data.sum()) * voxel(v), rel=1e-3)
 
 

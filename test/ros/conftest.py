@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from ros_harness import Scene, build_scene
 
 

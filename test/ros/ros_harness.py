@@ -143,8 +143,9 @@ class Probe:
     Spun only from the calling thread, while waiting (``spin_until``), so nothing races.
     """
 
-    def __init__(self, domain: int, image_topic="/xray/image", info_topic="/xray/camera_info",
-                 reliable_images: bool = True):
+    def __init__(
+        self, domain: int, image_topic="/xray/image", info_topic="/xray/camera_info", reliable_images: bool = True
+    ):
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
         from geometry_msgs.msg import PoseWithCovarianceStamped
@@ -161,13 +162,17 @@ class Probe:
         self.executor.add_node(self.node)
         self.tf, self.tf_static, self.poses, self.frames, self.summaries, self.overlays = [], [], [], [], [], []
         reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
-        latched = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        latched = QoSProfile(
+            depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
+        )
         self.tf_sub = self.node.create_subscription(TFMessage, "/tf", lambda m: self.tf.extend(m.transforms), reliable)
         self.tf_static_sub = None
         self._latched = latched
         self.node.create_subscription(PoseWithCovarianceStamped, "/diffpose_node/pose", self.poses.append, reliable)
         self.diag_sub = self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, reliable)
-        pub_qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE if reliable_images else ReliabilityPolicy.BEST_EFFORT)
+        pub_qos = QoSProfile(
+            depth=5, reliability=ReliabilityPolicy.RELIABLE if reliable_images else ReliabilityPolicy.BEST_EFFORT
+        )
         self.image_pub = self.node.create_publisher(Image, image_topic, pub_qos)
         self.info_pub = self.node.create_publisher(CameraInfo, info_topic, pub_qos)
         self._clients = {}
@@ -191,8 +196,9 @@ class Probe:
         from rclpy.qos import QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import Image
 
-        return self.node.create_subscription(Image, topic, self.overlays.append,
-                                             QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE))
+        return self.node.create_subscription(
+            Image, topic, self.overlays.append, QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
+        )
 
     def close(self) -> None:
         self.executor.shutdown(timeout_sec=2.0)
@@ -209,16 +215,20 @@ class Probe:
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}" + self._owner_log())
             if self.owner is not None and not self.owner.alive():
-                raise AssertionError(f"diffpose_node exited ({self.owner.proc.returncode}) while waiting for {what}"
-                                     + self._owner_log())
+                raise AssertionError(
+                    f"diffpose_node exited ({self.owner.proc.returncode}) while waiting for {what}" + self._owner_log()
+                )
             self.executor.spin_once(timeout_sec=0.02)
 
     def _owner_log(self) -> str:
         return f"\n--- node log ---\n{self.owner.log()}" if self.owner is not None else ""
 
     def wait_subscribed(self, timeout: float = 30.0) -> None:
-        self.spin_until(lambda: self.image_pub.get_subscription_count() > 0 and self.info_pub.get_subscription_count() > 0,
-                        timeout, "the node's image and camera_info subscriptions")
+        self.spin_until(
+            lambda: self.image_pub.get_subscription_count() > 0 and self.info_pub.get_subscription_count() > 0,
+            timeout,
+            "the node's image and camera_info subscriptions",
+        )
 
     # -- frames
     def frame_status(self, stamp):
@@ -243,9 +253,11 @@ class Probe:
                 self.info_pub.publish(info)
             self.image_pub.publish(image)
             try:
-                return self.spin_until(lambda: self.frame_status(image.header.stamp),
-                                       min(resend_after, max(0.1, deadline - time.monotonic())),
-                                       f"the frame status of stamp {stamp_key(image.header.stamp)}")
+                return self.spin_until(
+                    lambda: self.frame_status(image.header.stamp),
+                    min(resend_after, max(0.1, deadline - time.monotonic())),
+                    f"the frame status of stamp {stamp_key(image.header.stamp)}",
+                )
             except AssertionError:
                 if time.monotonic() > deadline or (self.owner is not None and not self.owner.alive()):
                     raise
@@ -303,6 +315,7 @@ class Probe:
                 raise AssertionError(f"diffpose_node exited while waiting for state {label!r}" + self._owner_log())
             self.pause(0.25)
 
+
 def make_frame(scene: Scene, index: int, stamp=None, frame_id: str = "", with_info: bool = True):
     """``(Image, CameraInfo | None)`` of test frame ``index`` with a fresh (or given) stamp."""
     from builtin_interfaces.msg import Time
@@ -352,5 +365,3 @@ def build_scene(directory: Path) -> Scene:
         out.line_integrals.append(L.float())
         out.frames.append(simulate.simulate_transmission(L, rng=rng))
     return out
-
-

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from ros_harness import NodeProcess, Probe, domain_id, ros_disabled, ros_env
 
 if ros_disabled():
@@ -32,8 +31,9 @@ def text_of(log: Path) -> str:
 
 
 def tool(name: str, *args: str, env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / name), *args], stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            env={**os.environ, **env})
+    return subprocess.Popen(
+        [str(BIN / name), *args], stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **env}
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float, log: Path, sig=None) -> str:
@@ -44,7 +44,7 @@ def finish(proc: subprocess.Popen, timeout: float, log: Path, sig=None) -> str:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
-        raise AssertionError(f"{proc.args[0]} did not finish in {timeout} s:\n{text_of(log)[-3000:]}")
+        raise AssertionError(f"{proc.args[0]} did not finish in {timeout} s:\n{text_of(log)[-3000:]}") from None
     text = text_of(log)
     assert proc.returncode == 0, f"{proc.args[0]} exited {proc.returncode}:\n{text[-3000:]}"
     return text
@@ -97,14 +97,30 @@ def test_replay_keeps_timing_across_processes(dds, tmp_path):
         for rate in (1.0, 2.0):
             arrivals = []
             # The middleware's reception time, not the callback's: the probe's executor may run late.
-            probe.node.create_subscription(Image, f"/replayed_{int(rate)}",
-                                           lambda m, info, a=arrivals: a.append((info["received_timestamp"] * 1e-9, m)),
-                                           QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
+            probe.node.create_subscription(
+                Image,
+                f"/replayed_{int(rate)}",
+                lambda m, info, a=arrivals: a.append((info["received_timestamp"] * 1e-9, m)),
+                QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE),
+            )
             log = tmp_path / f"replay_{rate}.log"
-            proc = tool("diffpose-replay", str(tmp_path / "bag"), "--rate", str(rate), "--remap",
-                        f"/bag/image:=/replayed_{int(rate)}", "--wait-for", f"/replayed_{int(rate)}", env=dds, log=log)
-            probe.spin_until(lambda: proc.poll() is not None and len(arrivals) >= len(offsets) or proc.poll() not in (None, 0),
-                             60.0, "the replay")
+            proc = tool(
+                "diffpose-replay",
+                str(tmp_path / "bag"),
+                "--rate",
+                str(rate),
+                "--remap",
+                f"/bag/image:=/replayed_{int(rate)}",
+                "--wait-for",
+                f"/replayed_{int(rate)}",
+                env=dds,
+                log=log,
+            )
+            probe.spin_until(
+                lambda: proc.poll() is not None and len(arrivals) >= len(offsets) or proc.poll() not in (None, 0),
+                60.0,
+                "the replay",
+            )
             text = finish(proc, 30, log)
             probe.pause(0.2)
             assert len(arrivals) == len(offsets), text
@@ -114,7 +130,7 @@ def test_replay_keeps_timing_across_processes(dds, tmp_path):
             errors = np.abs(got - offsets / rate)
             print(f"rate {rate}: timing error median {np.median(errors) * 1e3:.1f} ms, max {errors.max() * 1e3:.1f} ms")
             assert np.median(errors) < 0.02 and errors.max() < 0.15, errors
-            summary = json.loads(text[text.index("{"):])
+            summary = json.loads(text[text.index("{") :])
             assert summary["messages"] == len(offsets)
     finally:
         probe.close()
@@ -168,11 +184,23 @@ def test_replay_start_offset_loop_and_clock(dds, tmp_path):
     try:
         reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
         probe.node.create_subscription(Image, "/bag/image", lambda m: got.append(int(m.data[0])), reliable)
-        probe.node.create_subscription(Clock, "/clock", lambda m: clock.append(m.clock.sec * 10**9 + m.clock.nanosec),
-                                       QoSProfile(depth=100))
+        probe.node.create_subscription(
+            Clock, "/clock", lambda m: clock.append(m.clock.sec * 10**9 + m.clock.nanosec), QoSProfile(depth=100)
+        )
         log = tmp_path / "replay.log"
-        proc = tool("diffpose-replay", str(tmp_path / "bag"), "--start-offset", "0.5", "--loop", "--clock", "50",
-                    "--wait-for", "/bag/image", env=dds, log=log)
+        proc = tool(
+            "diffpose-replay",
+            str(tmp_path / "bag"),
+            "--start-offset",
+            "0.5",
+            "--loop",
+            "--clock",
+            "50",
+            "--wait-for",
+            "/bag/image",
+            env=dds,
+            log=log,
+        )
         probe.spin_until(lambda: len(got) >= 12 or proc.poll() is not None, 60.0, "two passes of the replay")
         text = finish(proc, 30, log, sig=signal.SIGINT)
     finally:
@@ -189,11 +217,14 @@ def test_record_loses_nothing_at_30hz_512(dds, tmp_path):
     from sensor_msgs.msg import Image
 
     log = tmp_path / "record.log"
-    proc = tool("diffpose-record", "--out", str(tmp_path / "rec"), "/rec/image", "--max-messages", "90",
-                env=dds, log=log)
+    proc = tool(
+        "diffpose-record", "--out", str(tmp_path / "rec"), "/rec/image", "--max-messages", "90", env=dds, log=log
+    )
     probe = Probe(domain_id(1))
     try:
-        pub = probe.node.create_publisher(Image, "/rec/image", QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+        pub = probe.node.create_publisher(
+            Image, "/rec/image", QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        )
         probe.spin_until(lambda: pub.get_subscription_count() > 0 or proc.poll() is not None, 60.0, "the recorder")
         t0 = time.time_ns()
         start = time.monotonic()
@@ -240,16 +271,34 @@ def _foreign_bag(path: Path, scene, start_ns: int) -> None:
             t = start_ns + i * 1_000_000_000  # 1 Hz: the node (newest frame only) answers each one
             header = Header(stamp=Time(sec=t // 10**9, nanosec=t % 10**9), frame_id="xray_source")
             frame = scene.frames[i]
-            img = Image(header=header, height=frame.shape[0], width=frame.shape[1], encoding="mono16", is_bigendian=0,
-                        step=frame.shape[1] * 2, data=np.frombuffer(frame.astype("<u2").tobytes(), np.uint8))
-            info = CameraInfo(header=header, height=k.height, width=k.width, distortion_model="plumb_bob",
-                              d=np.zeros(5), k=np.array([k.fx, 0, k.cx, 0, k.fy, k.cy, 0, 0, 1.0]), r=np.eye(3).ravel(),
-                              p=np.array([k.fx, 0, k.cx, 0, 0, k.fy, k.cy, 0, 0, 0, 1.0, 0]), binning_x=0, binning_y=0,
-                              roi=RegionOfInterest(x_offset=0, y_offset=0, height=0, width=0, do_rectify=False))
+            img = Image(
+                header=header,
+                height=frame.shape[0],
+                width=frame.shape[1],
+                encoding="mono16",
+                is_bigendian=0,
+                step=frame.shape[1] * 2,
+                data=np.frombuffer(frame.astype("<u2").tobytes(), np.uint8),
+            )
+            info = CameraInfo(
+                header=header,
+                height=k.height,
+                width=k.width,
+                distortion_model="plumb_bob",
+                d=np.zeros(5),
+                k=np.array([k.fx, 0, k.cx, 0, k.fy, k.cy, 0, 0, 1.0]),
+                r=np.eye(3).ravel(),
+                p=np.array([k.fx, 0, k.cx, 0, 0, k.fy, k.cy, 0, 0, 0, 1.0, 0]),
+                binning_x=0,
+                binning_y=0,
+                roi=RegionOfInterest(x_offset=0, y_offset=0, height=0, width=0, do_rectify=False),
+            )
             T = scene.poses[i]
             q = roma.rotmat_to_unitquat(T[:3, :3]).tolist()
-            gt = PoseStamped(header=Header(stamp=header.stamp, frame_id="ct"),
-                             pose=Pose(position=Point(*(T[:3, 3] / 1000).tolist()), orientation=Quaternion(*q)))
+            gt = PoseStamped(
+                header=Header(stamp=header.stamp, frame_id="ct"),
+                pose=Pose(position=Point(*(T[:3, 3] / 1000).tolist()), orientation=Quaternion(*q)),
+            )
             writer.write(c_img, t, store.serialize_cdr(img, Image.__msgtype__))
             writer.write(c_info, t, store.serialize_cdr(info, CameraInfo.__msgtype__))
             writer.write(c_gt, t, store.serialize_cdr(gt, PoseStamped.__msgtype__))
@@ -262,37 +311,94 @@ def test_bags_replay_through_the_node_and_score(scene, dds, tmp_path):
     from diffpose_ros.core.io import save_json
 
     save_json(tmp_path / "poses.json", {"poses": [{"T_ct_source": T} for T in scene.poses[:3]]})
-    assert make_bag.main(["--out", str(tmp_path / "ours"), "--poses", str(tmp_path / "poses.json"), "--fps", "1",
-                          "--seed", "5"]) == 0
-    node = NodeProcess(["-p", f"patient_model:={scene.model_path}", "-p", "autostart:=true",
-                        "-p", "tracking.max_age_s:=30.0", "-r", "image:=/xray/image", "-r", "camera_info:=/xray/camera_info"],
-                       dds, tmp_path / "node.log")
+    assert (
+        make_bag.main(
+            ["--out", str(tmp_path / "ours"), "--poses", str(tmp_path / "poses.json"), "--fps", "1", "--seed", "5"]
+        )
+        == 0
+    )
+    node = NodeProcess(
+        [
+            "-p",
+            f"patient_model:={scene.model_path}",
+            "-p",
+            "autostart:=true",
+            "-p",
+            "tracking.max_age_s:=30.0",
+            "-r",
+            "image:=/xray/image",
+            "-r",
+            "camera_info:=/xray/camera_info",
+        ],
+        dds,
+        tmp_path / "node.log",
+    )
     probe = Probe(domain_id(1))
     probe.owner = node
     try:
         probe.wait_state("active", timeout=240.0)
         probe.wait_subscribed()
         rec_log = tmp_path / "record.log"
-        recorder = tool("diffpose-record", "--out", str(tmp_path / "out"), "/tf", "/diagnostics", "/xray/camera_info",
-                        env=dds, log=rec_log)
+        recorder = tool(
+            "diffpose-record",
+            "--out",
+            str(tmp_path / "out"),
+            "/tf",
+            "/diagnostics",
+            "/xray/camera_info",
+            env=dds,
+            log=rec_log,
+        )
         wait_for_log(recorder, rec_log, ["recording /tf ", "recording /diagnostics "], 60.0)
         # and the node's publishers have discovered it (the probe sees the recorder's subscriptions)
-        probe.spin_until(lambda: probe.node.count_subscribers("/tf") >= 2 and probe.node.count_subscribers("/diagnostics") >= 2,
-                         60.0, "the recorder's subscriptions")
+        probe.spin_until(
+            lambda: probe.node.count_subscribers("/tf") >= 2 and probe.node.count_subscribers("/diagnostics") >= 2,
+            60.0,
+            "the recorder's subscriptions",
+        )
         play_log = tmp_path / "replay.log"
-        player = tool("diffpose-replay", str(tmp_path / "ours"), "--remap", "/carm/image_raw:=/xray/image",
-                      "/carm/camera_info:=/xray/camera_info", "--topics", "/carm/image_raw", "/carm/camera_info",
-                      "--wait-for", "/xray/image", "/xray/camera_info", env=dds, log=play_log)
+        player = tool(
+            "diffpose-replay",
+            str(tmp_path / "ours"),
+            "--remap",
+            "/carm/image_raw:=/xray/image",
+            "/carm/camera_info:=/xray/camera_info",
+            "--topics",
+            "/carm/image_raw",
+            "/carm/camera_info",
+            "--wait-for",
+            "/xray/image",
+            "/xray/camera_info",
+            env=dds,
+            log=play_log,
+        )
         stamps = [t for _, _, t, _ in read_messages(tmp_path / "ours", ["/carm/image_raw"])]
-        probe.spin_until(lambda: all(probe.frame_status(_stamp(s)) is not None for s in stamps), 180.0,
-                         "the node's answers to the three frames")
+        probe.spin_until(
+            lambda: all(probe.frame_status(_stamp(s)) is not None for s in stamps),
+            180.0,
+            "the node's answers to the three frames",
+        )
         finish(player, 30, play_log)
         probe.pause(1.0)
         finish(recorder, 30, rec_log, sig=signal.SIGINT)
         report = tmp_path / "report"
-        out = subprocess.run([str(BIN / "diffpose-score"), "--truth", str(tmp_path / "ours"), "--estimate",
-                              str(tmp_path / "out"), "--out", str(report)], env={**os.environ, **dds},
-                             capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
+        out = subprocess.run(
+            [
+                str(BIN / "diffpose-score"),
+                "--truth",
+                str(tmp_path / "ours"),
+                "--estimate",
+                str(tmp_path / "out"),
+                "--out",
+                str(report),
+            ],
+            env={**os.environ, **dds},
+            capture_output=True,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            timeout=300,
+        )
         assert out.returncode == 0, out.stdout + out.stderr
         summary = json.loads((report / "summary.json").read_text())
         assert summary["frames"] == 3 and summary["frames_with_pose"] == 3, out.stdout + node.log()
@@ -303,11 +409,33 @@ def test_bags_replay_through_the_node_and_score(scene, dds, tmp_path):
         # A vendor's bag: other topic names, PoseStamped truth, sqlite3; later stamps than ours.
         last = max(stamps)
         _foreign_bag(tmp_path / "foreign", scene, last + 10**9)
-        live = subprocess.run([str(BIN / "diffpose-score"), "--truth", str(tmp_path / "foreign"), "--live",
-                               "--out", str(tmp_path / "live"), "--truth-topic", "/gt", "--remap",
-                               "/c_arm/xray:=/xray/image", "/c_arm/info:=/xray/camera_info", "--outputs", "/tf",
-                               "/diagnostics", "--camera-frame", "xray_source", "--no-overlays"],
-                              env={**os.environ, **dds}, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
+        live = subprocess.run(
+            [
+                str(BIN / "diffpose-score"),
+                "--truth",
+                str(tmp_path / "foreign"),
+                "--live",
+                "--out",
+                str(tmp_path / "live"),
+                "--truth-topic",
+                "/gt",
+                "--remap",
+                "/c_arm/xray:=/xray/image",
+                "/c_arm/info:=/xray/camera_info",
+                "--outputs",
+                "/tf",
+                "/diagnostics",
+                "--camera-frame",
+                "xray_source",
+                "--no-overlays",
+            ],
+            env={**os.environ, **dds},
+            capture_output=True,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            timeout=300,
+        )
         assert live.returncode == 0, live.stdout + live.stderr
         summary = json.loads((tmp_path / "live" / "summary.json").read_text())
         assert summary["frames"] == 2 and summary["frames_with_pose"] == 2, live.stdout + node.log()
@@ -324,16 +452,33 @@ def _stamp(ns: int):
     return Time(sec=ns // 10**9, nanosec=ns % 10**9)
 
 
-
 def test_main_job_end_to_end(scene, dds, tmp_path):
     """diffpose-demo (the README's main job) with a given model and three frames: bag, node process,
     replay, record, score; exit 0 only when every frame got a pose."""
     from diffpose_ros.core.io import save_json
 
     save_json(tmp_path / "poses.json", {"poses": [{"T_ct_source": T} for T in scene.poses[:3]]})
-    run = subprocess.run([str(BIN / "diffpose-demo"), "--out", str(tmp_path / "demo"), "--model", str(scene.model_path),
-                          "--poses", str(tmp_path / "poses.json"), "--fps", "1", "--rate", "1"],
-                         env={**os.environ, **dds}, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
+    run = subprocess.run(
+        [
+            str(BIN / "diffpose-demo"),
+            "--out",
+            str(tmp_path / "demo"),
+            "--model",
+            str(scene.model_path),
+            "--poses",
+            str(tmp_path / "poses.json"),
+            "--fps",
+            "1",
+            "--rate",
+            "1",
+        ],
+        env={**os.environ, **dds},
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["frames"] == 3 and summary["frames_with_pose"] == 3

@@ -12,7 +12,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from ros_harness import FRAME_POSES, ros_disabled
 
 if ros_disabled():
@@ -34,10 +33,14 @@ SIZE, SPACING, FPS = 128, 2.4, 10.0
 
 
 def frame_poses(center) -> torch.Tensor:
-    return torch.stack([
-        carm_pose(math.radians(a), math.radians(b), math.radians(g), sod, center + torch.tensor(off, dtype=torch.float64))
-        for (a, b, g), sod, off in FRAME_POSES[:3]
-    ])
+    return torch.stack(
+        [
+            carm_pose(
+                math.radians(a), math.radians(b), math.radians(g), sod, center + torch.tensor(off, dtype=torch.float64)
+            )
+            for (a, b, g), sod, off in FRAME_POSES[:3]
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +51,21 @@ def made(tmp_path_factory):
     hu = load_ct(default_ct_path())
     poses = frame_poses(hu.center)
     save_json(d / "poses.json", {"poses": [{"T_ct_source": T} for T in poses]})
-    args = ["--out", str(d / "bag"), "--poses", str(d / "poses.json"), "--fps", str(FPS),
-            "--size", str(SIZE), str(SIZE), "--pixel-mm", str(SPACING), "--seed", "3"]
+    args = [
+        "--out",
+        str(d / "bag"),
+        "--poses",
+        str(d / "poses.json"),
+        "--fps",
+        str(FPS),
+        "--size",
+        str(SIZE),
+        str(SIZE),
+        "--pixel-mm",
+        str(SPACING),
+        "--seed",
+        "3",
+    ]
     assert make_bag.main(args) == 0
     return d, hu, poses
 
@@ -66,8 +82,12 @@ def test_made_bag_reads_back_with_rosbags_and_rclpy(made):
         types = {c.topic: c.msgtype for c in reader.connections}
         for conn, t_ns, raw in reader.messages():
             by_topic.setdefault(conn.topic, []).append((t_ns, store.deserialize_cdr(raw, conn.msgtype), raw))
-    assert types == {"/carm/image_raw": "sensor_msgs/msg/Image", "/carm/camera_info": "sensor_msgs/msg/CameraInfo",
-                     "/tf_ground_truth": "tf2_msgs/msg/TFMessage", "/diffpose/scene": "std_msgs/msg/String"}
+    assert types == {
+        "/carm/image_raw": "sensor_msgs/msg/Image",
+        "/carm/camera_info": "sensor_msgs/msg/CameraInfo",
+        "/tf_ground_truth": "tf2_msgs/msg/TFMessage",
+        "/diffpose/scene": "std_msgs/msg/String",
+    }
     images, infos, truths = by_topic["/carm/image_raw"], by_topic["/carm/camera_info"], by_topic["/tf_ground_truth"]
     assert len(images) == len(infos) == len(truths) == 3
 
@@ -75,7 +95,11 @@ def test_made_bag_reads_back_with_rosbags_and_rclpy(made):
         return stamp.sec * 1_000_000_000 + stamp.nanosec
 
     image_stamps = [ns(m.header.stamp) for _, m, _ in images]
-    assert image_stamps == [ns(m.header.stamp) for _, m, _ in infos] == [ns(m.transforms[0].header.stamp) for _, m, _ in truths]
+    assert (
+        image_stamps
+        == [ns(m.header.stamp) for _, m, _ in infos]
+        == [ns(m.transforms[0].header.stamp) for _, m, _ in truths]
+    )
     assert image_stamps == [t for t, _, _ in images], "messages are logged at their stamps"
     assert np.allclose(np.diff(image_stamps) * 1e-9, 1 / FPS, atol=1e-6)
     renderer = Renderer(hu_to_mu(hu))
@@ -97,11 +121,32 @@ def test_made_bag_reads_back_with_rosbags_and_rclpy(made):
 
 def test_make_bag_mirrored_mono8_sqlite(made, tmp_path):
     d, hu, poses = made
-    args = ["--out", str(tmp_path / "m"), "--poses", str(d / "poses.json"), "--size", "96", "64", "--pixel-mm", "3.0",
-            "--encoding", "mono8", "--mirror", "--storage", "sqlite3", "--principal-point", "50", "30", "--seed", "3"]
+    args = [
+        "--out",
+        str(tmp_path / "m"),
+        "--poses",
+        str(d / "poses.json"),
+        "--size",
+        "96",
+        "64",
+        "--pixel-mm",
+        "3.0",
+        "--encoding",
+        "mono8",
+        "--mirror",
+        "--storage",
+        "sqlite3",
+        "--principal-point",
+        "50",
+        "30",
+        "--seed",
+        "3",
+    ]
     assert make_bag.main(args) == 0
     assert any(p.suffix == ".db3" for p in (tmp_path / "m").iterdir())
-    msgs = {t: decode(raw, mt) for t, mt, _, raw in read_messages(tmp_path / "m", ["/carm/image_raw", "/carm/camera_info"])}
+    msgs = {
+        t: decode(raw, mt) for t, mt, _, raw in read_messages(tmp_path / "m", ["/carm/image_raw", "/carm/camera_info"])
+    }
     image, info = msgs["/carm/image_raw"], msgs["/carm/camera_info"]
     assert (image.encoding, image.width, image.height) == ("mono8", 96, 64)
     assert info.k[2] == pytest.approx(95 - 50) and info.k[5] == pytest.approx(30), "camera_info of the mirrored image"
@@ -151,7 +196,9 @@ def test_score_reports_known_errors(made, tmp_path, capsys):
     shift = np.eye(4)
     shift[0, 3] = 1.5  # 1.5 mm along the source x axis: every target moves by exactly 1.5 mm
     _doctored(d / "bag", tmp_path / "est", lambda T: T @ shift, delay_s=0.25, drop={1})
-    assert score.main(["--truth", str(d / "bag"), "--estimate", str(tmp_path / "est"), "--out", str(tmp_path / "r")]) == 0
+    assert (
+        score.main(["--truth", str(d / "bag"), "--estimate", str(tmp_path / "est"), "--out", str(tmp_path / "r")]) == 0
+    )
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["frames"] == 3 and summary["frames_with_pose"] == 2 and summary["frames_without_pose"] == 1
     assert summary["median_mtre_mm"] == pytest.approx(1.5, abs=1e-6)

@@ -38,9 +38,16 @@ def _raw_image(a: np.ndarray, encoding: str, step: int, bigendian: bool) -> Imag
 
 @pytest.mark.parametrize(
     "encoding, dtype, bigendian",
-    [("mono8", np.uint8, False), ("8UC1", np.uint8, False), ("mono16", np.uint16, False),
-     ("mono16", np.uint16, True), ("16UC1", np.uint16, False), ("16UC1", np.uint16, True),
-     ("32FC1", np.float32, False), ("32FC1", np.float32, True)],
+    [
+        ("mono8", np.uint8, False),
+        ("8UC1", np.uint8, False),
+        ("mono16", np.uint16, False),
+        ("mono16", np.uint16, True),
+        ("16UC1", np.uint16, False),
+        ("16UC1", np.uint16, True),
+        ("32FC1", np.float32, False),
+        ("32FC1", np.float32, True),
+    ],
 )
 @pytest.mark.parametrize("padding", [0, 6])
 def test_image_to_numpy_step_padding_and_endianness(encoding, dtype, bigendian, padding):
@@ -62,8 +69,9 @@ def test_big_endian_mono16_known_bytes():
     np.testing.assert_array_equal(cv.image_to_numpy(msg), [[0x0201, 0x00FF]])
 
 
-@pytest.mark.parametrize("encoding, dtype", [("mono8", np.uint8), ("mono16", np.uint16), ("16UC1", np.uint16),
-                                             ("32FC1", np.float32)])
+@pytest.mark.parametrize(
+    "encoding, dtype", [("mono8", np.uint8), ("mono16", np.uint16), ("16UC1", np.uint16), ("32FC1", np.float32)]
+)
 @pytest.mark.parametrize("bigendian", [False, True])
 def test_numpy_image_round_trip(encoding, dtype, bigendian):
     a = (np.arange(6 * 9).reshape(6, 9) * 3).astype(dtype)
@@ -168,9 +176,14 @@ def _rot(axis, degrees):
 
 @pytest.mark.parametrize(
     "axis, degrees, quaternion",
-    [("x", 0.0, (0, 0, 0, 1)), ("x", 90.0, (math.sqrt(0.5), 0, 0, math.sqrt(0.5))),
-     ("y", 90.0, (0, math.sqrt(0.5), 0, math.sqrt(0.5))), ("z", -90.0, (0, 0, -math.sqrt(0.5), math.sqrt(0.5))),
-     ("z", 180.0, (0, 0, 1, 0)), ("y", 60.0, (0, 0.5, 0, math.sqrt(0.75)))],
+    [
+        ("x", 0.0, (0, 0, 0, 1)),
+        ("x", 90.0, (math.sqrt(0.5), 0, 0, math.sqrt(0.5))),
+        ("y", 90.0, (0, math.sqrt(0.5), 0, math.sqrt(0.5))),
+        ("z", -90.0, (0, 0, -math.sqrt(0.5), math.sqrt(0.5))),
+        ("z", 180.0, (0, 0, 1, 0)),
+        ("y", 60.0, (0, 0.5, 0, math.sqrt(0.75))),
+    ],
 )
 def test_quaternion_of_known_rotations(axis, degrees, quaternion):
     T = _rot(axis, degrees)
@@ -192,13 +205,15 @@ def test_ct_ras_static_transform():
 def test_pose_messages_round_trip_random_poses():
     g = torch.Generator().manual_seed(3)
     for _ in range(20):
-        xi = torch.randn(6, generator=g, dtype=torch.float64) * torch.tensor([300.0] * 3 + [1.5] * 3, dtype=torch.float64)
+        xi = torch.randn(6, generator=g, dtype=torch.float64) * torch.tensor(
+            [300.0] * 3 + [1.5] * 3, dtype=torch.float64
+        )
         T = se3.exp(xi).numpy()
         np.testing.assert_allclose(cv.transform_to_matrix(cv.matrix_to_transform(T)), T, atol=1e-9)
         np.testing.assert_allclose(cv.pose_to_matrix(cv.matrix_to_pose(T)), T, atol=1e-9)
         msg = cv.matrix_to_transform(T)
         assert msg.translation.x == pytest.approx(T[0, 3] / 1000)
-        assert math.isclose(msg.rotation.x ** 2 + msg.rotation.y ** 2 + msg.rotation.z ** 2 + msg.rotation.w ** 2, 1.0)
+        assert math.isclose(msg.rotation.x**2 + msg.rotation.y**2 + msg.rotation.z**2 + msg.rotation.w**2, 1.0)
     with pytest.raises(ValueError):
         cv.matrix_to_transform(np.full((4, 4), np.nan))
 

@@ -23,7 +23,11 @@ def _tree():
 
 
 def _calls(tree, name):
-    return [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", getattr(n.func, "attr", None)) == name]
+    return [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and getattr(n.func, "id", getattr(n.func, "attr", None)) == name
+    ]
 
 
 def _module_constants() -> dict:
@@ -73,11 +77,16 @@ def test_launch_file_node_and_remappings():
     params = kw["parameters"].elts
     assert _const(params[0].args[0]) == "params_file"
     source = LAUNCH_FILE.read_text()
-    for key in ("'autostart'", "'use_sim_time'", "'patient_model'"):
+    for key in ('"autostart"', '"use_sim_time"', '"patient_model"'):  # ruff format's double quotes
         assert f"overrides[{key}]" in source or f"{key}:" in source, key
     # The default params_file is the installed package share (ament index).
-    (default,) = [k.value for c in _calls(tree, "DeclareLaunchArgument") if _const(c.args[0]) == "params_file"
-                  for k in c.keywords if k.arg == "default_value"]
+    (default,) = [
+        k.value
+        for c in _calls(tree, "DeclareLaunchArgument")
+        if _const(c.args[0]) == "params_file"
+        for k in c.keywords
+        if k.arg == "default_value"
+    ]
     assert _calls(default, "FindPackageShare") and "diffpose.yaml" in ast.unparse(default)
 
 
@@ -89,8 +98,10 @@ def test_setup_installs_launch_and_config():
 
 def test_launch_file_runs_where_launch_ros_imports(tmp_path):
     if importlib.util.find_spec("launch_ros") is None or importlib.util.find_spec("launch") is None:
-        pytest.skip("launch_ros is not installed here (not on PyPI; it comes with a ROS 2 install): "
-                    "the launch file is only checked statically")
+        pytest.skip(
+            "launch_ros is not installed here (not on PyPI; it comes with a ROS 2 install): "
+            "the launch file is only checked statically"
+        )
     from launch import LaunchContext, LaunchDescription
     from launch.actions import DeclareLaunchArgument, OpaqueFunction
 
@@ -103,11 +114,19 @@ def test_launch_file_runs_where_launch_ros_imports(tmp_path):
     assert ARGUMENTS <= names
     (opaque,) = [e for e in description.entities if isinstance(e, OpaqueFunction)]
     context = LaunchContext()
-    context.launch_configurations.update({
-        "params_file": str(CONFIG_YAML), "patient_model": str(tmp_path / "m.safetensors"), "image_topic": "/x/image",
-        "camera_info_topic": "/x/camera_info", "use_sim_time": "true", "autostart": "true", "namespace": "",
-        "log_level": "info", "fastdds_profile": "",
-    })
+    context.launch_configurations.update(
+        {
+            "params_file": str(CONFIG_YAML),
+            "patient_model": str(tmp_path / "m.safetensors"),
+            "image_topic": "/x/image",
+            "camera_info_topic": "/x/camera_info",
+            "use_sim_time": "true",
+            "autostart": "true",
+            "namespace": "",
+            "log_level": "info",
+            "fastdds_profile": "",
+        }
+    )
     (node,) = opaque.execute(context)
     assert type(node).__name__ == "LifecycleNode"
 

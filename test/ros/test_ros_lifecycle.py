@@ -44,12 +44,39 @@ def procs(scene, tmp_path_factory, env_patch):
     corrupt = tmp / "truncated.safetensors"
     corrupt.write_bytes(scene.model_path.read_bytes()[:4096])
     started = {
-        "missing": NodeProcess(["-r", "__ns:=/missing", "-p", f"patient_model:={tmp / 'does_not_exist.safetensors'}",
-                                "-p", "autostart:=true"], env, tmp / "missing.log"),
-        "corrupt": NodeProcess(["-r", "__ns:=/corrupt", "-p", f"patient_model:={corrupt}", "-p", "autostart:=true"],
-                               env, tmp / "corrupt.log"),
-        "lc": NodeProcess(["-r", "__ns:=/lc", "-p", f"patient_model:={scene.model_path}", "-p", "invert:=true",
-                           "-p", "image_qos:=reliable", "-p", "camera_frame:=lc_source"], env, tmp / "lc.log"),
+        "missing": NodeProcess(
+            [
+                "-r",
+                "__ns:=/missing",
+                "-p",
+                f"patient_model:={tmp / 'does_not_exist.safetensors'}",
+                "-p",
+                "autostart:=true",
+            ],
+            env,
+            tmp / "missing.log",
+        ),
+        "corrupt": NodeProcess(
+            ["-r", "__ns:=/corrupt", "-p", f"patient_model:={corrupt}", "-p", "autostart:=true"],
+            env,
+            tmp / "corrupt.log",
+        ),
+        "lc": NodeProcess(
+            [
+                "-r",
+                "__ns:=/lc",
+                "-p",
+                f"patient_model:={scene.model_path}",
+                "-p",
+                "invert:=true",
+                "-p",
+                "image_qos:=reliable",
+                "-p",
+                "camera_frame:=lc_source",
+            ],
+            env,
+            tmp / "lc.log",
+        ),
     }
     probe = Probe(domain, image_topic="/lc/image", info_topic="/lc/camera_info")
     probe.subscribe_tf_static()
@@ -67,7 +94,9 @@ def _configure_failure(probe: Probe, proc: NodeProcess, ns: str, expect: str):
     node = f"/{ns}/diffpose_node"
     summary = probe.spin_until(
         lambda: [s for s in probe.summaries if s.name == f"{ns}/diffpose_node: pipeline" and s.level == DIAG_ERROR],
-        180.0, f"the configure failure of {node} on /diagnostics")[-1]
+        180.0,
+        f"the configure failure of {node} on /diagnostics",
+    )[-1]
     assert expect in summary.message, summary.message
     assert probe.get_state(node) == "unconfigured"
     assert expect in proc.log(20000)
@@ -119,8 +148,11 @@ def test_lifecycle_transitions_over_services(procs, scene):
 
         assert probe.change_state(Transition.TRANSITION_DEACTIVATE, node)
         assert probe.get_state(node) == "inactive"
-        probe.spin_until(lambda: probe.image_pub.get_subscription_count() == 0, 30.0,
-                         "the image subscription to go away on deactivate")
+        probe.spin_until(
+            lambda: probe.image_pub.get_subscription_count() == 0,
+            30.0,
+            "the image subscription to go away on deactivate",
+        )
         assert probe.change_state(Transition.TRANSITION_CLEANUP, node)
         assert probe.get_state(node) == "unconfigured"
         if cycle == 0:
@@ -136,8 +168,15 @@ def test_diagnostics_name_each_node(procs):
     names = {s.name for s in probe.summaries}
     assert {"missing/diffpose_node: pipeline", "corrupt/diffpose_node: pipeline", "lc/diffpose_node: pipeline"} <= names
     # /lc ends the lifecycle test unconfigured: its next periodic summary says so.
-    probe.spin_until(lambda: any(status_values(s)["state"] == "unconfigured" for s in probe.summaries
-                                 if s.name == "lc/diffpose_node: pipeline"), 30.0, "an unconfigured /lc summary")
+    probe.spin_until(
+        lambda: any(
+            status_values(s)["state"] == "unconfigured"
+            for s in probe.summaries
+            if s.name == "lc/diffpose_node: pipeline"
+        ),
+        30.0,
+        "an unconfigured /lc summary",
+    )
     states = {status_values(s)["state"] for s in probe.summaries if s.name == "lc/diffpose_node: pipeline"}
     labels = {"unconfigured", "inactive", "active", "configuring", "activating", "deactivating", "cleaningup"}
     assert "unconfigured" in states and states <= labels, states

@@ -14,7 +14,6 @@ import math
 import numpy as np
 import pytest
 import yaml
-
 from ros_harness import (
     CONFIG_YAML,
     NodeProcess,
@@ -58,8 +57,18 @@ def ros(scene, tmp_path_factory, env_patch):
     tmp = tmp_path_factory.mktemp("node")
     yaml_path, params = _test_yaml(tmp)
     proc = NodeProcess(
-        ["--params-file", str(yaml_path), "-p", f"patient_model:={scene.model_path}", "-p", "autostart:=true",
-         "-r", "image:=/xray/image", "-r", "camera_info:=/xray/camera_info"],
+        [
+            "--params-file",
+            str(yaml_path),
+            "-p",
+            f"patient_model:={scene.model_path}",
+            "-p",
+            "autostart:=true",
+            "-r",
+            "image:=/xray/image",
+            "-r",
+            "camera_info:=/xray/camera_info",
+        ],
         env,
         tmp / "node.log",
     )
@@ -113,16 +122,29 @@ def test_ct_ras_static_transform_is_latched(ros):
     from tf2_msgs.msg import TFMessage
 
     late = []
-    probe.node.create_subscription(TFMessage, "/tf_static", lambda m: late.extend(m.transforms),
-                                   QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
-                                              durability=DurabilityPolicy.TRANSIENT_LOCAL))
+    probe.node.create_subscription(
+        TFMessage,
+        "/tf_static",
+        lambda m: late.extend(m.transforms),
+        QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL),
+    )
     probe.spin_until(lambda: late, 30.0, "the latched /tf_static for a late subscriber")
 
 
 def test_parameters_from_yaml_are_applied(ros):
     probe, _, params = ros
-    got = probe.get_parameters(["camera_frame", "gate.min_similarity", "tracking.max_age_s", "overlay.width",
-                                "diagnostics.period_s", "image_qos", "intrinsics.sdd_mm", "autostart"])
+    got = probe.get_parameters(
+        [
+            "camera_frame",
+            "gate.min_similarity",
+            "tracking.max_age_s",
+            "overlay.width",
+            "diagnostics.period_s",
+            "image_qos",
+            "intrinsics.sdd_mm",
+            "autostart",
+        ]
+    )
     assert got == {
         "camera_frame": YAML_CAMERA_FRAME,
         "gate.min_similarity": params["gate"]["min_similarity"],
@@ -142,8 +164,10 @@ def test_tf_at_image_stamps_with_small_mtre(ros, scene):
         image, tf, status = _send_good(probe, scene, index, frame_id)
         values = status_values(status)
         error = mtre_mm(scene, _tf_matrix(tf), index)
-        print(f"frame {index}: mTRE {error:.3f} mm, {values['mode']}, similarity {values['similarity']}, "
-              f"{values['iterations']} iterations, {values['t_total_s']} s")
+        print(
+            f"frame {index}: mTRE {error:.3f} mm, {values['mode']}, similarity {values['similarity']}, "
+            f"{values['iterations']} iterations, {values['t_total_s']} s"
+        )
         assert error < MTRE_LIMIT_MM
         assert tf.header.stamp == image.header.stamp
         stamps.append(stamp_key(tf.header.stamp))
@@ -160,8 +184,9 @@ def test_pose_topic_has_a_positive_definite_covariance(ros, scene):
     from diffpose_ros.ros.conversions import pose_to_matrix
 
     image, tf, _ = _send_good(probe, scene, 3)
-    (pose,) = probe.spin_until(lambda: [p for p in probe.poses if p.header.stamp == image.header.stamp], 30.0,
-                               "~/pose at the image's stamp")
+    (pose,) = probe.spin_until(
+        lambda: [p for p in probe.poses if p.header.stamp == image.header.stamp], 30.0, "~/pose at the image's stamp"
+    )
     assert pose.header.frame_id == "ct"
     np.testing.assert_allclose(pose_to_matrix(pose.pose.pose), _tf_matrix(tf), atol=1e-9)
     C = np.asarray(pose.pose.covariance, dtype=np.float64).reshape(6, 6)
@@ -192,8 +217,9 @@ def test_overlay_published_while_subscribed(ros, scene):
     try:
         probe.spin_until(lambda: sub.get_publisher_count() > 0, 30.0, "the ~/overlay publisher")
         image, _, _ = _send_good(probe, scene, 4)
-        (overlay,) = probe.spin_until(lambda: [o for o in probe.overlays if o.header.stamp == image.header.stamp],
-                                      30.0, "~/overlay")
+        (overlay,) = probe.spin_until(
+            lambda: [o for o in probe.overlays if o.header.stamp == image.header.stamp], 30.0, "~/overlay"
+        )
         assert overlay.encoding == "bgr8" and overlay.width == 128 and overlay.height == 128
         from diffpose_ros.ros.conversions import image_to_numpy
 
@@ -207,12 +233,25 @@ def test_overlay_published_while_subscribed(ros, scene):
 def test_diagnostics_summary(ros):
     probe, _, _ = ros
     probe.summaries.clear()
-    status = probe.spin_until(lambda: [s for s in probe.summaries if status_values(s).get("frames_published", "0") != "0"],
-                              30.0, "a diagnostics summary")[-1]
+    status = probe.spin_until(
+        lambda: [s for s in probe.summaries if status_values(s).get("frames_published", "0") != "0"],
+        30.0,
+        "a diagnostics summary",
+    )[-1]
     values = status_values(status)
-    for key in ("rate_in_hz", "rate_out_hz", "frames_dropped", "latency_receipt_to_publish_median_s",
-                "latency_stamp_to_publish_median_s", "rss_mb", "device", "last_similarity", "last_iterations",
-                "last_mode", "last_t_refine_s"):
+    for key in (
+        "rate_in_hz",
+        "rate_out_hz",
+        "frames_dropped",
+        "latency_receipt_to_publish_median_s",
+        "latency_stamp_to_publish_median_s",
+        "rss_mb",
+        "device",
+        "last_similarity",
+        "last_iterations",
+        "last_mode",
+        "last_t_refine_s",
+    ):
         assert key in values, key
     assert values["device"] == "cpu" or values["device"].startswith("cuda")
     assert float(values["rss_mb"]) > 50
@@ -265,7 +304,9 @@ def test_covariance_grows_with_less_information(ros, scene):
         msg = numpy_to_image(frame, "mono16", header=image.header)
         status = probe.send(msg, info)
         assert status.level == DIAG_OK, status.message
-        (pose,) = probe.spin_until(lambda: [p for p in probe.poses if p.header.stamp == msg.header.stamp], 30.0, "~/pose")
+        (pose,) = probe.spin_until(
+            lambda: [p for p in probe.poses if p.header.stamp == msg.header.stamp], 30.0, "~/pose"
+        )
         C = np.asarray(pose.pose.covariance).reshape(6, 6)
         traces.append((np.trace(C[:3, :3]), np.trace(C[3:, 3:]), status_values(status)["similarity"]))
     print("covariance traces (position m^2, rotation rad^2, similarity) at i0 2e4 / 300:", traces)
@@ -388,16 +429,18 @@ def test_parameter_intrinsics_when_no_camera_info(ros, scene):
     probe, _, _ = ros
     from rclpy.parameter import Parameter
 
-    results = probe.set_parameters([Parameter("intrinsics.sdd_mm", value=1020.0),
-                                    Parameter("intrinsics.pixel_spacing_mm", value=1.2)])
+    results = probe.set_parameters(
+        [Parameter("intrinsics.sdd_mm", value=1020.0), Parameter("intrinsics.pixel_spacing_mm", value=1.2)]
+    )
     assert all(r.successful for r in results), results
     try:
         image, tf, status = _send_good(probe, scene, 5, with_info=False)
         assert status_values(status)["intrinsics_source"] == "parameters"
         assert mtre_mm(scene, _tf_matrix(tf), 5) < MTRE_LIMIT_MM
     finally:
-        probe.set_parameters([Parameter("intrinsics.sdd_mm", value=0.0),
-                              Parameter("intrinsics.pixel_spacing_mm", value=0.0)])
+        probe.set_parameters(
+            [Parameter("intrinsics.sdd_mm", value=0.0), Parameter("intrinsics.pixel_spacing_mm", value=0.0)]
+        )
 
 
 def test_good_frame_after_bad_input_gets_tf(ros, scene):
