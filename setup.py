@@ -34,7 +34,6 @@ setup(
         "timm>=0.9",
         "PyYAML>=6",
         "opencv-python-headless>=4.8",
-        "pillow>=10",
         "tqdm>=4.60",
         "matplotlib>=3.7",
         # rosbag2 files (sqlite3, mcap) for the bag tools, without rosbag2_py

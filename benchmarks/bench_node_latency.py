@@ -45,7 +45,7 @@ if str(REPO) not in sys.path:
 
 from diffpose_ros.core import bundle, geometry, metrics, regressor, render, simulate, volume  # noqa: E402
 from diffpose_ros.core.pipeline import Pipeline  # noqa: E402
-from diffpose_ros.core.preprocess import line_integrals_from_transmission  # noqa: E402
+from diffpose_ros.core.preprocess import prepare_frame  # noqa: E402
 
 SDD, DETECTOR, SPACING = 1020.0, 256, 1.2
 
@@ -164,8 +164,7 @@ def run_device(device: str, model_path: Path, cold, track, targets) -> None:
         t0, c0 = time.perf_counter(), time.process_time()
         array = image_to_numpy(msg)
         k = camera_info_to_intrinsics(info, array.shape[1], array.shape[0])
-        L = line_integrals_from_transmission(array)
-        result = pipeline.process(L, k, stamp=stamp, track=track_flag)
+        result = pipeline.process(prepare_frame(array, "transmission", k), stamp=stamp, track=track_flag)
         matrix_to_transform(result.pose)
         covariance_to_ros(result.pose, result.covariance)
         if device.startswith("cuda"):

@@ -3,7 +3,7 @@
 #
 #   bash scripts/dev.sh setup          create/update .venv (idempotent, fast when up to date)
 #   bash scripts/dev.sh demo  [args]   setup, then run diffpose-demo (bundled chest CT)
-#   bash scripts/dev.sh test  [args]   setup, then pytest on test/ (extra args go to pytest)
+#   bash scripts/dev.sh test  [args]   setup, ruff (lint + format check), then pytest on test/ (args go to pytest)
 #   bash scripts/dev.sh bench [args]   setup, then every benchmarks/bench_*.py (args go to each)
 #
 # Environment:
@@ -120,6 +120,9 @@ cmd_setup() {
 
 cmd_test() {
     [[ -d test ]] || die "no test/ directory"
+    log "ruff: lint and format check (ruff.toml)"
+    "$VENV/bin/ruff" check . || die "ruff check found problems (fix them, or 'ruff check --fix .')"
+    "$VENV/bin/ruff" format --check . || die "ruff format would change files (run '$VENV/bin/ruff format .')"
     local rc=0
     "$PY" -m pytest -q test "$@" || rc=$?
     case $rc in

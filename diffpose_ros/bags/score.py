@@ -324,40 +324,30 @@ def write_overlays(
     count: int = 4,
 ) -> list[str]:
     """PNGs of a few frames (first, median error, worst, last) with the DRR's edges at the estimate."""
-    from ..core.io import write_overlay
-    from ..core.preprocess import line_integrals_from_transmission
-    from ..core.register import resample_image
+    from ..core.io import write_picture
+    from ..core.overlay import render_overlay
     from ..core.render import Renderer
     from ..core.volume import hu_to_mu, load_ct
-    from ..ros.conversions import image_to_numpy
+    from ..ros.conversions import image_to_frame
 
     scored = [r for r in rows if "mtre_mm" in r]
     if not scored or truth.camera is None or truth.image_topic is None:
         return []
     by_error = sorted(scored, key=lambda r: r["mtre_mm"])
-    picks = [scored[0], by_error[len(by_error) // 2], by_error[-1], scored[-1]]
-    chosen = list(dict.fromkeys(r["stamp"] for r in picks))[:count]
-    labels = {
-        scored[0]["stamp"]: "first",
-        by_error[len(by_error) // 2]["stamp"]: "median",
-        by_error[-1]["stamp"]: "worst",
-        scored[-1]["stamp"]: "last",
-    }
+    picks = {"first": scored[0], "median": by_error[len(by_error) // 2], "worst": by_error[-1], "last": scored[-1]}
+    chosen = list(dict.fromkeys(r["stamp"] for r in picks.values()))[:count]
+    labels = {row["stamp"]: label for label, row in picks.items()}  # a later label wins for a shared stamp
     renderer = Renderer(hu_to_mu(load_ct(ct_path)))
-    camera = truth.camera.mirrored() if mirror else truth.camera
-    small = camera.resized(min(256, camera.width))
     names = []
-    for topic, msgtype, _, raw in read_messages(truth.bag, [truth.image_topic]):
+    for _, msgtype, _, raw in read_messages(truth.bag, [truth.image_topic]):
         msg = decode(raw, msgtype)
         key = stamp_key(stamp_ns(msg.header.stamp))
         if key not in chosen:
             continue
-        L = line_integrals_from_transmission(image_to_numpy(msg), mirror=mirror)
-        xray = resample_image(L, small.width, small.height)
-        with torch.no_grad():
-            drr = renderer.render(torch.from_numpy(estimates.poses[stamp_ns(msg.header.stamp)]), small)
+        frame = image_to_frame(msg, truth.camera, mirror=mirror)
+        pose = torch.from_numpy(estimates.poses[stamp_ns(msg.header.stamp)])
         name = f"overlay_{labels[key]}_{key.replace('.', '_')}.png"
-        write_overlay(out / name, xray, drr)
+        write_picture(out / name, render_overlay(renderer, frame, pose, 256))
         names.append(name)
     return names
 
@@ -384,12 +374,14 @@ def write_report(out: str | Path, summary: dict, rows: list[dict], pictures: lis
         f"| 3D mTRE median / mean / p90 / max | {_fmt(s['median_mtre_mm'])} / {_fmt(s['mean_mtre_mm'])} / "
         f"{_fmt(s['p90_mtre_mm'])} / {_fmt(s['max_mtre_mm'])} mm |",
         f"| mPE median | {_fmt(s['median_mpe_mm'])} mm |",
-        f"| rotation / translation error median | {_fmt(s['median_rotation_deg'])} deg / {_fmt(s['median_translation_mm'])} mm |",
+        f"| rotation / translation error median | {_fmt(s['median_rotation_deg'])} deg / "
+        f"{_fmt(s['median_translation_mm'])} mm |",
         f"| success < 1 / 2 / 10 mm | {_fmt(s['success_rate_1mm'], '.1%')} / {_fmt(s['success_rate_2mm'], '.1%')} / "
         f"{_fmt(s['success_rate_10mm'], '.1%')} |",
         f"| latency median / p90 / max ({s.get('latency_source')}) | {_fmt(s['median_latency_s'], '.3f')} / "
         f"{_fmt(s['p90_latency_s'], '.3f')} / {_fmt(s['max_latency_s'], '.3f')} s |",
-        f"| throughput (poses) / input rate | {_fmt(s['throughput_hz'], '.2f')} / {_fmt(s['input_rate_hz'], '.2f')} Hz |",
+        f"| throughput (poses) / input rate | {_fmt(s['throughput_hz'], '.2f')} / "
+        f"{_fmt(s['input_rate_hz'], '.2f')} Hz |",
         "",
     ]
     lines += [f"![{p}]({p})" for p in pictures]

@@ -19,14 +19,14 @@ import torch
 
 from ..core import metrics
 from ..core.geometry import CONTRACT_PIXEL_MM, CONTRACT_SDD_MM, Intrinsics
-from ..core.io import overlay_edges, save_json
+from ..core.io import save_json
 from ..core.pipeline import Pipeline
-from ..core.preprocess import line_integrals_from_transmission
+from ..core.preprocess import prepare_frame
 from ..core.render import Renderer
 from ..core.sampling import CLINICAL_RANGE, sample_views
 from ..core.simulate import simulate_transmission
-from ..core.volume import default_ct_path, default_labels_path, hu_to_mu, label_centroids, load_ct, load_labels
-from .common import run_cli
+from ..core.volume import hu_to_mu
+from .common import load_ct_and_targets, run_cli
 
 
 def summarize(frames: list[dict]) -> dict:
@@ -101,10 +101,7 @@ def _main(argv: list[str] | None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pipeline = Pipeline.from_file(args.model, device=args.device)
-    ct_path = Path(args.ct) if args.ct else default_ct_path()
-    hu = load_ct(ct_path)
-    mask = args.mask or (default_labels_path() if args.ct is None else None)
-    targets = label_centroids(load_labels(mask, hu))[0] if mask else metrics.grid_targets(hu.center)
+    ct_path, hu, targets, _ = load_ct_and_targets(args.ct, args.mask)
     camera = Intrinsics.from_detector(CONTRACT_SDD_MM, 256, 256, CONTRACT_PIXEL_MM)
     poses = sample_views(CLINICAL_RANGE, args.views, hu.center, torch.Generator().manual_seed(args.seed))[0]
     renderer = Renderer(hu_to_mu(hu))
@@ -132,9 +129,8 @@ def _main(argv: list[str] | None) -> int:
     frames, overlays = [], []
     start = time.perf_counter()
     for i, (truth, drr) in enumerate(zip(poses, drrs)):
-        frame = simulate_transmission(drr, i0=args.i0, rng=rng)
-        image = line_integrals_from_transmission(frame)
-        result = pipeline.process(image, camera, track=False)
+        frame = prepare_frame(simulate_transmission(drr, i0=args.i0, rng=rng), "transmission", camera)
+        result = pipeline.process(frame, track=False)
         record = {
             "view": i,
             "accepted": result.accepted,
@@ -151,9 +147,7 @@ def _main(argv: list[str] | None) -> int:
         }
         frames.append(record)
         if len(overlays) < 4:
-            with torch.no_grad():
-                estimate_drr = pipeline.registrar.renderer().render(result.pose, camera)
-            overlays.append(overlay_edges(image, estimate_drr))
+            overlays.append(pipeline.overlay(frame, result.pose))
         print(
             f"  view {i:3d}: CNN {record['cnn_mtre_mm']:7.2f} mm -> {record['mtre_mm']:7.3f} mm "
             f"({'accepted' if result.accepted else 'rejected: ' + result.reason}; {record['total_s']:.2f} s)"

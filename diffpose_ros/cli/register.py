@@ -7,12 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from ..core.geometry import Intrinsics
-from ..core.io import load_pose, read_xray, save_json, write_overlay
+from ..core.io import load_pose, read_xray, save_json, write_picture
+from ..core.overlay import render_overlay
 from ..core.pipeline import Pipeline
-from ..core.preprocess import check_image, line_integrals_from_transmission
+from ..core.preprocess import prepare_frame
 from ..core.register import Registrar
 from .common import add_ct_arguments, load_attenuation, run_cli
 
@@ -27,7 +26,11 @@ def _main(argv: list[str] | None) -> int:
         "--init", help="initial pose JSON (T_ct_source, mm); required without --model, overrides the CNN"
     )
     parser.add_argument("--out", help="write the result JSON here (it is always printed)")
-    parser.add_argument("--mirror", action="store_true", help="the device shows the image from the detector side")
+    parser.add_argument(
+        "--mirror",
+        action="store_true",
+        help="the device shows the image from the detector side: the image and --camera-info are flipped back",
+    )
     parser.add_argument("--overlay", help="write a PNG of the image with the DRR's edges at the result")
     args = parser.parse_args(argv)
     if args.model is None and args.init is None:
@@ -35,27 +38,21 @@ def _main(argv: list[str] | None) -> int:
 
     intrinsics = Intrinsics.from_yaml(args.camera_info)
     raw, kind = read_xray(args.image)
-    if kind == "transmission":
-        image = line_integrals_from_transmission(raw, mirror=args.mirror)
-    else:
-        image = check_image(raw, "line-integral image")
-        image = image.flip(-1) if args.mirror else image
-    if tuple(image.shape) != (intrinsics.height, intrinsics.width):
-        raise ValueError(
-            f"image {args.image} is {image.shape[1]}x{image.shape[0]} but the camera info says "
-            f"{intrinsics.width}x{intrinsics.height}"
-        )
+    try:
+        frame = prepare_frame(raw, kind, intrinsics, mirror=args.mirror)
+    except ValueError as err:
+        raise ValueError(f"{args.image}: {err}") from err
     record = {}
     if args.model:
         pipeline = Pipeline.from_file(args.model)
         registrar = pipeline.registrar
-        init = load_pose(args.init) if args.init else pipeline.initial_pose(image, intrinsics)
+        init = load_pose(args.init) if args.init else pipeline.initial_pose(frame)
         record["initialisation"] = "init file" if args.init else "CNN"
         record["T_ct_source_init"] = init.tolist()
     else:
         registrar = Registrar(load_attenuation(args))
         init = load_pose(args.init)
-    result = registrar.register(image, intrinsics, init)
+    result = registrar.register(frame.image, frame.intrinsics, init, mask=frame.mask)
     failure = result.failure()
     record = {**result.as_dict(), "failed": bool(failure), "failure": failure, **record}
     print(json.dumps(record, indent=2))
@@ -63,9 +60,7 @@ def _main(argv: list[str] | None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         save_json(args.out, record)
     if args.overlay:
-        with torch.no_grad():
-            drr = registrar.renderer().render(result.pose, intrinsics)
-        write_overlay(args.overlay, image, drr)
+        write_picture(args.overlay, render_overlay(registrar.renderer(), frame, result.pose))
     if failure:
         print(f"warning: registration failed its checks: {failure}", file=sys.stderr)
     return 0

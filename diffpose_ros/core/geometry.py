@@ -1,6 +1,6 @@
 """C-arm imaging geometry: pinhole intrinsics and the clinical range of views.
 
-Frames follow ``shared/reference/geometry-contract.md``:
+Frames follow the project's geometry contract, ``docs/geometry-contract.md``:
 
 - ``ct``: LPS, millimetres. C-arm source frame: origin at the focal spot, +z along the principal ray
   toward the detector, +x along increasing image column, +y along increasing image row.

@@ -20,9 +20,9 @@ __all__ = [
     "load_poses",
     "save_json",
     "read_xray",
+    "to_uint8",
     "write_png",
-    "overlay_edges",
-    "write_overlay",
+    "write_picture",
 ]
 
 
@@ -107,31 +107,19 @@ def read_xray(path: str | Path) -> tuple[np.ndarray, str]:
     return image, "transmission"
 
 
-def write_png(path: str | Path, image: np.ndarray | torch.Tensor) -> None:
-    """Save a picture of ``image``, min-max scaled to 8 bits (bright = high value)."""
+def to_uint8(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    """``image`` min-max scaled to 8 bits between its 0.5 and 99.5 percentiles (bright = high value)."""
     a = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image, dtype=np.float64)
     lo, hi = np.percentile(a, [0.5, 99.5])
-    cv2.imwrite(str(path), np.clip((a - lo) / max(hi - lo, 1e-12) * 255, 0, 255).astype(np.uint8))
+    return np.clip((a - lo) / max(hi - lo, 1e-12) * 255, 0, 255).astype(np.uint8)
 
 
-def overlay_edges(xray: np.ndarray | torch.Tensor, drr: np.ndarray | torch.Tensor) -> np.ndarray:
-    """``(H, W, 3)`` BGR uint8 picture: the X-ray in grey with the DRR's edges (Canny) in green.
-
-    Both inputs are line-integral-like images on the same pixel grid (bright = more attenuation).
-    """
-
-    def to8(a):
-        a = np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a, dtype=np.float64)
-        lo, hi = np.percentile(a, [0.5, 99.5])
-        return np.clip((a - lo) / max(hi - lo, 1e-12) * 255, 0, 255).astype(np.uint8)
-
-    grey = to8(xray)
-    edges = cv2.Canny(cv2.GaussianBlur(to8(drr), (5, 5), 1.0), 30, 90) > 0
-    picture = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
-    picture[edges] = (0, 255, 0)
-    return picture
+def write_png(path: str | Path, image: np.ndarray | torch.Tensor) -> None:
+    """Save a picture of ``image`` (:func:`to_uint8`)."""
+    write_picture(path, to_uint8(image))
 
 
-def write_overlay(path: str | Path, xray: np.ndarray | torch.Tensor, drr: np.ndarray | torch.Tensor) -> None:
-    """Save :func:`overlay_edges` of ``xray`` and ``drr`` as a PNG."""
-    cv2.imwrite(str(path), overlay_edges(xray, drr))
+def write_picture(path: str | Path, picture: np.ndarray) -> None:
+    """Save an 8-bit picture (``(H, W)`` grey or ``(H, W, 3)`` BGR, e.g. an overlay) as a PNG."""
+    if not cv2.imwrite(str(path), picture):
+        raise ValueError(f"cannot write {path} (a .png path in an existing folder?)")

@@ -1,8 +1,8 @@
 """Registration error measures, in millimetres and degrees, never rescaled.
 
-Poses are ``T_ct_source`` (4x4, mm); target points are in ``ct`` (LPS, mm). The reference
-definitions (shared/reference/diffpose.md) use ``T_source_ct``, the inverse, to map targets into the
-source frame; that is what happens here.
+Poses are ``T_ct_source`` (4x4, mm); target points are in ``ct`` (LPS, mm). The definitions
+(``docs/geometry-contract.md``, "Error metrics") use ``T_source_ct``, the inverse, to map targets
+into the source frame; that is what happens here.
 """
 
 from __future__ import annotations

@@ -1,14 +1,18 @@
 """One frame in, one gated pose with covariance and timings out: the whole intraoperative method.
 
-``Pipeline.process`` takes a frame's line integrals (see :mod:`.preprocess`) and its intrinsics,
-and returns a :class:`FrameResult`:
+``Pipeline.process`` takes a :class:`~.preprocess.Frame` (line integrals, their intrinsics and
+validity mask, from :func:`~.preprocess.prepare_frame`) and returns a :class:`FrameResult`:
 
 1. cold start: the patient model's CNN predicts ``T_ct_source`` from the frame warped to the CNN's
    working camera; tracking: when the last accepted pose is recent (fluoroscopy is a video), it is
    the start instead and the refinement pyramid is shorter;
-2. refinement: Levenberg-Marquardt on NCC through the differentiable renderer (:mod:`.register`);
+2. refinement: Levenberg-Marquardt on the registration cost (NCC by default, :mod:`.cost`) through
+   the differentiable renderer (:mod:`.register`), on the frame's valid pixels;
 3. gate: the pose is accepted only if the refinement converged, the similarity reaches the
    threshold and the pose is plausible; a failed tracking attempt falls back to a cold start.
+
+``Pipeline.render`` and ``Pipeline.overlay`` show the DRR at a pose (the node's ``~/overlay``, the
+tools' pictures).
 
 Covariance: ``sigma^2 (J^T J)^-1`` of the final Gauss-Newton problem, with ``sigma^2`` the residual
 variance; pixel residuals are correlated, so this is a lower bound on the true spread, but it grows
@@ -21,11 +25,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .bundle import PatientModel, load_patient_model
 from .geometry import Intrinsics
-from .preprocess import check_image, warp_to_camera
+from .overlay import render_overlay
+from .preprocess import Frame, warp_to_camera
 from .register import MIN_SIMILARITY, Level, Registrar, RegistrationConfig
 
 __all__ = ["PipelineConfig", "FrameResult", "Pipeline", "covariance_in_parent"]
@@ -35,7 +41,7 @@ __all__ = ["PipelineConfig", "FrameResult", "Pipeline", "covariance_in_parent"]
 class PipelineConfig:
     """Gate thresholds, tracking rule and refinement pyramids.
 
-    ``min_similarity``: smallest accepted final similarity (``0.5 NCC + 0.5 patch NCC``);
+    ``min_similarity``: smallest accepted final similarity (the cost's, in [-1, 1]);
     ``tracking_max_age_s``: a previous accepted pose younger than this (stamp difference) starts
     tracking; ``max_source_distance_mm``: largest plausible distance of the source from the CT centre.
     """
@@ -100,20 +106,29 @@ class Pipeline:
         self._last = None
 
     @torch.no_grad()
-    def initial_pose(self, image: torch.Tensor, intrinsics: Intrinsics) -> torch.Tensor:
-        """The CNN's ``T_ct_source`` (4x4 float64, mm) for line integrals ``image`` seen by ``intrinsics``."""
-        x = warp_to_camera(image, intrinsics, self.model.intrinsics)
+    def initial_pose(self, frame: Frame) -> torch.Tensor:
+        """The CNN's ``T_ct_source`` (4x4 float64, mm) for ``frame``."""
+        x = warp_to_camera(frame.image, frame.intrinsics, self.model.intrinsics)
         x = self.regressor.prepare(x[None]).to(self.device)
         return self.regressor(x)[0].double().cpu()
+
+    @torch.no_grad()
+    def render(self, pose: torch.Tensor, intrinsics: Intrinsics) -> torch.Tensor:
+        """The DRR (line integrals, ``(H, W)`` on the CPU) at ``pose`` (``T_ct_source``, mm) seen by
+        ``intrinsics``, from the finest refinement volume."""
+        return self.registrar.renderer().render(pose.double(), intrinsics).cpu()
+
+    def overlay(self, frame: Frame, pose: torch.Tensor, width: int | None = None) -> np.ndarray:
+        """BGR picture of ``frame`` with the DRR's edges at ``pose`` (:func:`~.overlay.render_overlay`)."""
+        return render_overlay(self.registrar.renderer(), frame, pose, width)
 
     def warm_up(self, intrinsics: Intrinsics | None = None) -> float:
         """Run one synthetic frame through every stage (JIT compilation, allocations); returns seconds."""
         start = time.perf_counter()
-        k = intrinsics or self.model.intrinsics
+        k = (intrinsics or self.model.intrinsics).resized(64)
         pose = self.regressor.decode(torch.zeros(1, 9, device=self.device))[0].double().cpu()
-        with torch.no_grad():
-            image = self.registrar.renderer().render(pose, k.resized(64)).cpu()
-        self.process(image, k.resized(64), stamp=None, track=False)
+        image = self.render(pose, k)
+        self.process(Frame(image, k, torch.ones(image.shape, dtype=torch.bool)), stamp=None, track=False)
         self.reset_tracking()
         return time.perf_counter() - start
 
@@ -132,27 +147,19 @@ class Pipeline:
 
     def _covariance(self, result) -> torch.Tensor:
         H = result.hessian
-        residual_variance = 2 * (1 - result.similarity) / max(1, result.residuals - 6)
+        residual_variance = 2 * result.cost / max(1, result.residuals - 6)
         try:
             return residual_variance * torch.linalg.inv(H + 1e-12 * torch.eye(6, dtype=H.dtype))
         except RuntimeError:
             return torch.full((6, 6), float("inf"), dtype=torch.float64)
 
-    def process(
-        self, image: torch.Tensor, intrinsics: Intrinsics, stamp: float | None = None, track: bool = True
-    ) -> FrameResult:
-        """Register one frame: ``image`` ``(H, W)`` line integrals, ``intrinsics`` of its pixels, ``stamp`` (s).
+    def process(self, frame: Frame, stamp: float | None = None, track: bool = True) -> FrameResult:
+        """Register one :class:`~.preprocess.Frame` taken at ``stamp`` (s; None: no tracking).
 
-        Raises ``ValueError`` for an image that cannot be registered (empty, non-finite, constant,
-        size not matching ``intrinsics``); every other outcome is a :class:`FrameResult`.
+        Every outcome is a :class:`FrameResult` (bad input was refused when the frame was prepared).
         """
         t0 = time.perf_counter()
-        image = check_image(image)
-        if tuple(image.shape) != (intrinsics.height, intrinsics.width):
-            raise ValueError(
-                f"image is {image.shape[1]}x{image.shape[0]} but intrinsics say {intrinsics.width}x{intrinsics.height}"
-            )
-        timings = {"preprocess": time.perf_counter() - t0, "cnn": 0.0, "refine": 0.0}
+        timings = {"preprocess": frame.prepare_seconds, "cnn": 0.0, "refine": 0.0}
         attempts = []
         if (
             track
@@ -162,18 +169,19 @@ class Pipeline:
         ):
             attempts.append(("tracking", self._last[1], self.config.tracking_levels))
         attempts.append(("cold", None, None))
-        for mode, start, levels in attempts:
+        for attempt in attempts:
+            mode, start, levels = attempt
             if start is None:
                 t = time.perf_counter()
-                start = self.initial_pose(image, intrinsics)
+                start = self.initial_pose(frame)
                 timings["cnn"] += time.perf_counter() - t
             t = time.perf_counter()
-            result = self.registrar.register(image, intrinsics, start, levels=levels)
+            result = self.registrar.register(frame.image, frame.intrinsics, start, levels=levels, mask=frame.mask)
             timings["refine"] += time.perf_counter() - t
             reason = self._gate(result)
             if not reason:
                 break
-        timings["total"] = time.perf_counter() - t0
+        timings["total"] = frame.prepare_seconds + time.perf_counter() - t0
         accepted = not reason
         if accepted and stamp is not None:
             self._last = (stamp, result.pose)

@@ -1,4 +1,9 @@
-"""From a device frame to what the renderer compares: line integrals on the detector grid.
+"""From a device frame to what the CNN and the renderer compare: line integrals on the detector grid.
+
+:func:`prepare_frame` is the one step every caller uses (the node, the command-line tools, the bag
+scorer, the evaluation): a device frame (pixels and their kind) with the intrinsics the device gave
+for it becomes a :class:`Frame` of line integrals, the intrinsics of those pixels and a per-pixel
+validity mask, un-mirrored together when the device mirrors its image.
 
 A fluoroscopy frame is a transmission image, roughly ``I = gain * I0 * exp(-L)`` plus quantum noise,
 with ``L`` the line integral of attenuation (what a DRR renders). Taking ``-log`` makes it linear
@@ -8,13 +13,92 @@ from the brightest pixels so that values are comparable across frames (unexposed
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .geometry import Intrinsics
 
-__all__ = ["line_integrals_from_transmission", "check_image", "warp_to_camera"]
+__all__ = [
+    "FRAME_KINDS",
+    "Frame",
+    "check_image",
+    "line_integrals_from_transmission",
+    "prepare_frame",
+    "resample_image",
+    "resample_mask",
+    "warp_to_camera",
+]
+
+FRAME_KINDS = ("transmission", "line_integrals")
+"""What a frame's pixels hold: a transmission image of any bit depth (detector counts, bright =
+little attenuation) or line integrals (float, e.g. a DRR; bright = much attenuation)."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One frame ready for registration.
+
+    ``image``: ``(H, W)`` float32 line integrals (dimensionless, CPU); ``intrinsics``: the camera of
+    those pixels (after un-mirroring); ``mask``: ``(H, W)`` bool, True where a pixel may be compared
+    with a DRR (all True for now: the validity of clinical frames is not yet estimated);
+    ``prepare_seconds``: how long :func:`prepare_frame` took (the pipeline's ``preprocess`` time).
+    """
+
+    image: torch.Tensor
+    intrinsics: Intrinsics
+    mask: torch.Tensor
+    prepare_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        size = (self.intrinsics.height, self.intrinsics.width)
+        if tuple(self.image.shape) != size:
+            raise ValueError(
+                f"image is {self.image.shape[-1]}x{self.image.shape[0]} but the intrinsics say "
+                f"{self.intrinsics.width}x{self.intrinsics.height}"
+            )
+        if tuple(self.mask.shape) != size or self.mask.dtype != torch.bool:
+            raise ValueError(
+                f"mask must be a bool tensor of shape {size}, got {self.mask.dtype} {tuple(self.mask.shape)}"
+            )
+        if not bool(self.mask.any()):
+            raise ValueError("the validity mask selects no pixel: nothing to register")
+
+    @property
+    def valid_fraction(self) -> float:
+        """Share of the pixels that the mask keeps (0-1)."""
+        return float(self.mask.float().mean())
+
+
+def prepare_frame(pixels: np.ndarray | torch.Tensor, kind: str, intrinsics: Intrinsics, mirror: bool = False) -> Frame:
+    """A device frame as a :class:`Frame`.
+
+    ``pixels``: ``(H, W)`` as the device delivered them; ``kind``: one of :data:`FRAME_KINDS`;
+    ``intrinsics``: the camera of the delivered pixels (camera_info or calibration file);
+    ``mirror``: the device shows the image left-right flipped (as seen from the detector side), so
+    the pixels are flipped back and the intrinsics with them (``cx -> W - 1 - cx``).
+    ``ValueError`` naming the problem for an unknown kind, an image that cannot be registered
+    (see :func:`check_image`), a negative transmission image, or a size that the intrinsics do not
+    describe.
+    """
+    start = time.perf_counter()
+    if kind not in FRAME_KINDS:
+        raise ValueError(f"unknown frame kind {kind!r}: one of {', '.join(FRAME_KINDS)}")
+    if kind == "transmission":
+        image = line_integrals_from_transmission(pixels)
+    else:
+        image = check_image(pixels, "line-integral image")
+    if tuple(image.shape) != (intrinsics.height, intrinsics.width):
+        raise ValueError(
+            f"image is {image.shape[1]}x{image.shape[0]} but the intrinsics say {intrinsics.width}x{intrinsics.height}"
+        )
+    if mirror:
+        image, intrinsics = image.flip(-1), intrinsics.mirrored()
+    mask = torch.ones(image.shape, dtype=torch.bool)
+    return Frame(image.contiguous(), intrinsics, mask, time.perf_counter() - start)
 
 
 def check_image(image: np.ndarray | torch.Tensor, name: str = "image") -> torch.Tensor:
@@ -33,13 +117,10 @@ def check_image(image: np.ndarray | torch.Tensor, name: str = "image") -> torch.
     return a.clone()
 
 
-def line_integrals_from_transmission(
-    image: np.ndarray | torch.Tensor, mirror: bool = False, i0_percentile: float = 99.9
-) -> torch.Tensor:
+def line_integrals_from_transmission(image: np.ndarray | torch.Tensor, i0_percentile: float = 99.9) -> torch.Tensor:
     """Line integrals ``log(I0) - log(I)`` (dimensionless, >= 0) of a transmission frame (any scale).
 
-    ``I0`` is the ``i0_percentile`` percentile of the frame (the unattenuated detector level);
-    ``mirror`` flips columns (devices that show the image as seen from the detector side).
+    ``I0`` is the ``i0_percentile`` percentile of the frame (the unattenuated detector level).
     """
     frame = check_image(image, "transmission image")
     if float(frame.min()) < 0:
@@ -49,8 +130,7 @@ def line_integrals_from_transmission(
         raise ValueError("transmission image is all zero")
     floor = float(positive.min())
     i0 = float(torch.quantile(positive.flatten()[:: max(1, positive.numel() // 200_000)], i0_percentile / 100))
-    L = (torch.log(torch.tensor(i0)) - torch.log(frame.clamp(min=floor))).clamp(min=0)
-    return L.flip(-1) if mirror else L
+    return (torch.log(torch.tensor(i0)) - torch.log(frame.clamp(min=floor))).clamp(min=0)
 
 
 def warp_to_camera(image: torch.Tensor, source: Intrinsics, target: Intrinsics) -> torch.Tensor:
@@ -74,3 +154,19 @@ def warp_to_camera(image: torch.Tensor, source: Intrinsics, target: Intrinsics) 
         (img - fill)[None, None], grid[None], mode="bilinear", padding_mode="zeros", align_corners=False
     )
     return out[0, 0] + fill
+
+
+def resample_image(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Area-average (or bilinear, when enlarging) an ``(H, W)`` image to ``height x width``."""
+    if image.shape == (height, width):
+        return image
+    mode = "area" if width <= image.shape[-1] else "bilinear"
+    return F.interpolate(image[None, None].float(), size=(height, width), mode=mode)[0, 0]
+
+
+def resample_mask(mask: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """An ``(H, W)`` bool mask on a ``height x width`` grid: a pixel stays valid only if everything it
+    is resampled from is valid (so the valid region never grows)."""
+    if mask.shape == (height, width):
+        return mask
+    return resample_image(mask.float(), width, height) > 1 - 1e-6

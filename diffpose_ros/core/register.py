@@ -1,14 +1,15 @@
 """Test-time registration: refine ``T_ct_source`` so that the DRR matches an X-ray.
 
 Why our own loop: it decides intraoperative latency. DiffPose runs 500 Adam steps; here each step
-is a Levenberg-Marquardt (damped Gauss-Newton) step in se(3) on NCC written as least squares
-(:func:`~.similarity.standardize_with_jacobian`), with the renderer's exact per-pixel 6-column
+is a Levenberg-Marquardt (damped Gauss-Newton) step in se(3) on a least-squares cost
+(:mod:`.cost`, chosen by name: NCC by default), with the renderer's exact per-pixel 6-column
 Jacobian. A coarse-to-fine pyramid (small images on coarse volumes first) widens the basin of
 convergence and keeps early steps cheap; each level stops when the step or the improvement becomes
 negligible, so a registration takes tens of renders instead of hundreds.
 
 Pose updates are right-multiplied, ``T <- T exp(xi)`` with ``xi = (rho mm, phi rad)`` in the
-source frame; the similarity is ``w * NCC(image) + (1 - w) * mean NCC(patches)``.
+source frame; the similarity (the gate's measure) is the cost's, in [-1, 1]. A validity mask
+(True = pixel usable) restricts the cost to the pixels it keeps, on every pyramid level.
 """
 
 from __future__ import annotations
@@ -17,22 +18,21 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from . import se3
+from .cost import COSTS, make_cost
 from .geometry import Intrinsics
-from .preprocess import check_image
+from .preprocess import check_image, resample_image, resample_mask
 from .render import Renderer
-from .similarity import patches, standardize, standardize_with_jacobian
 from .volume import Volume
 
-__all__ = ["Level", "RegistrationConfig", "RegistrationResult", "Registrar", "resample_image"]
+__all__ = ["Level", "RegistrationConfig", "RegistrationResult", "Registrar"]
 
 
 @dataclass(frozen=True)
 class Level:
     """One pyramid level: image width (pixels; height keeps the aspect), volume voxel size (mm),
-    iteration cap, and the patch size of the local NCC term (None: global NCC only)."""
+    iteration cap, and the patch size of the cost's local term (None: global terms only)."""
 
     width: int
     voxel_mm: float
@@ -41,17 +41,19 @@ class Level:
 
 
 MIN_SIMILARITY = 0.6
-"""Smallest final similarity (``0.5 NCC + 0.5 patch NCC``) of a trusted registration: the default of
-:meth:`RegistrationResult.failure` and of the node's gate (``gate.min_similarity``)."""
+"""Smallest final similarity (of the default cost: ``0.5 NCC + 0.5 patch NCC``) of a trusted
+registration: the default of :meth:`RegistrationResult.failure` and of the node's gate
+(``gate.min_similarity``)."""
 
 
 @dataclass(frozen=True)
 class RegistrationConfig:
-    """Pyramid and stopping rules.
+    """Cost, pyramid and stopping rules.
 
-    ``global_weight``: weight of the whole-image NCC (the rest goes to the patch NCC where a level
-    has patches). A level ends when a step moves every point by less than ``step_tolerance_mm``
-    (rotation scaled by ``radius_mm``) or changes the similarity by less than ``cost_tolerance``,
+    ``cost``: the registration cost by name (:data:`~.cost.COSTS`); ``global_weight``: weight of
+    the whole-image term of ``ncc`` (the rest goes to the patch term where a level has patches).
+    A level ends when a step moves every point by less than ``step_tolerance_mm`` (rotation
+    scaled by ``radius_mm``) or changes the similarity by less than ``cost_tolerance``,
     accepted or not: near the optimum the cost of a trial step differs from the current one by the
     renderer's interpolation noise, so a rejected step of that size means the level has converged.
     The finest level renders a 1.4 mm volume (the bundled CT's 0.7 mm in-plane voxels, 2x2
@@ -64,11 +66,16 @@ class RegistrationConfig:
         Level(64, 2.0, 10, patch=8),
         Level(128, 1.4, 6, patch=13),
     )
+    cost: str = "ncc"
     global_weight: float = 0.5
     step_tolerance_mm: float = 0.02
     radius_mm: float = 100.0
     cost_tolerance: float = 1e-6
     damping: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.cost not in COSTS:
+            raise ValueError(f"unknown registration cost {self.cost!r}: one of {', '.join(COSTS)}")
 
 
 @dataclass
@@ -77,9 +84,9 @@ class RegistrationResult:
 
     ``pose``: refined ``T_ct_source`` (4x4 float64, mm); ``similarity``: final similarity at the
     finest level; ``iterations``: LM steps tried (renders); ``seconds``: wall time; ``converged``:
-    the finest level stopped on a tolerance, not on its cap; ``hessian``: 6x6 Gauss-Newton information ``J^T J`` of
-    the final cost in ``xi = (rho mm, phi rad)``; ``residuals``: how many residuals that cost sums;
-    ``history``: per-step records.
+    the finest level stopped on a tolerance, not on its cap; ``hessian``: 6x6 Gauss-Newton
+    information ``J^T J`` of the final cost in ``xi = (rho mm, phi rad)``; ``residuals``: how many
+    residuals that cost sums; ``cost``: its value ``0.5 |r|^2``; ``history``: per-step records.
     """
 
     pose: torch.Tensor
@@ -89,6 +96,7 @@ class RegistrationResult:
     converged: bool
     hessian: torch.Tensor
     residuals: int = 0
+    cost: float = float("nan")
     history: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -112,14 +120,6 @@ class RegistrationResult:
         return ""
 
 
-def resample_image(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """Area-average (or bilinear, when enlarging) an ``(H, W)`` image to ``height x width``."""
-    if image.shape == (height, width):
-        return image
-    mode = "area" if width <= image.shape[-1] else "bilinear"
-    return F.interpolate(image[None, None].float(), size=(height, width), mode=mode)[0, 0]
-
-
 class Registrar:
     """Registers X-rays against one attenuation volume ``mu`` (1/mm, ``ct`` frame).
 
@@ -139,29 +139,13 @@ class Registrar:
         """The renderer of a pyramid volume (``0``: full resolution; None: the finest level's)."""
         return self._renderers[self.config.levels[-1].voxel_mm if voxel_mm is None else voxel_mm]
 
-    def _residuals(self, values, jac, target_groups, level_k: Intrinsics, patch):
-        """Stacked weighted residuals ``(M,)`` and Jacobian ``(M, 6)`` of the similarity cost."""
-        w = self.config.global_weight if patch else 1.0
-        H, W = level_k.height, level_k.width
-        xh, jh = standardize_with_jacobian(values[None], jac[None])
-        n = values.shape[0]
-        res = [(w / n) ** 0.5 * (xh - target_groups[0]).reshape(-1)]
-        jacs = [(w / n) ** 0.5 * jh.reshape(-1, 6)]
-        if patch:
-            pv = patches(values.reshape(H, W), patch)
-            pj = patches(jac.reshape(H, W, 6).permute(2, 0, 1), patch).permute(1, 2, 0)
-            ph, pjh = standardize_with_jacobian(pv, pj)
-            scale = ((1 - w) / pv.numel()) ** 0.5
-            res.append(scale * (ph - target_groups[1]).reshape(-1))
-            jacs.append(scale * pjh.reshape(-1, 6))
-        return torch.cat(res), torch.cat(jacs)
-
     def register(
         self,
         image: torch.Tensor,
         intrinsics: Intrinsics,
         init_pose: torch.Tensor,
         levels: tuple[Level, ...] | None = None,
+        mask: torch.Tensor | None = None,
     ) -> RegistrationResult:
         """Refine ``init_pose`` (``T_ct_source``, 4x4, mm) against ``image``.
 
@@ -169,7 +153,7 @@ class Registrar:
         fluoroscopy) with ``intrinsics`` describing its pixels; ``ValueError`` for an empty,
         non-finite, constant or wrongly sized image. ``levels`` overrides the pyramid
         (e.g. a short one for tracking); every level's ``voxel_mm`` must be one this ``Registrar``
-        was built with.
+        was built with. ``mask``: ``(H, W)`` bool validity (None: every pixel).
         """
         cfg = self.config
         levels = levels or cfg.levels
@@ -178,24 +162,26 @@ class Registrar:
         image = check_image(image.detach().cpu() if isinstance(image, torch.Tensor) else image)
         if image.shape != (intrinsics.height, intrinsics.width):
             raise ValueError(f"image is {tuple(image.shape)} but intrinsics say {intrinsics.height}x{intrinsics.width}")
+        if mask is not None and tuple(mask.shape) != tuple(image.shape):
+            raise ValueError(f"mask is {tuple(mask.shape)} but the image is {tuple(image.shape)}")
         history: list[dict] = []
         iterations = 0
         converged = False
         similarity = float("nan")
         hessian = torch.zeros(6, 6, dtype=torch.float64)
         residuals = 0
+        cost = float("nan")
         for li, level in enumerate(levels):
             k = intrinsics.resized(level.width)
             renderer = self._renderers[level.voxel_mm]
             target = resample_image(image, k.width, k.height).to(renderer.device)
-            groups = [standardize(target.reshape(1, -1))]
-            if level.patch:
-                groups.append(standardize(patches(target, level.patch)))
+            level_mask = None if mask is None else resample_mask(mask, k.width, k.height)
+            level_cost = make_cost(cfg.cost, target, level_mask, level.patch, cfg.global_weight)
             scale = torch.tensor([1.0] * 3 + [cfg.radius_mm] * 3, dtype=torch.float64)
 
             def evaluate(T):
                 values, jac = renderer.render_jacobian(T, k)
-                r, J = self._residuals(values[0], jac[0], groups, k, level.patch)
+                r, J = level_cost.residuals(values[0], jac[0])
                 return 0.5 * float(r.double().square().sum()), r, J
 
             cost, r, J = evaluate(pose)
@@ -222,8 +208,8 @@ class Registrar:
                     level_converged = True
                     break
             converged = level_converged
-            similarity = 1.0 - cost
+            similarity = level_cost.similarity(cost)
             hessian = (J.T @ J).double().cpu()
             residuals = r.numel()
         seconds = time.perf_counter() - start
-        return RegistrationResult(pose, similarity, iterations, seconds, converged, hessian, residuals, history)
+        return RegistrationResult(pose, similarity, iterations, seconds, converged, hessian, residuals, cost, history)

@@ -11,7 +11,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ncc", "patches", "patch_ncc", "multiscale_ncc", "gradient_ncc", "standardize", "standardize_with_jacobian"]
+__all__ = [
+    "ncc",
+    "patches",
+    "patch_ncc",
+    "multiscale_ncc",
+    "gradient_ncc",
+    "standardize",
+    "standardize_with_jacobian",
+    "sobel",
+]
 
 _EPS = 1e-8
 
@@ -66,7 +75,8 @@ def multiscale_ncc(
     return total
 
 
-def _sobel(x: torch.Tensor) -> torch.Tensor:
+def sobel(x: torch.Tensor) -> torch.Tensor:
+    """Horizontal and vertical Sobel gradients ``(..., 2, H - 2, W - 2)`` of ``(..., H, W)`` (valid region)."""
     k = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], dtype=x.dtype, device=x.device)
     kernels = torch.stack([k, k.T])[:, None]
     flat = x.reshape(-1, 1, *x.shape[-2:])
@@ -75,7 +85,7 @@ def _sobel(x: torch.Tensor) -> torch.Tensor:
 
 def gradient_ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean of the NCCs of the horizontal and vertical Sobel gradients of ``(..., H, W)`` images."""
-    return ncc(_sobel(a), _sobel(b), dims=2).mean(-1)
+    return ncc(sobel(a), sobel(b), dims=2).mean(-1)
 
 
 def standardize_with_jacobian(x: torch.Tensor, jac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,10 @@ gives a 6x6 over the right-perturbation twist ``xi = (rho mm, phi rad)`` in the 
 ``geometry_msgs/PoseWithCovariance`` wants ``(x, y, z, rot X, rot Y, rot Z)`` about the *parent*
 frame's axes, position in metres (:func:`covariance_to_ros`).
 
+Transforms go out through :class:`TransformPublisher`: ``tf2_ros``'s broadcasters where a ROS 2
+install has them, else ``tf2_msgs/TFMessage`` on ``/tf`` and ``/tf_static`` with tf2's QoS (the
+PyPI wheels have no ``tf2_ros``); the choice is made there and nowhere else.
+
 Message classes are imported inside the functions that build messages, so the module imports
 without ROS (only numpy, torch and roma).
 """
@@ -25,11 +29,15 @@ import numpy as np
 import roma
 import torch
 
+from ..core import se3
 from ..core.geometry import Intrinsics
 from ..core.pipeline import covariance_in_parent
+from ..core.preprocess import Frame, prepare_frame
 
 __all__ = [
     "IMAGE_ENCODINGS",
+    "frame_kind",
+    "image_to_frame",
     "image_to_numpy",
     "numpy_to_image",
     "camera_info_to_intrinsics",
@@ -41,6 +49,10 @@ __all__ = [
     "matrix_to_pose",
     "pose_to_matrix",
     "covariance_to_ros",
+    "transform_stamped",
+    "pose_with_covariance_stamped",
+    "TransformPublisher",
+    "input_qos",
     "CT_TO_CT_RAS",
 ]
 
@@ -96,6 +108,22 @@ def image_to_numpy(msg, encodings=SINGLE_CHANNEL_ENCODINGS) -> np.ndarray:
     strides = (step, dt.itemsize) if channels == 1 else (step, channels * dt.itemsize, dt.itemsize)
     view = np.ndarray(shape=shape, dtype=dt, buffer=buffer, strides=strides)
     return view.astype(dtype.newbyteorder("="), copy=True)
+
+
+def image_to_frame(msg, intrinsics: Intrinsics, mirror: bool = False, input_kind: str = "transmission") -> Frame:
+    """The core :class:`~diffpose_ros.core.preprocess.Frame` of an X-ray ``sensor_msgs/Image``.
+
+    ``intrinsics``: the camera of the delivered pixels; ``input_kind``: what ``32FC1`` frames hold
+    (``transmission`` or ``line_integrals``; integer encodings are always transmission).
+    ``ValueError`` naming the problem for a malformed message or a frame that cannot be registered.
+    """
+    return prepare_frame(image_to_numpy(msg), frame_kind(msg.encoding, input_kind), intrinsics, mirror)
+
+
+def frame_kind(encoding: str, input_kind: str) -> str:
+    """What an image's pixels hold: ``line_integrals`` for ``32FC1`` when ``input_kind`` says so,
+    else ``transmission`` (every integer encoding is a detector's transmission image)."""
+    return "line_integrals" if encoding == "32FC1" and input_kind == "line_integrals" else "transmission"
 
 
 def numpy_to_image(
@@ -298,3 +326,90 @@ def covariance_to_ros(T_ct_source_mm, covariance_xi) -> list[float]:
     P = s[:, None] * P * s[None, :]
     P = 0.5 * (P + P.T)
     return [float(v) for v in P.flatten().tolist()]
+
+
+# --------------------------------------------------------------------------------------- messages
+def transform_stamped(T_parent_child_mm, stamp, parent: str, child: str, invert: bool = False):
+    """``geometry_msgs/TransformStamped`` ``parent`` -> ``child`` at ``stamp`` (m); ``invert``
+    publishes the same relation the other way round (``child`` -> ``parent``, the inverse pose)."""
+    from geometry_msgs.msg import TransformStamped
+
+    T = torch.as_tensor(_as_matrix(T_parent_child_mm))
+    msg = TransformStamped()
+    msg.header.stamp = stamp
+    if invert:
+        msg.header.frame_id, msg.child_frame_id = child, parent
+        msg.transform = matrix_to_transform(se3.inverse(T))
+    else:
+        msg.header.frame_id, msg.child_frame_id = parent, child
+        msg.transform = matrix_to_transform(T)
+    return msg
+
+
+def pose_with_covariance_stamped(T_ct_source_mm, covariance_xi, stamp, frame_id: str):
+    """``geometry_msgs/PoseWithCovarianceStamped`` of the source in ``frame_id`` (see :func:`covariance_to_ros`)."""
+    from geometry_msgs.msg import PoseWithCovarianceStamped
+
+    msg = PoseWithCovarianceStamped()
+    msg.header.stamp = stamp
+    msg.header.frame_id = frame_id
+    msg.pose.pose = matrix_to_pose(T_ct_source_mm)
+    msg.pose.covariance = covariance_to_ros(T_ct_source_mm, covariance_xi)
+    return msg
+
+
+class TransformPublisher:
+    """``send(tf)`` on ``/tf`` and ``send_static(tf)`` on ``/tf_static`` for ``node``: through
+    ``tf2_ros`` when it imports, else as ``tf2_msgs/TFMessage`` with tf2's QoS (``/tf`` reliable,
+    depth 100; ``/tf_static`` reliable, transient local, depth 1)."""
+
+    def __init__(self, node):
+        try:  # a ROS 2 install has tf2_ros; the PyPI wheels do not
+            import tf2_ros
+        except ImportError:
+            tf2_ros = None
+        if tf2_ros is not None:  # pragma: no cover - ROS 2 install
+            self.via = "tf2_ros"
+            self._dynamic = tf2_ros.TransformBroadcaster(node)
+            self._static = tf2_ros.StaticTransformBroadcaster(node)
+            return
+        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+        from tf2_msgs.msg import TFMessage
+
+        self.via = "tf2_msgs/TFMessage on /tf"
+        dynamic_pub = node.create_publisher(
+            TFMessage, "/tf", QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+        )
+        static_qos = QoSProfile(
+            depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
+        )
+        static_pub = node.create_publisher(TFMessage, "/tf_static", static_qos)
+        self._dynamic = _RawBroadcaster(dynamic_pub, TFMessage)
+        self._static = _RawBroadcaster(static_pub, TFMessage)
+
+    def send(self, transform) -> None:
+        self._dynamic.sendTransform(transform)
+
+    def send_static(self, transform) -> None:
+        self._static.sendTransform(transform)
+
+
+class _RawBroadcaster:
+    """The ``sendTransform`` of a tf2_ros broadcaster over a plain ``TFMessage`` publisher."""
+
+    def __init__(self, publisher, message_type):
+        self._publisher, self._type = publisher, message_type
+
+    def sendTransform(self, transform) -> None:  # tf2_ros's method name
+        self._publisher.publish(self._type(transforms=[transform]))
+
+
+def input_qos(reliable: bool, depth: int):
+    """QoS of the node's inputs: keep the last ``depth``, volatile; best effort (the sensor-data
+    profile, which also receives from reliable publishers) unless ``reliable``."""
+    from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+    reliability = ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT
+    return QoSProfile(
+        depth=depth, history=HistoryPolicy.KEEP_LAST, reliability=reliability, durability=DurabilityPolicy.VOLATILE
+    )

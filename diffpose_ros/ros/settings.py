@@ -1,32 +1,204 @@
-"""The parameters of ``diffpose_node`` that can change at runtime, as one immutable snapshot.
+"""The parameters of ``diffpose_node``: one table, and the snapshot the node works from.
 
-``TUNABLE_PARAMETERS`` maps each runtime-tunable ROS parameter to its :class:`Settings` field; the node
-reads them into a new :class:`Settings`, validates it with :func:`settings_problems` and swaps it in
-atomically, so the worker thread always sees one consistent set.
+:data:`PARAMETERS` holds each parameter once (name, default, description, read-only, allowed
+values): the node declares them from it, :class:`Settings` takes its defaults from it, and the tests
+pin ``config/diffpose.yaml`` and the launch file to it. Read-only parameters are fixed once the node
+has started; the others can change at runtime. The node reads all of them into a new immutable
+:class:`Settings`, checks it with :func:`settings_problems` and swaps it in atomically, so the worker
+thread always sees one consistent set.
+
+ROS-free: only the node turns the table into ``rcl_interfaces/ParameterDescriptor``s.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from ..core.cost import COSTS
 from ..core.geometry import Intrinsics
 from ..core.pipeline import PipelineConfig
+from ..core.preprocess import FRAME_KINDS
 
 __all__ = [
-    "INPUT_KINDS",
     "IMAGE_QOS",
+    "PARAMETERS",
+    "Parameter",
     "Settings",
-    "TUNABLE_PARAMETERS",
-    "settings_problems",
     "pipeline_config",
     "resolve_device",
+    "settings_problems",
 ]
 
-INPUT_KINDS = ("transmission", "line_integrals")
 IMAGE_QOS = ("sensor_data", "reliable")
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One node parameter: ``name`` (dots for groups), ``default`` (its type is the parameter's; an
+    empty tuple is an unset double array), ``field`` of :class:`Settings`, ``description``,
+    ``read_only``, and the allowed values: ``choices`` (strings) or an inclusive ``bounds`` range."""
+
+    name: str
+    default: Any
+    field: str
+    description: str
+    read_only: bool = False
+    choices: tuple[str, ...] = ()
+    bounds: tuple[float, float] | None = None
+
+    @property
+    def constraints(self) -> str:
+        """The allowed values in words (``ros2 param describe`` shows them)."""
+        if self.choices:
+            return "one of: " + ", ".join(self.choices)
+        if self.bounds:
+            return f"from {self.bounds[0]:g} to {self.bounds[1]:g}"
+        return ""
+
+    def problem(self, value) -> str:
+        """Why ``value`` is not allowed (empty when it is)."""
+        if self.choices and value not in self.choices:
+            return f"{self.name} must be {self.constraints} (got {value!r})"
+        if self.bounds and not (self.bounds[0] <= value <= self.bounds[1]):
+            return f"{self.name} must lie {self.constraints} (got {value!r})"
+        return ""
+
+
+_GATE = PipelineConfig()
+
+PARAMETERS: tuple[Parameter, ...] = (
+    Parameter("patient_model", "", "patient_model", "path of the patient model file (.safetensors)", True),
+    Parameter(
+        "device", "auto", "device", "auto (cuda when available, else cpu), cpu, cuda or cuda:N", True
+    ),
+    Parameter("num_threads", 0, "num_threads", "torch CPU threads (0: torch's default)", True, bounds=(0, 1024)),
+    Parameter("autostart", False, "autostart", "configure and activate at start", True),
+    Parameter("ct_frame", "ct", "ct_frame", "TF frame of the CT (LPS); parent of the published transform", True),
+    Parameter("ct_ras_frame", "ct_ras", "ct_ras_frame", "static RAS frame under ct_frame (empty: not published)", True),
+    Parameter(
+        "image_qos", "sensor_data", "image_qos", "sensor_data (best effort) or reliable, depth 1", True, IMAGE_QOS
+    ),
+    Parameter(
+        "diagnostics.period_s", 1.0, "diagnostics_period_s", "period of the /diagnostics summary (s)", True,
+        bounds=(0.05, 3600.0),
+    ),
+    Parameter(
+        "registration.cost", "ncc", "cost", "registration cost (ncc: 0.5 NCC + 0.5 patch NCC; gradient_ncc)", True,
+        tuple(COSTS),
+    ),
+    Parameter("camera_frame", "carm_source_optical", "camera_frame", "child frame when header.frame_id is empty"),
+    Parameter(
+        "invert", False, "invert", "publish frame_id -> ct_frame (the inverse) instead of ct_frame -> frame_id"
+    ),
+    Parameter("mirror", False, "mirror", "frames are mirrored left-right (seen from the detector side)"),
+    Parameter(
+        "input_kind", "transmission", "input_kind", "32FC1 frames are transmission or line_integrals",
+        choices=FRAME_KINDS,
+    ),
+    Parameter(
+        "camera_info_wait_s", 0.5, "camera_info_wait_s", "how long a frame waits for its camera_info (s)",
+        bounds=(0.0, 60.0),
+    ),
+    Parameter(
+        "intrinsics.sdd_mm", 0.0, "sdd_mm", "source-to-detector distance (mm) when no camera_info; 0: unset",
+        bounds=(0.0, 1e4),
+    ),
+    Parameter(
+        "intrinsics.pixel_spacing_mm", 0.0, "pixel_spacing_mm",
+        "detector pixel spacing (mm) when no camera_info; 0: unset", bounds=(0.0, 100.0),
+    ),
+    Parameter(
+        "intrinsics.principal_point", (), "principal_point",
+        "[cx, cy] in pixels when no camera_info; unset or empty: image centre",
+    ),
+    Parameter(
+        "gate.min_similarity", _GATE.min_similarity, "min_similarity",
+        "smallest accepted final similarity (of registration.cost)", bounds=(-1.0, 1.0),
+    ),
+    Parameter(
+        "gate.max_source_distance_mm", _GATE.max_source_distance_mm, "max_source_distance_mm",
+        "largest plausible source distance from the CT centre (mm)", bounds=(1.0, 1e5),
+    ),
+    Parameter("tracking.enabled", True, "tracking_enabled", "start from the last accepted pose when it is recent"),
+    Parameter(
+        "tracking.max_age_s", _GATE.tracking_max_age_s, "tracking_max_age_s",
+        "tracking when the last accepted pose is younger than this (stamps, s)", bounds=(0.0, 3600.0),
+    ),
+    Parameter("overlay.width", 256, "overlay_width", "width (pixels) of ~/overlay", bounds=(8, 4096)),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All parameters as one immutable snapshot (swapped atomically); defaults from :data:`PARAMETERS`."""
+
+    patient_model: str
+    device: str
+    num_threads: int
+    autostart: bool
+    ct_frame: str
+    ct_ras_frame: str
+    image_qos: str
+    diagnostics_period_s: float
+    cost: str
+    camera_frame: str
+    invert: bool
+    mirror: bool
+    input_kind: str
+    camera_info_wait_s: float
+    sdd_mm: float
+    pixel_spacing_mm: float
+    principal_point: tuple[float, ...]
+    min_similarity: float
+    max_source_distance_mm: float
+    tracking_enabled: bool
+    tracking_max_age_s: float
+    overlay_width: int
+
+    @classmethod
+    def from_parameters(cls, values: dict[str, Any]) -> Settings:
+        """Settings from parameter values by name (missing or None: the table's default)."""
+        fields = {}
+        for p in PARAMETERS:
+            value = values.get(p.name)
+            value = p.default if value is None else value
+            fields[p.field] = tuple(float(v) for v in value) if isinstance(p.default, tuple) else value
+        return cls(**fields)
+
+    def parameter_intrinsics(self, width: int, height: int) -> Intrinsics | None:
+        """Intrinsics from the ``intrinsics.*`` parameters for a ``width x height`` image, or None if unset."""
+        if self.sdd_mm <= 0 or self.pixel_spacing_mm <= 0:
+            return None
+        pp = tuple(self.principal_point) if len(self.principal_point) == 2 else None
+        return Intrinsics.from_detector(self.sdd_mm, width, height, self.pixel_spacing_mm, pp)
+
+
+def settings_problems(s: Settings) -> list[str]:
+    """What is wrong with ``s`` (allowed values of the table, and what a value alone cannot say)."""
+    problems = [p.problem(getattr(s, p.field)) for p in PARAMETERS]
+    problems = [text for text in problems if text]
+    if len(s.principal_point) not in (0, 2) or not all(math.isfinite(v) for v in s.principal_point):
+        problems.append("intrinsics.principal_point must be [] or [cx, cy] (finite pixels)")
+    if not s.camera_frame:
+        problems.append("camera_frame must not be empty")
+    return problems
+
+
+def pipeline_config(s: Settings, base: PipelineConfig | None = None) -> PipelineConfig:
+    """``base`` (default :class:`PipelineConfig`) with the gate, tracking and cost of ``s``."""
+    base = base or PipelineConfig()
+    return dataclasses.replace(
+        base,
+        min_similarity=float(s.min_similarity),
+        tracking_max_age_s=float(s.tracking_max_age_s),
+        max_source_distance_mm=float(s.max_source_distance_mm),
+        cold=dataclasses.replace(base.cold, cost=s.cost),
+    )
 
 
 def resolve_device(name: str) -> str:
@@ -41,79 +213,3 @@ def resolve_device(name: str) -> str:
     if name == "cpu":
         return name
     raise ValueError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N)")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The runtime-tunable parameters, as one immutable snapshot (swapped atomically)."""
-
-    camera_frame: str = "carm_source_optical"
-    invert: bool = False
-    mirror: bool = False
-    input_kind: str = "transmission"
-    camera_info_wait_s: float = 0.5
-    sdd_mm: float = 0.0
-    pixel_spacing_mm: float = 0.0
-    principal_point: tuple[float, ...] = ()
-    min_similarity: float = PipelineConfig.min_similarity
-    max_source_distance_mm: float = 2000.0
-    tracking_enabled: bool = True
-    tracking_max_age_s: float = 1.0
-    overlay_width: int = 256
-
-    def parameter_intrinsics(self, width: int, height: int) -> Intrinsics | None:
-        """Intrinsics from the ``intrinsics.*`` parameters for a ``width x height`` image, or None if unset."""
-        if self.sdd_mm <= 0 or self.pixel_spacing_mm <= 0:
-            return None
-        pp = tuple(self.principal_point) if len(self.principal_point) == 2 else None
-        return Intrinsics.from_detector(self.sdd_mm, width, height, self.pixel_spacing_mm, pp)
-
-
-# parameter name -> Settings field
-TUNABLE_PARAMETERS = {
-    "camera_frame": "camera_frame",
-    "invert": "invert",
-    "mirror": "mirror",
-    "input_kind": "input_kind",
-    "camera_info_wait_s": "camera_info_wait_s",
-    "intrinsics.sdd_mm": "sdd_mm",
-    "intrinsics.pixel_spacing_mm": "pixel_spacing_mm",
-    "intrinsics.principal_point": "principal_point",
-    "gate.min_similarity": "min_similarity",
-    "gate.max_source_distance_mm": "max_source_distance_mm",
-    "tracking.enabled": "tracking_enabled",
-    "tracking.max_age_s": "tracking_max_age_s",
-    "overlay.width": "overlay_width",
-}
-
-
-def settings_problems(s: Settings, image_qos: str) -> list[str]:
-    """What is wrong with ``s`` (and the ``image_qos`` parameter); empty when all is well."""
-    problems = []
-    if s.input_kind not in INPUT_KINDS:
-        problems.append(f"input_kind must be one of {INPUT_KINDS}")
-    if image_qos not in IMAGE_QOS:
-        problems.append(f"image_qos must be one of {IMAGE_QOS}")
-    if not (-1.0 <= s.min_similarity <= 1.0):
-        problems.append("gate.min_similarity must lie in [-1, 1]")
-    if s.tracking_max_age_s < 0 or s.camera_info_wait_s < 0:
-        problems.append("tracking.max_age_s and camera_info_wait_s must be >= 0")
-    if s.sdd_mm < 0 or s.pixel_spacing_mm < 0 or s.max_source_distance_mm <= 0:
-        problems.append("intrinsics and distances must not be negative")
-    if len(s.principal_point) not in (0, 2):
-        problems.append("intrinsics.principal_point must be [] or [cx, cy]")
-    if s.overlay_width < 8:
-        problems.append("overlay.width must be >= 8")
-    if not s.camera_frame:
-        problems.append("camera_frame must not be empty")
-    return problems
-
-
-def pipeline_config(s: Settings, base: PipelineConfig | None = None) -> PipelineConfig:
-    """``base`` (default :class:`PipelineConfig`) with the gate and tracking values of ``s``."""
-    return dataclasses.replace(
-        base or PipelineConfig(),
-        min_similarity=float(s.min_similarity),
-        tracking_max_age_s=float(s.tracking_max_age_s),
-        max_source_distance_mm=float(s.max_source_distance_mm),
-    )

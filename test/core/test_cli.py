@@ -105,7 +105,7 @@ def test_register_with_a_model_needs_no_init(case, mu, tmp_path, capsys):
         (["--camera-info", "missing.yaml", "--image", "x.npy", "--init", "i.json"], "camera-info file not found"),
         (["--camera-info", "{camera}", "--image", "missing.png", "--init", "{init}"], "image not found"),
         (["--camera-info", "{camera}", "--image", "{bad_png}", "--init", "{init}"], "cannot read"),
-        (["--camera-info", "{camera}", "--image", "{wrong_size}", "--init", "{init}"], "camera info says"),
+        (["--camera-info", "{camera}", "--image", "{wrong_size}", "--init", "{init}"], "but the intrinsics say"),
         (["--camera-info", "{camera}", "--image", "{view}", "--init", "{bad_pose}"], "proper rotation"),
         (["--model", "{bad_png}", "--camera-info", "{camera}", "--image", "{view}"], "not a readable patient model"),
     ],

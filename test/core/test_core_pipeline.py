@@ -1,4 +1,5 @@
-"""The intraoperative pipeline: CNN start, refinement, gate, tracking, covariance, frame warping."""
+"""The intraoperative pipeline: frame preparation, CNN start, refinement, gate, tracking, covariance,
+frame warping, the DRR and overlay at a pose."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from diffpose_ros.core import metrics
 from diffpose_ros.core.bundle import PatientModel
 from diffpose_ros.core.geometry import Intrinsics, carm_pose, perturb_pose
 from diffpose_ros.core.pipeline import Pipeline, covariance_in_parent
-from diffpose_ros.core.preprocess import line_integrals_from_transmission, warp_to_camera
+from diffpose_ros.core.preprocess import Frame, prepare_frame, warp_to_camera
 from diffpose_ros.core.regressor import PoseRegressor
 from diffpose_ros.core.simulate import simulate_transmission
 
@@ -33,7 +34,7 @@ def camera():
 
 @pytest.fixture(scope="module")
 def frames(pipeline, camera, mu):
-    """Three consecutive frames (line integrals, mono16 noise) near the reference view, and their poses."""
+    """Three consecutive prepared frames (mono16 with noise) near the reference view, and their poses."""
     ref = pipeline.regressor.decode(torch.zeros(1, 9))[0].double()
     g = torch.Generator().manual_seed(4)
     poses = [perturb_pose(ref, 4.0, 12.0, mu.center, g)]
@@ -43,9 +44,7 @@ def frames(pipeline, camera, mu):
     rng = np.random.default_rng(0)
     with torch.no_grad():
         images = [
-            line_integrals_from_transmission(
-                simulate_transmission(pipeline.registrar.renderer().render(T, camera), rng=rng)
-            )
+            prepare_frame(simulate_transmission(pipeline.render(T, camera), rng=rng), "transmission", camera)
             for T in poses
         ]
     return images, poses
@@ -55,28 +54,28 @@ def test_cold_then_tracking(pipeline, frames, camera, mu):
     images, poses = frames
     targets = metrics.grid_targets(mu.center)
     pipeline.reset_tracking()
-    first = pipeline.process(images[0], camera, stamp=10.0)
+    first = pipeline.process(images[0], stamp=10.0)
     assert first.accepted and first.mode == "cold", first.reason
     assert float(metrics.mtre(first.pose, poses[0], targets)) < 1.0
-    second = pipeline.process(images[1], camera, stamp=10.1)
+    second = pipeline.process(images[1], stamp=10.1)
     assert second.accepted and second.mode == "tracking"
     assert float(metrics.mtre(second.pose, poses[1], targets)) < 1.0
     assert second.iterations < first.iterations
     assert set(first.timings) == {"preprocess", "cnn", "refine", "total"} and second.timings["cnn"] == 0.0
     # Too old for tracking: cold again.
-    third = pipeline.process(images[2], camera, stamp=20.0)
+    third = pipeline.process(images[2], stamp=20.0)
     assert third.mode == "cold" and third.accepted
 
 
 def test_covariance_is_positive_definite_and_grows_with_less_information(pipeline, frames, camera):
     images, _ = frames
     pipeline.reset_tracking()
-    full = pipeline.process(images[0], camera, track=False)
+    full = pipeline.process(images[0], track=False)
     eig = torch.linalg.eigvalsh(full.covariance)
     assert bool(torch.isfinite(full.covariance).all()) and float(eig.min()) > 0
     # A heavily blurred frame constrains the pose less: a larger covariance.
-    blurred = torch.nn.functional.avg_pool2d(images[0][None, None], 9, stride=1, padding=4)[0, 0]
-    vague = pipeline.process(blurred, camera, track=False)
+    blurred = torch.nn.functional.avg_pool2d(images[0].image[None, None], 9, stride=1, padding=4)[0, 0]
+    vague = pipeline.process(prepare_frame(blurred, "line_integrals", camera), track=False)
     assert float(torch.det(vague.covariance)) > float(torch.det(full.covariance))
     parent = covariance_in_parent(full.pose, full.covariance)
     torch.testing.assert_close(torch.linalg.eigvalsh(parent), eig, rtol=1e-6, atol=1e-12)
@@ -84,19 +83,53 @@ def test_covariance_is_positive_definite_and_grows_with_less_information(pipelin
 
 def test_gate_rejects_a_frame_of_another_anatomy(pipeline, camera):
     noise = torch.rand(256, 256, generator=torch.Generator().manual_seed(0)) + 1
-    result = pipeline.process(noise, camera, track=False)
+    result = pipeline.process(prepare_frame(noise, "transmission", camera), track=False)
     assert not result.accepted and result.reason
 
 
-def test_bad_frames_raise_value_errors(pipeline, camera):
+def test_bad_frames_raise_value_errors(camera):
     with pytest.raises(ValueError, match="constant"):
-        pipeline.process(torch.ones(256, 256), camera)
+        prepare_frame(torch.ones(256, 256), "transmission", camera)
     bad = torch.rand(256, 256)
     bad[3, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        pipeline.process(bad, camera)
+        prepare_frame(bad, "line_integrals", camera)
     with pytest.raises(ValueError, match="intrinsics"):
-        pipeline.process(torch.rand(128, 256), camera)
+        prepare_frame(torch.rand(128, 256), "transmission", camera)
+    with pytest.raises(ValueError, match="negative"):
+        prepare_frame(torch.rand(256, 256) - 0.5, "transmission", camera)
+    with pytest.raises(ValueError, match="unknown frame kind"):
+        prepare_frame(torch.rand(256, 256), "jpeg", camera)
+    with pytest.raises(ValueError, match="mask"):
+        Frame(torch.rand(256, 256), camera, torch.zeros(256, 256, dtype=torch.bool))
+
+
+def test_prepare_frame_unmirrors_image_and_intrinsics(renderer, clinical_pose):
+    """A device that mirrors delivers column j at W - 1 - j and says so in its intrinsics: the
+    prepared frame is the unmirrored view with the camera that rendered it, off-centre or not."""
+    camera = Intrinsics(160, 120, 700.0, 700.0, 101.0, 47.5)  # principal point 21.5 px right of centre
+    with torch.no_grad():
+        view = renderer.render(clinical_pose, camera)
+    delivered = view.flip(-1)
+    frame = prepare_frame(delivered, "line_integrals", camera.mirrored(), mirror=True)
+    assert frame.intrinsics == camera
+    torch.testing.assert_close(frame.image, view.float())
+    assert frame.mask.all() and frame.valid_fraction == 1.0 and frame.prepare_seconds >= 0
+    # Transmission frames: -log of the delivered counts, flipped back with the same camera.
+    counts = torch.exp(-view).flip(-1) * 4000
+    again = prepare_frame(counts.numpy(), "transmission", camera.mirrored(), mirror=True)
+    assert again.intrinsics == camera
+    assert float(torch.corrcoef(torch.stack([again.image.flatten(), view.float().flatten()]))[0, 1]) > 0.999
+
+
+def test_render_and_overlay_at_a_pose(pipeline, frames, camera):
+    images, poses = frames
+    drr = pipeline.render(poses[0], camera)
+    assert drr.shape == (256, 256) and drr.device.type == "cpu"
+    picture = pipeline.overlay(images[0], poses[0], width=128)
+    assert picture.shape == (128, 128, 3) and picture.dtype.name == "uint8"
+    green = (picture[..., 1] == 255) & (picture[..., 0] == 0) & (picture[..., 2] == 0)
+    assert 0.005 < float(green.mean()) < 0.3  # the DRR's edges are drawn, not the whole image
 
 
 def test_warp_to_camera_is_exact_for_a_rendered_scene(renderer, clinical_pose):

@@ -10,8 +10,8 @@ import torch
 
 from diffpose_ros.core import metrics, se3
 from diffpose_ros.core.geometry import carm_pose
-from diffpose_ros.core.preprocess import line_integrals_from_transmission
-from diffpose_ros.core.register import Level, Registrar, RegistrationConfig, RegistrationResult, resample_image
+from diffpose_ros.core.preprocess import line_integrals_from_transmission, resample_image, resample_mask
+from diffpose_ros.core.register import Level, Registrar, RegistrationConfig, RegistrationResult
 from diffpose_ros.core.simulate import simulate_transmission
 
 
@@ -115,6 +115,11 @@ def test_resample_image():
     torch.testing.assert_close(resample_image(img, 2, 2), torch.tensor([[2.5, 4.5], [10.5, 12.5]]))
     assert resample_image(img, 4, 4) is img
     assert resample_image(img, 8, 6).shape == (6, 8)
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    mask[0, 0] = False
+    # A coarse pixel is valid only if everything it averages is.
+    assert resample_mask(mask, 2, 2).tolist() == [[False, True], [True, True]]
+    assert resample_mask(mask, 4, 4) is mask
 
 
 def test_a_level_at_its_noise_floor_converges(mu, registrar, truth, detector):
@@ -135,3 +140,29 @@ def test_a_level_at_its_noise_floor_converges(mu, registrar, truth, detector):
         assert res.iterations == 1 and res.converged, res.history
         rejected += not res.history[0]["accepted"]
     assert rejected > 0  # the case this test is about occurred
+
+
+def test_cost_is_chosen_by_name(mu, truth, target, k128, hu):
+    T_true, iso = truth
+    with pytest.raises(ValueError, match="unknown registration cost"):
+        RegistrationConfig(cost="ssd")
+    gradient = Registrar(mu, RegistrationConfig(cost="gradient_ncc"))
+    res = gradient.register(target, k128, perturbed(T_true, iso, seed=3, angle_deg=5.0, shift_mm=15.0))
+    assert float(metrics.mtre(res.pose, T_true, metrics.grid_targets(hu.center))) < 0.5
+    assert not res.failure() and res.similarity > 0.95
+
+
+def test_a_mask_keeps_spoiled_pixels_out(registrar, truth, target, k128, hu):
+    """A third of the frame replaced by something the CT does not hold (e.g. a retractor): with
+    the mask marking it invalid the pose is recovered as from the clean frame."""
+    T_true, iso = truth
+    spoiled = target.clone()
+    spoiled[:, 80:] = spoiled.max() * 1.5
+    mask = torch.ones(128, 128, dtype=torch.bool)
+    mask[:, 80:] = False
+    start = perturbed(T_true, iso, seed=4, angle_deg=5.0, shift_mm=15.0)
+    res = registrar.register(spoiled, k128, start, mask=mask)
+    assert float(metrics.mtre(res.pose, T_true, metrics.grid_targets(hu.center))) < 0.5
+    assert not res.failure()
+    with pytest.raises(ValueError, match="mask"):
+        registrar.register(target, k128, start, mask=mask[:64])

@@ -43,6 +43,15 @@ FRAME_POSES = [
 ]
 
 
+def flatten_parameters(d: dict, prefix: str = ""):
+    """``(name, value)`` of a ``ros__parameters`` mapping, nested groups joined with dots."""
+    for key, value in d.items():
+        if isinstance(value, dict):
+            yield from flatten_parameters(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def ros_disabled() -> bool:
     return os.environ.get("DIFFPOSE_NO_ROS") == "1"
 

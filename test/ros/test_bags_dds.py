@@ -30,6 +30,20 @@ def text_of(log: Path) -> str:
     return log.read_text(encoding="utf-8", errors="replace")
 
 
+def run_tool(args: list[str], dds: dict, timeout: float) -> subprocess.CompletedProcess:
+    """One of the package's tools (``.venv/bin/<name>``) run to its end on the test's DDS domain."""
+    env = {**os.environ, **dds}
+    return subprocess.run(
+        [str(BIN / args[0]), *args[1:]],
+        env=env,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=timeout,
+    )
+
+
 def tool(name: str, *args: str, env: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [str(BIN / name), *args], stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **env}
@@ -382,9 +396,9 @@ def test_bags_replay_through_the_node_and_score(scene, dds, tmp_path):
         probe.pause(1.0)
         finish(recorder, 30, rec_log, sig=signal.SIGINT)
         report = tmp_path / "report"
-        out = subprocess.run(
+        out = run_tool(
             [
-                str(BIN / "diffpose-score"),
+                "diffpose-score",
                 "--truth",
                 str(tmp_path / "ours"),
                 "--estimate",
@@ -392,12 +406,8 @@ def test_bags_replay_through_the_node_and_score(scene, dds, tmp_path):
                 "--out",
                 str(report),
             ],
-            env={**os.environ, **dds},
-            capture_output=True,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-            timeout=300,
+            dds,
+            300,
         )
         assert out.returncode == 0, out.stdout + out.stderr
         summary = json.loads((report / "summary.json").read_text())
@@ -409,9 +419,9 @@ def test_bags_replay_through_the_node_and_score(scene, dds, tmp_path):
         # A vendor's bag: other topic names, PoseStamped truth, sqlite3; later stamps than ours.
         last = max(stamps)
         _foreign_bag(tmp_path / "foreign", scene, last + 10**9)
-        live = subprocess.run(
+        live = run_tool(
             [
-                str(BIN / "diffpose-score"),
+                "diffpose-score",
                 "--truth",
                 str(tmp_path / "foreign"),
                 "--live",
@@ -429,12 +439,8 @@ def test_bags_replay_through_the_node_and_score(scene, dds, tmp_path):
                 "xray_source",
                 "--no-overlays",
             ],
-            env={**os.environ, **dds},
-            capture_output=True,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-            timeout=300,
+            dds,
+            300,
         )
         assert live.returncode == 0, live.stdout + live.stderr
         summary = json.loads((tmp_path / "live" / "summary.json").read_text())
@@ -458,9 +464,9 @@ def test_main_job_end_to_end(scene, dds, tmp_path):
     from diffpose_ros.core.io import save_json
 
     save_json(tmp_path / "poses.json", {"poses": [{"T_ct_source": T} for T in scene.poses[:3]]})
-    run = subprocess.run(
+    run = run_tool(
         [
-            str(BIN / "diffpose-demo"),
+            "diffpose-demo",
             "--out",
             str(tmp_path / "demo"),
             "--model",
@@ -472,12 +478,8 @@ def test_main_job_end_to_end(scene, dds, tmp_path):
             "--rate",
             "1",
         ],
-        env={**os.environ, **dds},
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        errors="replace",
-        timeout=600,
+        dds,
+        600,
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())

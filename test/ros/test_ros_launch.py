@@ -12,7 +12,7 @@ import importlib.util
 
 import pytest
 import yaml
-from ros_harness import CONFIG_YAML, REPO, domain_id, ros_disabled, ros_env
+from ros_harness import CONFIG_YAML, REPO, domain_id, flatten_parameters, ros_disabled, ros_env
 
 LAUNCH_FILE = REPO / "launch" / "diffpose.launch.py"
 ARGUMENTS = {"params_file", "patient_model", "image_topic", "camera_info_topic", "use_sim_time", "autostart"}
@@ -131,14 +131,6 @@ def test_launch_file_runs_where_launch_ros_imports(tmp_path):
     assert type(node).__name__ == "LifecycleNode"
 
 
-def _flatten(d, prefix=""):
-    for key, value in d.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
 def test_config_yaml_holds_declared_parameters_only(monkeypatch):
     if ros_disabled():
         pytest.skip("DIFFPOSE_NO_ROS=1")
@@ -149,7 +141,7 @@ def test_config_yaml_holds_declared_parameters_only(monkeypatch):
 
     doc = yaml.safe_load(CONFIG_YAML.read_text())
     assert list(doc) == ["/**"] and list(doc["/**"]) == ["ros__parameters"]
-    values = dict(_flatten(doc["/**"]["ros__parameters"]))
+    values = dict(flatten_parameters(doc["/**"]["ros__parameters"]))
     for key, value in ros_env(domain_id(2)).items():
         monkeypatch.setenv(key, value)
     context = Context()

@@ -291,6 +291,64 @@ def test_other_encodings_mirror_and_line_integrals(ros, scene):
         assert probe.set_parameters([Parameter("input_kind", value="transmission")])[0].successful
 
 
+def test_mirrored_off_centre_frame_gives_the_cli_pose(ros, scene, tmp_path):
+    """One preparation step for the node and the CLI: a mirrored frame whose principal point lies
+    30 px right of and 20 px above the centre, delivered with the device's (mirrored) camera_info,
+    gets the same pose from the node (mirror:=true) as from ``diffpose-register --mirror``. The CLI
+    used to flip the image but not the intrinsics and registered another camera."""
+    probe, _, _ = ros
+    import json
+
+    import cv2
+    import torch
+    from rclpy.parameter import Parameter
+    from ros_harness import DETECTOR, SDD, SPACING
+
+    from diffpose_ros.cli import register
+    from diffpose_ros.core import metrics, render, simulate, volume
+    from diffpose_ros.core.geometry import Intrinsics
+    from diffpose_ros.ros.conversions import intrinsics_to_camera_info, numpy_to_image
+
+    index = 1
+    camera = Intrinsics.from_detector(SDD, DETECTOR, DETECTOR, SPACING, (127.5 + 30.0, 127.5 - 20.0))
+    renderer = render.Renderer(volume.hu_to_mu(volume.load_ct(volume.default_ct_path())))
+    with torch.no_grad():
+        view = renderer.render(scene.poses[index], camera)
+    delivered = np.ascontiguousarray(simulate.simulate_transmission(view, rng=np.random.default_rng(9))[:, ::-1])
+    delivered_camera = camera.mirrored()  # what the device says of the pixels it sends
+    assert delivered_camera.cx == pytest.approx(127.5 - 30.0)
+
+    image, info = make_frame(scene, index)
+    msg = numpy_to_image(delivered, "mono16", header=image.header)
+    info = intrinsics_to_camera_info(delivered_camera, header=info.header)
+    # Cold start on both sides (no tracking from the previous test's frame).
+    settings = [Parameter("mirror", value=True), Parameter("tracking.enabled", value=False)]
+    assert all(r.successful for r in probe.set_parameters(settings))
+    try:
+        status = probe.send(msg, info)
+        assert status.level == DIAG_OK, status.message
+        (tf,) = probe.spin_until(lambda: probe.tf_at(msg.header.stamp), 30.0, "the TF")
+    finally:
+        restore = [Parameter("mirror", value=False), Parameter("tracking.enabled", value=True)]
+        assert all(r.successful for r in probe.set_parameters(restore))
+    node_pose = _tf_matrix(tf)
+
+    cv2.imwrite(str(tmp_path / "frame.png"), delivered)
+    delivered_camera.to_yaml(tmp_path / "camera.yaml")
+    args = ["--model", str(scene.model_path), "--camera-info", str(tmp_path / "camera.yaml")]
+    args += ["--image", str(tmp_path / "frame.png"), "--mirror", "--out", str(tmp_path / "result.json")]
+    assert register.main(args) == 0
+    result = json.loads((tmp_path / "result.json").read_text())
+    cli_pose = np.array(result["T_ct_source"])
+
+    between = float(metrics.mtre(torch.from_numpy(node_pose), torch.from_numpy(cli_pose), scene.targets))
+    errors = mtre_mm(scene, node_pose, index), mtre_mm(scene, cli_pose, index)
+    print(f"mTRE node {errors[0]:.3f} mm, CLI {errors[1]:.3f} mm; between them {between:.4f} mm")
+    assert not result["failed"], result["failure"]
+    assert max(errors) < MTRE_LIMIT_MM
+    assert between < 0.05
+
+
 def test_covariance_grows_with_less_information(ros, scene):
     """The same view at a lower dose (more quantum noise): a larger ~/pose covariance."""
     probe, _, _ = ros

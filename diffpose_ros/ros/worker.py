@@ -1,0 +1,183 @@
+"""``diffpose_node``'s worker: the newest frame in, a pose or a stated reason out, in its own thread.
+
+The image callback only puts each message into a one-slot :class:`Mailbox` (a frame still waiting
+there is replaced and counted as dropped), so there is never a backlog. The worker takes the newest
+frame, finds its intrinsics (:func:`~.camera_info.choose_intrinsics`), prepares it with the core's
+one preparation step (:func:`~diffpose_ros.core.preprocess.prepare_frame`), runs the pipeline and hands an
+:class:`Outcome` to the node, which publishes it. Poses go out only for stamps strictly newer than
+the last published one. No rclpy here: tests drive a worker with plain messages.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from diagnostic_msgs.msg import DiagnosticStatus
+
+from ..core.pipeline import FrameResult, Pipeline
+from ..core.preprocess import Frame, prepare_frame
+from .camera_info import CameraInfoCache, choose_intrinsics, stamp_text
+from .conversions import camera_info_to_intrinsics, frame_kind, image_to_numpy
+from .settings import Settings
+
+__all__ = ["FrameWorker", "Mailbox", "Outcome", "Received"]
+
+
+@dataclass
+class Received:
+    """An image message and ``time.monotonic()`` at its receipt."""
+
+    msg: Any
+    wall: float
+
+
+class Mailbox:
+    """One slot holding the newest :class:`Received`; ``dropped`` counts the replaced ones."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._item: Received | None = None
+        self.dropped = 0
+
+    def put(self, item: Received) -> None:
+        with self._cond:
+            if self._item is not None:
+                self.dropped += 1
+            self._item = item
+            self._cond.notify_all()
+
+    def take(self, timeout: float) -> Received | None:
+        """The waiting item (emptying the slot), after up to ``timeout`` s; None if none came."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._item is not None, timeout)
+            item, self._item = self._item, None
+            return item
+
+    def clear(self) -> None:
+        with self._cond:
+            self._item = None
+
+
+@dataclass
+class Outcome:
+    """What became of one frame: ``kind`` (``published``: ``result`` is an accepted pose for
+    ``frame``; ``rejected``: refused input or gate; ``skipped``: stamp not newer; ``failed``:
+    internal error), the diagnostic ``level`` and ``message``, and the frame status's ``values``."""
+
+    kind: str
+    level: bytes
+    message: str
+    values: dict = field(default_factory=dict)
+    result: FrameResult | None = None
+    frame: Frame | None = None
+
+
+class FrameWorker:
+    """Processes the newest frame of :attr:`mailbox` with ``pipeline`` in a thread of its own.
+
+    ``settings``: the node's current :class:`~.settings.Settings`; ``infos``: the camera_info cache;
+    ``camera_info_matched``: whether a camera_info publisher is matched (worth waiting for one);
+    ``report``: the node's publisher of an :class:`Outcome`; ``logger``: rclpy-style logger.
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        settings: Callable[[], Settings],
+        infos: CameraInfoCache,
+        camera_info_matched: Callable[[], bool],
+        report: Callable[[Received, Outcome], None],
+        logger,
+    ):
+        self.pipeline = pipeline
+        self.mailbox = Mailbox()
+        self._settings, self._infos, self._matched = settings, infos, camera_info_matched
+        self._report, self._logger = report, logger
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_stamp_ns: int | None = None
+
+    def start(self, keep_running: Callable[[], bool] = lambda: True) -> None:
+        """Start the thread; it ends at :meth:`stop` or when ``keep_running()`` turns false."""
+        self._stop.clear()
+        self.mailbox.clear()
+        self._thread = threading.Thread(target=self._loop, args=(keep_running,), name="diffpose_worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop the thread (waiting up to ``timeout`` s for the frame in hand) and drop any waiting frame."""
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        self.mailbox.clear()
+
+    def _loop(self, keep_running: Callable[[], bool]) -> None:
+        while not self._stop.is_set() and keep_running():
+            item = self.mailbox.take(0.1)
+            if item is None or self._stop.is_set():
+                continue
+            try:
+                outcome = self.handle(item)
+                if outcome is not None and not self._stop.is_set():
+                    self._report(item, outcome)
+                    if outcome.kind == "published":
+                        self._last_stamp_ns = _stamp_ns(item.msg)
+            except Exception as err:
+                self._logger.error(f"frame failed: {err!r}\n{traceback.format_exc()}")
+                message = f"internal error: {type(err).__name__}: {err}"
+                self._report(item, Outcome("failed", DiagnosticStatus.ERROR, message))
+
+    def handle(self, item: Received) -> Outcome | None:
+        """The :class:`Outcome` of one frame (None when the worker was stopped meanwhile)."""
+        msg, s = item.msg, self._settings()
+        stamp_ns = _stamp_ns(msg)
+        values = {"encoding": msg.encoding, "size": f"{msg.width}x{msg.height}"}
+        values["t_in_mailbox_s"] = time.monotonic() - item.wall
+        if self._last_stamp_ns is not None and stamp_ns <= self._last_stamp_ns:
+            message = "stamp not newer than the last published pose: frame skipped"
+            return Outcome("skipped", DiagnosticStatus.WARN, message, values)
+        try:
+            pixels = image_to_numpy(msg)  # a malformed message is refused before any waiting
+            t0 = time.perf_counter()
+            k, values["intrinsics_source"] = self._intrinsics(msg, s)
+            values["t_camera_info_wait_s"] = time.perf_counter() - t0
+            frame = prepare_frame(pixels, frame_kind(msg.encoding, s.input_kind), k, s.mirror)
+            values["t_convert_s"] = frame.prepare_seconds
+            if self._stop.is_set():
+                return None
+            result = self.pipeline.process(frame, stamp=stamp_ns * 1e-9, track=s.tracking_enabled)
+        except ValueError as err:
+            stamp = stamp_text((msg.header.stamp.sec, msg.header.stamp.nanosec))
+            self._logger.warning(f"frame {stamp} refused: {err}", throttle_duration_sec=1.0)
+            return Outcome("rejected", DiagnosticStatus.ERROR, f"bad frame: {err}", values)
+        values.update(
+            mode=result.mode,
+            similarity=float(result.similarity),
+            iterations=int(result.iterations),
+            converged=bool(result.converged),
+            **{f"t_{name}_s": float(v) for name, v in result.timings.items()},
+        )
+        if not result.accepted:
+            return Outcome("rejected", DiagnosticStatus.ERROR, f"rejected by the gate: {result.reason}", values)
+        return Outcome("published", DiagnosticStatus.OK, "pose published", values, result, frame)
+
+    def _intrinsics(self, msg, s: Settings):
+        stamp = (int(msg.header.stamp.sec), int(msg.header.stamp.nanosec))
+        width, height = int(msg.width), int(msg.height)
+        info = self._infos.wait_for(stamp, s.camera_info_wait_s, lambda: not self._stop.is_set() and self._matched())
+        return choose_intrinsics(
+            stamp,
+            None if info is None else lambda: camera_info_to_intrinsics(info, width, height),
+            lambda: s.parameter_intrinsics(width, height),
+            self._infos.latest_stamp(),
+        )
+
+
+def _stamp_ns(msg) -> int:
+    return int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)

@@ -1,0 +1,107 @@
+"""Registration costs (diffpose_ros.core.cost): values, Jacobians and masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffpose_ros.core.cost import COSTS, GradientNCC, make_cost
+from diffpose_ros.core.similarity import gradient_ncc, multiscale_ncc, ncc
+
+
+@pytest.fixture(scope="module")
+def pair(renderer, clinical_pose, k64):
+    """A DRR at a pose near the truth (with its per-pixel Jacobian) and the target at the truth."""
+    from diffpose_ros.core import se3
+
+    near = clinical_pose @ se3.exp(torch.tensor([2.0, -1.0, 3.0, 0.01, 0.02, -0.01], dtype=torch.float64))
+    values, jac = renderer.render_jacobian(near, k64)
+    with torch.no_grad():
+        target = renderer.render(clinical_pose, k64)
+    return values[0].double(), jac[0].double(), target.double()
+
+
+def _similarity(cost, values, jac):
+    r, _ = cost.residuals(values, jac)
+    return cost.similarity(0.5 * float(r.square().sum()))
+
+
+def test_ncc_cost_is_the_multiscale_ncc(pair):
+    values, jac, target = pair
+    cost = make_cost("ncc", target, None, 8, 0.5)
+    expected = multiscale_ncc(values.reshape(64, 64), target, (None, 8), (0.5, 0.5))
+    assert _similarity(cost, values, jac) == pytest.approx(float(expected), abs=1e-6)
+    # Without patches the whole weight goes to the global NCC.
+    assert _similarity(make_cost("ncc", target, None, None, 0.5), values, jac) == pytest.approx(
+        float(ncc(values, target.flatten())), abs=1e-6
+    )
+
+
+def test_gradient_ncc_cost_is_the_gradient_ncc(pair):
+    values, jac, target = pair
+    cost = make_cost("gradient_ncc", target, None, 8, 0.5)
+    assert isinstance(cost, GradientNCC)
+    assert _similarity(cost, values, jac) == pytest.approx(
+        float(gradient_ncc(values.reshape(64, 64), target)), abs=1e-6
+    )
+    # A linear shading across the field (a heel effect) leaves the gradient NCC as it is; NCC drops.
+    ramp = torch.linspace(0, 2 * float(target.max() - target.min()), 64, dtype=torch.float64)[None, :]
+    shaded = target + ramp
+    robust = make_cost("gradient_ncc", shaded, None, None, 0.5)
+    assert _similarity(robust, values, jac) == pytest.approx(_similarity(cost, values, jac), abs=1e-6)
+    plain, clean = make_cost("ncc", shaded, None, None, 0.5), make_cost("ncc", target, None, None, 0.5)
+    assert _similarity(plain, values, jac) < _similarity(clean, values, jac) - 0.05
+
+
+@pytest.mark.parametrize("name", sorted(COSTS))
+@pytest.mark.parametrize("masked", [False, True])
+def test_jacobian_is_the_derivative_of_the_residuals(pair, name, masked):
+    # Residuals of a DRR that moves linearly with the pose (values + jac @ q): their exact derivative at q = 0.
+    values, jac, target = pair
+    mask = None
+    if masked:
+        mask = torch.ones(64, 64, dtype=torch.bool)
+        mask[:, :20] = False
+        mask[50:, 40:] = False
+    cost = make_cost(name, target, mask, 8, 0.5)
+    _, J = cost.residuals(values, jac)
+
+    def residuals(q):
+        return cost.residuals(values + jac @ q, jac)[0]
+
+    q0 = torch.zeros(6, dtype=torch.float64)
+    reference = torch.autograd.functional.jacobian(residuals, q0, vectorize=True, strategy="forward-mode")
+    # (standardize_with_jacobian drops the 1e-8 regulariser of a patch's RMS from its derivative)
+    torch.testing.assert_close(J, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_a_mask_restricts_the_cost_to_its_pixels(pair):
+    values, jac, target = pair
+    mask = torch.ones(64, 64, dtype=torch.bool)
+    mask[:, 32:] = False
+    spoiled = target.clone()
+    spoiled[:, 32:] = torch.rand(64, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 50
+    masked = make_cost("ncc", spoiled, mask, None, 0.5)
+    expected = ncc(values.reshape(64, 64), target, mask, dims=2)
+    assert _similarity(masked, values, jac) == pytest.approx(float(expected), abs=1e-6)
+    # Patches that reach into the invalid half are left out: the spoiled pixels change nothing.
+    with_patches = make_cost("ncc", spoiled, mask, 8, 0.5)
+    clean = make_cost("ncc", target, mask, 8, 0.5)
+    assert _similarity(with_patches, values, jac) == pytest.approx(_similarity(clean, values, jac), abs=1e-9)
+    # An all-valid mask is the same as none.
+    full = make_cost("ncc", target, torch.ones(64, 64, dtype=torch.bool), 8, 0.5)
+    r_full, _ = full.residuals(values, jac)
+    r_none, _ = make_cost("ncc", target, None, 8, 0.5).residuals(values, jac)
+    torch.testing.assert_close(r_full, r_none)
+
+
+def test_unknown_cost_and_empty_masks_are_refused(pair):
+    _, _, target = pair
+    with pytest.raises(ValueError, match="unknown registration cost"):
+        make_cost("mutual_information", target, None, None, 0.5)
+    sparse = torch.zeros(64, 64, dtype=torch.bool)
+    sparse[::2, ::2] = True
+    with pytest.raises(ValueError, match="patch"):
+        make_cost("ncc", target, sparse, 8, 0.5)
+    with pytest.raises(ValueError, match="3x3"):
+        make_cost("gradient_ncc", target, sparse, None, 0.5)

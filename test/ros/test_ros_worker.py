@@ -1,0 +1,208 @@
+"""The node's parts without DDS: the parameter table, the intrinsics policy, the camera_info cache,
+TF and pose messages, and the worker driven with plain messages (ROS message classes only)."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from ros_harness import CONFIG_YAML, flatten_parameters, ros_disabled
+
+if ros_disabled():
+    pytest.skip("DIFFPOSE_NO_ROS=1: ROS 2 tests skipped", allow_module_level=True)
+
+from diagnostic_msgs.msg import DiagnosticStatus  # noqa: E402
+
+from diffpose_ros.core.geometry import Intrinsics  # noqa: E402
+from diffpose_ros.core.pipeline import Pipeline  # noqa: E402
+from diffpose_ros.ros import conversions as cv  # noqa: E402
+from diffpose_ros.ros.camera_info import CameraInfoCache, choose_intrinsics  # noqa: E402
+from diffpose_ros.ros.settings import PARAMETERS, Settings, pipeline_config, settings_problems  # noqa: E402
+from diffpose_ros.ros.worker import FrameWorker, Received  # noqa: E402
+
+K = Intrinsics.from_detector(1020.0, 256, 256, 1.2)
+
+
+# ------------------------------------------------------------------------------ parameter table
+def test_one_table_gives_settings_and_the_yaml():
+    names = [p.name for p in PARAMETERS]
+    assert len(set(names)) == len(names)
+    assert [p.field for p in PARAMETERS] == [f.name for f in dataclasses.fields(Settings)]
+    defaults = Settings.from_parameters({})
+    assert settings_problems(defaults) == []
+    for p in PARAMETERS:
+        assert getattr(defaults, p.field) == p.default, p.name
+        assert p.problem(p.default) == "", p.name
+    # config/diffpose.yaml shows every parameter with a value at its default (principal_point is
+    # an unset array there, a commented-out line).
+    yaml_values = dict(flatten_parameters(yaml.safe_load(CONFIG_YAML.read_text())["/**"]["ros__parameters"]))
+    assert set(yaml_values) == set(names) - {"intrinsics.principal_point"}
+    for p in PARAMETERS:
+        if p.name in yaml_values:
+            assert yaml_values[p.name] == p.default, p.name
+
+
+def test_out_of_range_and_unknown_values_are_named():
+    s = Settings.from_parameters(
+        {"gate.min_similarity": 1.5, "input_kind": "jpeg", "registration.cost": "ssd", "overlay.width": 4}
+    )
+    problems = "; ".join(settings_problems(s))
+    for name in ("gate.min_similarity", "input_kind", "registration.cost", "overlay.width"):
+        assert name in problems
+    bad_point = Settings.from_parameters({"intrinsics.principal_point": [1.0, 2.0, 3.0]})
+    assert "principal_point" in settings_problems(bad_point)[0]
+
+
+def test_pipeline_config_takes_gate_tracking_and_cost():
+    s = Settings.from_parameters({"gate.min_similarity": 0.7, "registration.cost": "gradient_ncc"})
+    config = pipeline_config(s)
+    assert config.min_similarity == 0.7 and config.cold.cost == "gradient_ncc"
+    assert config.tracking_max_age_s == s.tracking_max_age_s
+
+
+# ---------------------------------------------------------------------------- intrinsics policy
+def test_intrinsics_policy_order_and_messages():
+    other = Intrinsics.from_detector(900.0, 256, 256, 1.0)
+    assert choose_intrinsics((1, 0), lambda: K, lambda: other, None) == (K, "camera_info")
+    assert choose_intrinsics((1, 0), None, lambda: other, (1, 5)) == (other, "parameters")
+
+    def refused():
+        raise ValueError("camera_info describes 128x128 pixels")
+
+    k, source = choose_intrinsics((1, 0), refused, lambda: other, None)
+    assert k == other and source == "parameters (camera_info refused: camera_info describes 128x128 pixels)"
+    with pytest.raises(ValueError, match="128x128"):
+        choose_intrinsics((1, 0), refused, lambda: None, None)
+    with pytest.raises(ValueError, match=r"stamp 1\.000000000 \(latest camera_info stamp 0\.500000000"):
+        choose_intrinsics((1, 0), None, lambda: None, (0, 500_000_000))
+    with pytest.raises(ValueError, match="missing camera_info"):
+        choose_intrinsics((1, 0), None, lambda: None, None)
+
+    def invalid():
+        raise ValueError("sdd must be positive")
+
+    with pytest.raises(ValueError, match="intrinsics parameters are invalid"):
+        choose_intrinsics((1, 0), None, invalid, None)
+
+
+def test_camera_info_cache_waits_for_a_late_message():
+    cache = CameraInfoCache(keep=2)
+    threading.Timer(0.1, lambda: cache.put((3, 0), "late")).start()
+    t0 = time.monotonic()
+    assert cache.wait_for((3, 0), 5.0, lambda: True) == "late"
+    assert time.monotonic() - t0 < 2.0
+    assert cache.wait_for((4, 0), 0.05, lambda: True) is None  # none comes
+    assert cache.wait_for((4, 0), 5.0, lambda: False) is None  # nothing to wait for: at once
+    for i in range(3):
+        cache.put((10 + i, 0), i)
+    assert cache.latest_stamp() == (12, 0) and cache.wait_for((10, 0), 0.0, lambda: True) is None
+
+
+# ------------------------------------------------------------------------------------ messages
+def test_transform_and_pose_messages():
+    from builtin_interfaces.msg import Time
+
+    from diffpose_ros.core import se3
+
+    T = se3.exp(torch.tensor([10.0, -20.0, 700.0, 0.1, -0.2, 0.3], dtype=torch.float64))
+    stamp = Time(sec=5, nanosec=7)
+    tf = cv.transform_stamped(T, stamp, "ct", "cam")
+    assert (tf.header.frame_id, tf.child_frame_id, tf.header.stamp.nanosec) == ("ct", "cam", 7)
+    np.testing.assert_allclose(cv.transform_to_matrix(tf.transform), T.numpy(), atol=1e-9)
+    inverse = cv.transform_stamped(T, stamp, "ct", "cam", invert=True)
+    assert (inverse.header.frame_id, inverse.child_frame_id) == ("cam", "ct")
+    np.testing.assert_allclose(cv.transform_to_matrix(inverse.transform), np.linalg.inv(T.numpy()), atol=1e-9)
+    pose = cv.pose_with_covariance_stamped(T, np.eye(6), stamp, "ct")
+    assert pose.header.frame_id == "ct"
+    np.testing.assert_allclose(cv.pose_to_matrix(pose.pose.pose), T.numpy(), atol=1e-9)
+    assert len(pose.pose.covariance) == 36
+
+
+# -------------------------------------------------------------------------------------- worker
+class _Log:
+    def __init__(self):
+        self.lines = []
+
+    def warning(self, text, **kw):
+        self.lines.append(text)
+
+    error = warning
+
+
+@pytest.fixture(scope="module")
+def worker_case(scene):
+    pipeline = Pipeline.from_file(scene.model_path)
+    pipeline.warm_up()
+    settings = {"value": Settings.from_parameters({"camera_info_wait_s": 0.05})}
+    infos = CameraInfoCache()
+    worker = FrameWorker(pipeline, lambda: settings["value"], infos, lambda: True, lambda *a: None, _Log())
+    return worker, infos, settings
+
+
+def _frame(scene, index, sec, info_cache=None, **image_kw):
+    from builtin_interfaces.msg import Time
+    from std_msgs.msg import Header
+
+    header = Header(stamp=Time(sec=sec, nanosec=0), frame_id="")
+    msg = cv.numpy_to_image(scene.frames[index], "mono16", header=header, **image_kw)
+    if info_cache is not None:
+        info_cache.put((sec, 0), cv.intrinsics_to_camera_info(scene.detector, header=Header(stamp=header.stamp)))
+    return Received(msg, time.monotonic())
+
+
+def test_worker_outcomes_without_dds(worker_case, scene):
+    from diffpose_ros.core import metrics
+
+    worker, infos, settings = worker_case
+    good = worker.handle(_frame(scene, 0, 100, infos))
+    assert good.kind == "published" and good.level == DiagnosticStatus.OK, good.message
+    assert good.values["intrinsics_source"] == "camera_info" and good.values["mode"] == "cold"
+    assert float(metrics.mtre(good.result.pose, scene.poses[0], scene.targets)) < 2.0
+    assert good.frame.intrinsics == scene.detector
+
+    missing = worker.handle(_frame(scene, 1, 101))  # no camera_info, no parameters
+    assert missing.kind == "rejected" and "missing camera_info" not in missing.message
+    assert "no camera_info with the image's stamp 101.000000000" in missing.message
+
+    broken = _frame(scene, 1, 102, infos)
+    broken.msg.data = broken.msg.data[:-10]
+    refused = worker.handle(broken)
+    assert refused.kind == "rejected" and refused.message.startswith("bad frame: image data is")
+
+    settings["value"] = dataclasses.replace(settings["value"], sdd_mm=1020.0, pixel_spacing_mm=1.2)
+    try:
+        by_parameters = worker.handle(_frame(scene, 2, 103))
+    finally:
+        settings["value"] = dataclasses.replace(settings["value"], sdd_mm=0.0, pixel_spacing_mm=0.0)
+    assert by_parameters.kind == "published" and by_parameters.values["intrinsics_source"] == "parameters"
+
+
+def test_worker_thread_reports_and_skips_old_stamps(scene):
+    pipeline = Pipeline.from_file(scene.model_path)
+    infos = CameraInfoCache()
+    reports = []
+    done = threading.Event()
+
+    def report(item, outcome):
+        reports.append((item.msg.header.stamp.sec, outcome.kind))
+        if len(reports) == 2:
+            done.set()
+
+    settings = Settings.from_parameters({})
+    worker = FrameWorker(pipeline, lambda: settings, infos, lambda: False, report, _Log())
+    worker.start()
+    try:
+        worker.mailbox.put(_frame(scene, 0, 200, infos))
+        deadline = time.monotonic() + 60
+        while not reports and time.monotonic() < deadline:
+            time.sleep(0.05)
+        worker.mailbox.put(_frame(scene, 1, 199, infos))  # older than the published pose
+        assert done.wait(60)
+    finally:
+        worker.stop()
+    assert reports == [(200, "published"), (199, "skipped")]
