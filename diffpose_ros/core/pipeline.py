@@ -169,8 +169,7 @@ class Pipeline:
         ):
             attempts.append(("tracking", self._last[1], self.config.tracking_levels))
         attempts.append(("cold", None, None))
-        for attempt in attempts:
-            mode, start, levels = attempt
+        for mode, start, levels in attempts:  # noqa: B007 - the last attempt's mode is reported
             if start is None:
                 t = time.perf_counter()
                 start = self.initial_pose(frame)

@@ -91,10 +91,6 @@ def prepare_frame(pixels: np.ndarray | torch.Tensor, kind: str, intrinsics: Intr
         image = line_integrals_from_transmission(pixels)
     else:
         image = check_image(pixels, "line-integral image")
-    if tuple(image.shape) != (intrinsics.height, intrinsics.width):
-        raise ValueError(
-            f"image is {image.shape[1]}x{image.shape[0]} but the intrinsics say {intrinsics.width}x{intrinsics.height}"
-        )
     if mirror:
         image, intrinsics = image.flip(-1), intrinsics.mirrored()
     mask = torch.ones(image.shape, dtype=torch.bool)
