@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from ..core.geometry import CONTRACT_PIXEL_MM, CONTRACT_SDD_MM, Intrinsics
 from ..core.render import Renderer
-from ..core.simulate import simulate_transmission
+from ..core.simulate import round_field_and_text, simulate_transmission
 from ..core.volume import Volume, hu_to_mu
 from .bagfile import BagWriter, QosSpec
 
@@ -65,7 +65,8 @@ class Detector:
 @dataclass(frozen=True)
 class Exposure:
     """How frames are delivered: photons per unattenuated pixel ``i0``, blur (pixels), encoding,
-    mirroring, collimation (fraction shut per side). The gain is drawn once per sequence (the node
+    mirroring, collimation (fraction shut per side), an image intensifier's ``round_field`` (radius as
+    a fraction of the smaller side, 0: none) and burned-in ``text``. The gain is drawn once per sequence (the node
     never knows it) and jitters by ``gain_jitter`` per frame, like automatic exposure control."""
 
     i0: float = 5000.0
@@ -74,6 +75,8 @@ class Exposure:
     mirror: bool = False
     collimation: float = 0.0
     gain_jitter: float = 0.02
+    round_field: float = 0.0
+    text: bool = False
 
     def __post_init__(self) -> None:
         if self.encoding not in ENCODINGS:
@@ -175,6 +178,8 @@ def write_sequence(
             )
             if exposure.mirror:
                 frame = np.ascontiguousarray(frame[:, ::-1])
+            if exposure.round_field > 0 or exposure.text:  # after mirroring: the text stays readable
+                frame = round_field_and_text(frame, exposure.round_field, exposure.text)
             header = lambda: Header(stamp=stamp, frame_id=camera_frame)  # noqa: E731 - one Header per message
             bag.write(TOPICS["image"], t_ns, numpy_to_image(frame, exposure.encoding, header=header()))
             bag.write(TOPICS["camera_info"], t_ns, intrinsics_to_camera_info(k_delivered, header=header()))

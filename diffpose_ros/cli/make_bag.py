@@ -35,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mirror", action="store_true", help="deliver frames mirrored left-right (run the node with mirror:=true)"
     )
     parser.add_argument("--collimation", type=float, default=0.0, help="fraction of the field shut per side (0-0.5)")
+    parser.add_argument(
+        "--round-field", type=float, default=0.0, help="image intensifier: round field radius / smaller side (0: none)"
+    )
+    parser.add_argument("--burned-in-text", action="store_true", help="white text and a marker burned into the frames")
     parser.add_argument("--seed", type=int, default=0, help="seed of views, noise and gain")
 
 
@@ -67,7 +71,17 @@ def make_bag(
         args.sdd_mm,
         tuple(args.principal_point) if args.principal_point else None,
     )
-    exposure = Exposure(args.i0, args.blur, args.encoding, args.mirror, args.collimation)
+    if not 0 <= args.round_field <= 0.75:
+        raise ValueError("--round-field is a radius as a fraction of the smaller side: 0 (none) to 0.75")
+    exposure = Exposure(
+        args.i0,
+        args.blur,
+        args.encoding,
+        args.mirror,
+        args.collimation,
+        round_field=args.round_field,
+        text=args.burned_in_text,
+    )
     return write_sequence(
         out,
         hu,

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..core.field import FieldSpec
 from ..core.geometry import Intrinsics
 from ..core.io import load_pose, read_xray, save_json, write_picture
 from ..core.overlay import render_overlay
@@ -32,6 +33,13 @@ def _main(argv: list[str] | None) -> int:
         help="the device shows the image from the detector side: the image and --camera-info are flipped back",
     )
     parser.add_argument("--overlay", help="write a PNG of the image with the DRR's edges at the result")
+    parser.add_argument("--field-radius", type=float, default=0.0, help="known round field radius (pixels; 0: detect)")
+    parser.add_argument(
+        "--field-center", type=float, nargs=2, metavar=("CX", "CY"), help="its centre (default: image centre)"
+    )
+    parser.add_argument(
+        "--no-field-detection", action="store_true", help="use every pixel (no field, text or saturation mask)"
+    )
     args = parser.parse_args(argv)
     if args.model is None and args.init is None:
         parser.error("give --init (and --ct), or --model to let the patient model's CNN initialise")
@@ -39,7 +47,10 @@ def _main(argv: list[str] | None) -> int:
     intrinsics = Intrinsics.from_yaml(args.camera_info)
     raw, kind = read_xray(args.image)
     try:
-        frame = prepare_frame(raw, kind, intrinsics, mirror=args.mirror)
+        field = FieldSpec(
+            not args.no_field_detection, args.field_radius, args.field_center and tuple(args.field_center)
+        )
+        frame = prepare_frame(raw, kind, intrinsics, mirror=args.mirror, field=field)
     except ValueError as err:
         raise ValueError(f"{args.image}: {err}") from err
     record = {}
@@ -55,6 +66,7 @@ def _main(argv: list[str] | None) -> int:
     result = registrar.register(frame.image, frame.intrinsics, init, mask=frame.mask)
     failure = result.failure()
     record = {**result.as_dict(), "failed": bool(failure), "failure": failure, **record}
+    record["valid_fraction"] = frame.valid_fraction
     print(json.dumps(record, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -107,8 +107,12 @@ class Pipeline:
 
     @torch.no_grad()
     def initial_pose(self, frame: Frame) -> torch.Tensor:
-        """The CNN's ``T_ct_source`` (4x4 float64, mm) for ``frame``."""
-        x = warp_to_camera(frame.image, frame.intrinsics, self.model.intrinsics)
+        """The CNN's ``T_ct_source`` (4x4 float64, mm) for ``frame`` (invalid pixels at the valid mean,
+        as the warp fills what the frame does not cover)."""
+        image = frame.image
+        if not bool(frame.mask.all()):
+            image = torch.where(frame.mask, image, image[frame.mask].mean())
+        x = warp_to_camera(image, frame.intrinsics, self.model.intrinsics)
         x = self.regressor.prepare(x[None]).to(self.device)
         return self.regressor(x)[0].double().cpu()
 

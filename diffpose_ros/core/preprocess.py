@@ -13,6 +13,7 @@ from the brightest pixels so that values are comparable across frames (unexposed
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .field import FieldSpec, validity_mask
 from .geometry import Intrinsics
 
 __all__ = [
@@ -44,7 +46,7 @@ class Frame:
 
     ``image``: ``(H, W)`` float32 line integrals (dimensionless, CPU); ``intrinsics``: the camera of
     those pixels (after un-mirroring); ``mask``: ``(H, W)`` bool, True where a pixel may be compared
-    with a DRR (all True for now: the validity of clinical frames is not yet estimated);
+    with a DRR (:func:`~.field.validity_mask`: inside the field, no burned-in text, not saturated);
     ``prepare_seconds``: how long :func:`prepare_frame` took (the pipeline's ``preprocess`` time).
     """
 
@@ -73,13 +75,21 @@ class Frame:
         return float(self.mask.float().mean())
 
 
-def prepare_frame(pixels: np.ndarray | torch.Tensor, kind: str, intrinsics: Intrinsics, mirror: bool = False) -> Frame:
+def prepare_frame(
+    pixels: np.ndarray | torch.Tensor,
+    kind: str,
+    intrinsics: Intrinsics,
+    mirror: bool = False,
+    field: FieldSpec | None = None,
+) -> Frame:
     """A device frame as a :class:`Frame`.
 
     ``pixels``: ``(H, W)`` as the device delivered them; ``kind``: one of :data:`FRAME_KINDS`;
     ``intrinsics``: the camera of the delivered pixels (camera_info or calibration file);
     ``mirror``: the device shows the image left-right flipped (as seen from the detector side), so
-    the pixels are flipped back and the intrinsics with them (``cx -> W - 1 - cx``).
+    the pixels are flipped back and the intrinsics with them (``cx -> W - 1 - cx``); ``field``: how
+    the validity mask is found (:mod:`.field`; default: detected in transmission frames, a given
+    round field in either kind, every pixel of a line-integral frame otherwise).
     ``ValueError`` naming the problem for an unknown kind, an image that cannot be registered
     (see :func:`check_image`), a negative transmission image, or a size that the intrinsics do not
     describe.
@@ -91,9 +101,12 @@ def prepare_frame(pixels: np.ndarray | torch.Tensor, kind: str, intrinsics: Intr
         image = line_integrals_from_transmission(pixels)
     else:
         image = check_image(pixels, "line-integral image")
+    spec = field or FieldSpec()
+    if kind == "line_integrals":
+        spec = dataclasses.replace(spec, auto=False)
+    mask = torch.from_numpy(validity_mask(np.asarray(pixels), spec))
     if mirror:
-        image, intrinsics = image.flip(-1), intrinsics.mirrored()
-    mask = torch.ones(image.shape, dtype=torch.bool)
+        image, intrinsics, mask = image.flip(-1), intrinsics.mirrored(), mask.flip(-1)
     return Frame(image.contiguous(), intrinsics, mask, time.perf_counter() - start)
 
 

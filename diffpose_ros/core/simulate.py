@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["simulate_transmission", "COLLIMATOR_TRANSMISSION"]
+__all__ = ["simulate_transmission", "round_field_and_text", "COLLIMATOR_TRANSMISSION"]
 
 COLLIMATOR_TRANSMISSION = 0.02
 """Fraction of the beam that passes the collimator leaves."""
@@ -65,3 +65,26 @@ def simulate_transmission(
         raise ValueError(f"unsupported frame type {dtype!r} (uint16, uint8 or float32)")
     frame = counts * (gain if gain is not None else 0.9 * top / photons)
     return np.clip(np.rint(frame.numpy()), 0, top).astype(dtype)
+
+
+def round_field_and_text(frame: np.ndarray, radius_fraction: float = 0.45, text: bool = True) -> np.ndarray:
+    """``frame`` as an image intensifier and a video chain deliver it: black outside a round field
+    of ``radius_fraction`` of the smaller side (centred, 2-pixel soft edge; 0: no field) and, with
+    ``text``, white burned-in text in two corners and an orientation marker. Same type and size."""
+    import cv2
+
+    h, w = frame.shape
+    top = np.iinfo(frame.dtype).max if np.issubdtype(frame.dtype, np.integer) else float(frame.max())
+    out = frame.copy()
+    if radius_fraction > 0:
+        v, u = np.mgrid[0:h, 0:w]
+        radius = radius_fraction * min(h, w)
+        weight = np.clip((radius - np.hypot(u - (w - 1) / 2, v - (h - 1) / 2)) / 2.0, 0.0, 1.0)
+        out = (frame.astype(np.float64) * weight).astype(frame.dtype)
+    if text:
+        layer = np.zeros((h, w), np.uint8)  # OpenCV draws text on 8-bit images only
+        scale, thick = max(h, w) / 700, max(1, round(max(h, w) / 250))
+        for label, (x, y) in (("70 kV 2.1 mA", (0.02, 0.06)), ("00:12:47", (0.02, 0.97)), ("L", (0.9, 0.1))):
+            cv2.putText(layer, label, (round(x * w), round(y * h)), cv2.FONT_HERSHEY_SIMPLEX, scale, 255, thick)
+        out[layer > 0] = top
+    return out

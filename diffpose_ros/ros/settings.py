@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..core.cost import COSTS
+from ..core.field import FieldSpec
 from ..core.geometry import Intrinsics
 from ..core.pipeline import PipelineConfig
 from ..core.preprocess import FRAME_KINDS
@@ -124,6 +125,21 @@ PARAMETERS: tuple[Parameter, ...] = (
         "gate.max_source_distance_mm", _GATE.max_source_distance_mm, "max_source_distance_mm",
         "largest plausible source distance from the CT centre (mm)", bounds=(1.0, 1e5),
     ),
+    Parameter(
+        "field.auto", True, "field_auto",
+        "find the field (round or blades), burned-in text and saturated pixels in transmission frames",
+    ),
+    Parameter(
+        "field.radius_px", 0.0, "field_radius_px", "known round field radius (delivered pixels); 0: detect",
+        bounds=(0.0, 1e5),
+    ),
+    Parameter(
+        "field.center_px", (), "field_center_px", "[cx, cy] of the known round field (pixels); unset: image centre"
+    ),
+    Parameter(
+        "field.margin_px", 3.0, "field_margin_px", "pixels inside the field's edge that are left out",
+        bounds=(0.0, 100.0),
+    ),
     Parameter("tracking.enabled", True, "tracking_enabled", "start from the last accepted pose when it is recent"),
     Parameter(
         "tracking.max_age_s", _GATE.tracking_max_age_s, "tracking_max_age_s",
@@ -156,6 +172,10 @@ class Settings:
     principal_point: tuple[float, ...]
     min_similarity: float
     max_source_distance_mm: float
+    field_auto: bool
+    field_radius_px: float
+    field_center_px: tuple[float, ...]
+    field_margin_px: float
     tracking_enabled: bool
     tracking_max_age_s: float
     overlay_width: int
@@ -170,6 +190,11 @@ class Settings:
             fields[p.field] = tuple(float(v) for v in value) if isinstance(p.default, tuple) else value
         return cls(**fields)
 
+    def field(self) -> FieldSpec:
+        """The ``field.*`` parameters as the core's :class:`~diffpose_ros.core.field.FieldSpec`."""
+        center = tuple(self.field_center_px) if len(self.field_center_px) == 2 else None
+        return FieldSpec(self.field_auto, self.field_radius_px, center, self.field_margin_px)
+
     def parameter_intrinsics(self, width: int, height: int) -> Intrinsics | None:
         """Intrinsics from the ``intrinsics.*`` parameters for a ``width x height`` image, or None if unset."""
         if self.sdd_mm <= 0 or self.pixel_spacing_mm <= 0:
@@ -182,8 +207,9 @@ def settings_problems(s: Settings) -> list[str]:
     """What is wrong with ``s`` (allowed values of the table, and what a value alone cannot say)."""
     problems = [p.problem(getattr(s, p.field)) for p in PARAMETERS]
     problems = [text for text in problems if text]
-    if len(s.principal_point) not in (0, 2) or not all(math.isfinite(v) for v in s.principal_point):
-        problems.append("intrinsics.principal_point must be [] or [cx, cy] (finite pixels)")
+    for name, point in (("intrinsics.principal_point", s.principal_point), ("field.center_px", s.field_center_px)):
+        if len(point) not in (0, 2) or not all(math.isfinite(v) for v in point):
+            problems.append(f"{name} must be [] or [cx, cy] (finite pixels)")
     if not s.camera_frame:
         problems.append("camera_frame must not be empty")
     return problems

@@ -147,8 +147,9 @@ class FrameWorker:
             t0 = time.perf_counter()
             k, values["intrinsics_source"] = self._intrinsics(msg, s)
             values["t_camera_info_wait_s"] = time.perf_counter() - t0
-            frame = prepare_frame(pixels, frame_kind(msg.encoding, s.input_kind), k, s.mirror)
+            frame = prepare_frame(pixels, frame_kind(msg.encoding, s.input_kind), k, s.mirror, s.field())
             values["t_convert_s"] = frame.prepare_seconds
+            values["valid_fraction"] = frame.valid_fraction
             if self._stop.is_set():
                 return None
             result = self.pipeline.process(frame, stamp=stamp_ns * 1e-9, track=s.tracking_enabled)

@@ -152,6 +152,25 @@ def test_make_bag_mirrored_mono8_sqlite(made, tmp_path):
     assert info.k[2] == pytest.approx(95 - 50) and info.k[5] == pytest.approx(30), "camera_info of the mirrored image"
 
 
+def test_make_bag_round_field_and_text_frames_are_masked(made, tmp_path):
+    """--round-field and --burned-in-text make clinical-looking frames; the node's preparation step
+    (here through the scorer's image_to_frame) leaves the black corners and the text out."""
+    from diffpose_ros.ros.conversions import camera_info_to_intrinsics, image_to_frame
+
+    d, hu, poses = made
+    args = ["--out", str(tmp_path / "r"), "--poses", str(d / "poses.json"), "--round-field", "0.45"]
+    assert make_bag.main([*args, "--burned-in-text", "--seed", "4"]) == 0
+    msgs = {
+        t: decode(raw, mt) for t, mt, _, raw in read_messages(tmp_path / "r", ["/carm/image_raw", "/carm/camera_info"])
+    }
+    pixels = image_to_numpy(msgs["/carm/image_raw"])
+    assert pixels[0, 0] == 0 and pixels[-1, -1] == 0 and (pixels == 65535).sum() > 50  # field edge, text
+    frame = image_to_frame(msgs["/carm/image_raw"], camera_info_to_intrinsics(msgs["/carm/camera_info"]))
+    assert 0.5 < frame.valid_fraction < 0.63  # the disk (pi 0.45^2 = 0.64) less its margin
+    assert not frame.mask[0, 0] and not frame.mask[torch.from_numpy(pixels == 65535)].any()
+    assert make_bag.main(["--out", str(tmp_path / "bad"), "--views", "1", "--round-field", "0.9"]) == 2
+
+
 def test_make_bag_refuses_to_overwrite_and_bad_pose_files(made, tmp_path, capsys):
     d, _, _ = made
     assert make_bag.main(["--out", str(d / "bag"), "--views", "1"]) == 2

@@ -349,6 +349,23 @@ def test_mirrored_off_centre_frame_gives_the_cli_pose(ros, scene, tmp_path):
     assert between < 0.05
 
 
+def test_round_field_with_burned_in_text_is_posed(ros, scene):
+    """An image intensifier's round field and burned-in text: the node masks them (valid_fraction in
+    the frame status) and still poses the frame."""
+    probe, _, _ = ros
+    from diffpose_ros.core.simulate import round_field_and_text
+    from diffpose_ros.ros.conversions import numpy_to_image
+
+    index = 3
+    image, info = make_frame(scene, index)
+    msg = numpy_to_image(round_field_and_text(scene.frames[index], 0.45, text=True), "mono16", header=image.header)
+    status = probe.send(msg, info)
+    assert status.level == DIAG_OK, status.message
+    assert 0.5 < float(status_values(status)["valid_fraction"]) < 0.63
+    (tf,) = probe.spin_until(lambda: probe.tf_at(msg.header.stamp), 30.0, "the TF")
+    assert mtre_mm(scene, _tf_matrix(tf), index) < MTRE_LIMIT_MM
+
+
 def test_covariance_grows_with_less_information(ros, scene):
     """The same view at a lower dose (more quantum noise): a larger ~/pose covariance."""
     probe, _, _ = ros

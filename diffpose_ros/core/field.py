@@ -1,0 +1,181 @@
+"""Which pixels of a device frame show the patient: the validity mask of a clinical frame.
+
+A C-arm frame is not all image: an image intensifier gives a round field, collimator blades shut
+bands along the borders, the vendor burns text and markers into the video, and a detector clips.
+:func:`validity_mask` finds these in the delivered pixels (before any log or flip):
+
+- **field**: the region outside a round field or beyond collimator blades is dark and reaches the
+  image border. Dense anatomy can be just as dark, so a dark border region is only taken for a
+  field edge when it has the field's shape: the complement of a circle (fitted to the convex hull of
+  the valid pixels) or bands of whole dark rows and columns along the borders. Anything else is left
+  valid. ``FieldSpec`` overrides the detection with a known round field (radius and centre, pixels).
+- **burned-in text and graphics**: thin strokes near the frame's brightest level (a white top-hat
+  response of at least a quarter of the range), grown by two pixels.
+- **saturated pixels**: integer frames at their type's largest value.
+
+The field is shrunk by ``FieldSpec.margin_px`` for its soft edge. The mask is True where a pixel may
+be compared with a DRR. Our own code, because the decision rules (shape tests against dense anatomy)
+are the point; OpenCV does the image operations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+__all__ = ["FieldSpec", "validity_mask"]
+
+DARK_FRACTION = 0.06
+"""A pixel is dark below this fraction of the frame's bright level (its 99.9th percentile)."""
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """How to find the field: ``auto`` detection (else every pixel is valid), or a known round field
+    of ``radius_px`` (> 0) about ``center_px`` (``(cx, cy)`` in delivered pixels; None: the centre);
+    ``margin_px``: how far inside the detected or given edge pixels become valid."""
+
+    auto: bool = True
+    radius_px: float = 0.0
+    center_px: tuple[float, float] | None = None
+    margin_px: float = 3.0
+
+
+def validity_mask(pixels: np.ndarray, spec: FieldSpec | None = None) -> np.ndarray:
+    """``(H, W)`` bool mask of the pixels of a transmission frame that show the patient (see the module)."""
+    spec = spec or FieldSpec()
+    a = np.asarray(pixels)
+    h, w = a.shape
+    if spec.radius_px > 0:
+        cx, cy = spec.center_px if spec.center_px is not None else ((w - 1) / 2, (h - 1) / 2)
+        field = _disk(h, w, cx, cy, spec.radius_px - spec.margin_px)
+    elif spec.auto:
+        field = None
+    else:
+        return np.ones((h, w), dtype=bool)
+    text = _burned_in(a.astype(np.float32))
+    saturated = a >= np.iinfo(a.dtype).max if np.issubdtype(a.dtype, np.integer) else np.zeros((h, w), dtype=bool)
+    if field is None:
+        field = _detect_field(a.astype(np.float32), text, saturated, spec.margin_px)
+    return field & ~text & ~saturated
+
+
+def _disk(h: int, w: int, cx: float, cy: float, r: float) -> np.ndarray:
+    v, u = np.mgrid[0:h, 0:w]
+    return (u - cx) ** 2 + (v - cy) ** 2 <= r * r
+
+
+def _border_connected(mask: np.ndarray) -> np.ndarray:
+    """The pixels of ``mask`` connected (8-neighbourhood) to the image border."""
+    _, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    return np.isin(labels, edge[edge > 0])
+
+
+def _detect_field(a: np.ndarray, text: np.ndarray, saturated: np.ndarray, margin: float) -> np.ndarray:
+    """The field inside a round edge or collimator blades (burned-in ``text`` counts as outside; the
+    bright level that sets "dark" is taken without it and without ``saturated`` pixels)."""
+    h, w = a.shape
+    image = ~(text | saturated)
+    dark = (a <= DARK_FRACTION * np.percentile(a[image] if image.any() else a, 99.9)) | text
+    outside = _border_connected(dark)
+    valid = np.ones((h, w), dtype=bool)
+    if outside.mean() < 0.01:
+        return valid
+    circle = _round_field(~outside, outside)
+    if circle is not None:
+        cx, cy, r = circle
+        return _disk(h, w, cx, cy, r - margin)
+    # Blades: whole dark rows and columns from each border inwards.
+    m = int(math.ceil(margin))
+    rows, cols = outside.mean(1) >= 0.97, outside.mean(0) >= 0.97
+    top, bottom = _run(rows), _run(rows[::-1])
+    left, right = _run(cols), _run(cols[::-1])
+    if top + bottom >= h or left + right >= w:
+        return valid
+    if top or bottom:
+        valid[: top + m if top else 0] = False
+        valid[h - bottom - m if bottom else h :] = False
+    if left or right:
+        valid[:, : left + m if left else 0] = False
+        valid[:, w - right - m if right else w :] = False
+    return valid
+
+
+def _run(flags: np.ndarray) -> int:
+    """How many leading entries of ``flags`` are True."""
+    return int(np.argmin(flags)) if not flags.all() else len(flags)
+
+
+def _round_field(valid: np.ndarray, outside: np.ndarray) -> tuple[float, float, float] | None:
+    """``(cx, cy, r)`` of a round field, or None (full frames, blades, irregular dark borders).
+
+    The circle is fitted to the convex hull of the valid pixels, sampled every pixel along its edges:
+    where dense anatomy reaches the rim the hull cuts a chord, whose points are dropped as more than
+    2 px off the circle. A round field needs half the hull on the circle, the circle (90 %) inside
+    the image, and 97 % of the pixels outside it dark.
+    """
+    h, w = valid.shape
+    v, u = np.nonzero(valid)
+    if len(u) < 100:
+        return None
+    hull = cv2.convexHull(np.stack([u, v], 1).astype(np.float32))[:, 0].astype(np.float64)
+    segments = [(a, b) for a, b in zip(hull, np.roll(hull, -1, axis=0))]
+    points = np.concatenate(
+        [a + np.linspace(0, 1, max(2, int(np.hypot(*(b - a)))), endpoint=False)[:, None] * (b - a) for a, b in segments]
+    )
+    circle = _ransac_circle(points)
+    if circle is None:
+        return None
+    cx, cy, r = circle
+    disk = _disk(h, w, cx, cy, r)
+    if r < 0.2 * min(h, w) or disk.sum() < 0.9 * math.pi * r * r or outside[~disk].mean() < 0.97:
+        return None
+    return cx, cy, r
+
+
+def _ransac_circle(points: np.ndarray, tolerance: float = 2.0, tries: int = 300) -> tuple[float, float, float] | None:
+    """The circle through most of ``points`` ``(N, 2)`` (within ``tolerance`` px), refined by least
+    squares on them; None when fewer than half lie on any circle tried. Seeded: deterministic."""
+    rng = np.random.default_rng(0)
+    best = None
+    for a, b, c in rng.integers(0, len(points), size=(tries, 3)):
+        circle = _circle_through(points[a], points[b], points[c])
+        if circle is None:
+            continue
+        inliers = np.abs(np.hypot(points[:, 0] - circle[0], points[:, 1] - circle[1]) - circle[2]) <= tolerance
+        if best is None or inliers.sum() > best.sum():
+            best = inliers
+    if best is None or best.sum() < 0.5 * len(points):
+        return None
+    x, y = points[best, 0], points[best, 1]
+    (p, q, c), *_ = np.linalg.lstsq(np.stack([x, y, np.ones_like(x)], 1), x * x + y * y, rcond=None)
+    cx, cy = p / 2, q / 2
+    return cx, cy, math.sqrt(max(c + cx * cx + cy * cy, 0.0))
+
+
+def _circle_through(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> tuple[float, float, float] | None:
+    """The circle through three points (None when they are (nearly) on a line)."""
+    d = 2 * (a[0] * (b[1] - c[1]) + b[0] * (c[1] - a[1]) + c[0] * (a[1] - b[1]))
+    if abs(d) < 1e-6:
+        return None
+    sa, sb, sc = a @ a, b @ b, c @ c
+    cx = (sa * (b[1] - c[1]) + sb * (c[1] - a[1]) + sc * (a[1] - b[1])) / d
+    cy = (sa * (c[0] - b[0]) + sb * (a[0] - c[0]) + sc * (b[0] - a[0])) / d
+    return cx, cy, float(np.hypot(a[0] - cx, a[1] - cy))
+
+
+def _burned_in(a: np.ndarray) -> np.ndarray:
+    """Thin strokes at the frame's brightest level: text, scale marks and markers burned into the video."""
+    lo, top = float(np.percentile(a, 0.5)), float(a.max())
+    if top <= lo:
+        return np.zeros(a.shape, dtype=bool)
+    tophat = cv2.morphologyEx(a, cv2.MORPH_TOPHAT, np.ones((9, 9), np.uint8))
+    strokes = ((tophat >= 0.25 * (top - lo)) & (a >= top - 0.02 * (top - lo))).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(strokes, connectivity=8)
+    small = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] < 6)  # an isolated bright pixel is no stroke
+    strokes[np.isin(labels, small[small > 0])] = 0
+    return cv2.dilate(strokes, np.ones((5, 5), np.uint8)).astype(bool)
