@@ -45,17 +45,18 @@ class FieldSpec:
 
 
 def validity_mask(pixels: np.ndarray, spec: FieldSpec | None = None) -> np.ndarray:
-    """``(H, W)`` bool mask of the pixels of a transmission frame that show the patient (see the module)."""
+    """``(H, W)`` bool mask of the pixels of a transmission frame that show the patient (see the
+    module). Without ``spec.auto`` only a given round field is applied (text and saturation are
+    not looked for either): what line-integral frames get."""
     spec = spec or FieldSpec()
     a = np.asarray(pixels)
     h, w = a.shape
+    field = None
     if spec.radius_px > 0:
         cx, cy = spec.center_px if spec.center_px is not None else ((w - 1) / 2, (h - 1) / 2)
         field = _disk(h, w, cx, cy, spec.radius_px - spec.margin_px)
-    elif spec.auto:
-        field = None
-    else:
-        return np.ones((h, w), dtype=bool)
+    if not spec.auto:
+        return field if field is not None else np.ones((h, w), dtype=bool)
     text = _burned_in(a.astype(np.float32))
     saturated = a >= np.iinfo(a.dtype).max if np.issubdtype(a.dtype, np.integer) else np.zeros((h, w), dtype=bool)
     if field is None:
