@@ -119,17 +119,26 @@ class Player:
         return self.options.remap.get(bag_topic, bag_topic)
 
     def wait_for_subscribers(self, topics: list[str], timeout_s: float) -> None:
-        """Block until each published topic in ``topics`` (published names) has a subscriber and is
-        matched with every subscription the ROS graph knows on it (DDS delivers nothing to a
-        subscription before the match, and endpoints of one process match one by one)."""
+        """Block until each published topic in ``topics`` (published names, each optionally
+        ``TOPIC=N``) has a subscriber, or ``N``, and is matched with every subscription the ROS graph
+        knows on it (DDS delivers nothing to a subscription before the match, and endpoints of one
+        process match one by one). ``N`` covers subscribers this process has not discovered yet,
+        e.g. a recorder in another process that subscribes once it sees the replay's publisher."""
         publishers = {self.published_name(t): p for t, p in self._publishers.items()}
-        unknown = [t for t in topics if t not in publishers]
+        wanted = {}
+        for spec in topics:
+            topic, _, count = spec.partition("=")
+            if not count.isdigit() and count:
+                raise ValueError(f"--wait-for {spec!r}: expected TOPIC or TOPIC=N (N subscribers)")
+            wanted[topic] = max(1, int(count or 1))
+        unknown = [t for t in wanted if t not in publishers]
         if unknown:
             raise ValueError(f"--wait-for names topics that are not replayed: {', '.join(unknown)}")
+        topics = list(wanted)
 
         def ready(topic: str) -> bool:
             matched = publishers[topic].get_subscription_count()
-            return matched > 0 and matched >= self.node.count_subscribers(topic)
+            return matched >= wanted[topic] and matched >= self.node.count_subscribers(topic)
 
         deadline = time.monotonic() + timeout_s
         while not all(ready(t) for t in topics):

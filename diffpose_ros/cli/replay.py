@@ -55,9 +55,9 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument(
         "--wait-for",
         nargs="+",
-        metavar="TOPIC",
+        metavar="TOPIC[=N]",
         default=[],
-        help="before playing, wait until these published topics have a subscriber and are "
+        help="before playing, wait until these published topics have a subscriber (or N) and are "
         "matched with every subscriber the ROS graph shows",
     )
     parser.add_argument("--wait-timeout", type=float, default=60.0, help="seconds to wait for them (default 60)")

@@ -382,7 +382,9 @@ def test_bags_replay_through_the_node_and_score(scene, dds, tmp_path):
             "/carm/camera_info",
             "--wait-for",
             "/xray/image",
-            "/xray/camera_info",
+            # the node's and the recorder's: the recorder subscribes once it sees this publisher, and
+            # this process may not have discovered that subscription when the node's has matched
+            "/xray/camera_info=2",
             env=dds,
             log=play_log,
         )
