@@ -57,10 +57,11 @@ def validity_mask(pixels: np.ndarray, spec: FieldSpec | None = None) -> np.ndarr
         field = _disk(h, w, cx, cy, spec.radius_px - spec.margin_px)
     if not spec.auto:
         return field if field is not None else np.ones((h, w), dtype=bool)
-    text = _burned_in(a.astype(np.float32))
+    values = a.astype(np.float32)
+    text = _burned_in(values)
     saturated = a >= np.iinfo(a.dtype).max if np.issubdtype(a.dtype, np.integer) else np.zeros((h, w), dtype=bool)
     if field is None:
-        field = _detect_field(a.astype(np.float32), text, saturated, spec.margin_px)
+        field = _detect_field(values, text, saturated, spec.margin_px)
     return field & ~text & ~saturated
 
 
@@ -141,16 +142,14 @@ def _round_field(valid: np.ndarray, outside: np.ndarray) -> tuple[float, float, 
 def _ransac_circle(points: np.ndarray, tolerance: float = 2.0, tries: int = 300) -> tuple[float, float, float] | None:
     """The circle through most of ``points`` ``(N, 2)`` (within ``tolerance`` px), refined by least
     squares on them; None when fewer than half lie on any circle tried. Seeded: deterministic."""
-    rng = np.random.default_rng(0)
-    best = None
-    for a, b, c in rng.integers(0, len(points), size=(tries, 3)):
-        circle = _circle_through(points[a], points[b], points[c])
-        if circle is None:
-            continue
-        inliers = np.abs(np.hypot(points[:, 0] - circle[0], points[:, 1] - circle[1]) - circle[2]) <= tolerance
-        if best is None or inliers.sum() > best.sum():
-            best = inliers
-    if best is None or best.sum() < 0.5 * len(points):
+    triples = np.random.default_rng(0).integers(0, len(points), size=(tries, 3))
+    a, b, c = points[triples[:, 0]], points[triples[:, 1]], points[triples[:, 2]]
+    cx, cy, r = _circles_through(a, b, c)  # all tries at once: (tries,) each, NaN where degenerate
+    inliers = np.abs(np.hypot(points[None, :, 0] - cx[:, None], points[None, :, 1] - cy[:, None]) - r[:, None])
+    inliers = inliers <= tolerance  # (tries, N); NaN compares False
+    counts = inliers.sum(1)
+    best = inliers[int(np.argmax(counts))]  # the first of the largest, as a loop keeping strict gains
+    if counts.max() < 0.5 * len(points):
         return None
     x, y = points[best, 0], points[best, 1]
     (p, q, c), *_ = np.linalg.lstsq(np.stack([x, y, np.ones_like(x)], 1), x * x + y * y, rcond=None)
@@ -158,15 +157,15 @@ def _ransac_circle(points: np.ndarray, tolerance: float = 2.0, tries: int = 300)
     return cx, cy, math.sqrt(max(c + cx * cx + cy * cy, 0.0))
 
 
-def _circle_through(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> tuple[float, float, float] | None:
-    """The circle through three points (None when they are (nearly) on a line)."""
-    d = 2 * (a[0] * (b[1] - c[1]) + b[0] * (c[1] - a[1]) + c[0] * (a[1] - b[1]))
-    if abs(d) < 1e-6:
-        return None
-    sa, sb, sc = a @ a, b @ b, c @ c
-    cx = (sa * (b[1] - c[1]) + sb * (c[1] - a[1]) + sc * (a[1] - b[1])) / d
-    cy = (sa * (c[0] - b[0]) + sb * (a[0] - c[0]) + sc * (b[0] - a[0])) / d
-    return cx, cy, float(np.hypot(a[0] - cx, a[1] - cy))
+def _circles_through(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centres and radii of the circles through the point triples ``a[i], b[i], c[i]`` (``(n, 2)``
+    each); NaN where the three are (nearly) on a line."""
+    d = 2 * (a[:, 0] * (b[:, 1] - c[:, 1]) + b[:, 0] * (c[:, 1] - a[:, 1]) + c[:, 0] * (a[:, 1] - b[:, 1]))
+    d = np.where(np.abs(d) < 1e-6, np.nan, d)
+    sa, sb, sc = (p[:, 0] ** 2 + p[:, 1] ** 2 for p in (a, b, c))
+    cx = (sa * (b[:, 1] - c[:, 1]) + sb * (c[:, 1] - a[:, 1]) + sc * (a[:, 1] - b[:, 1])) / d
+    cy = (sa * (c[:, 0] - b[:, 0]) + sb * (a[:, 0] - c[:, 0]) + sc * (b[:, 0] - a[:, 0])) / d
+    return cx, cy, np.hypot(a[:, 0] - cx, a[:, 1] - cy)
 
 
 def _burned_in(a: np.ndarray) -> np.ndarray:
@@ -176,7 +175,7 @@ def _burned_in(a: np.ndarray) -> np.ndarray:
         return np.zeros(a.shape, dtype=bool)
     tophat = cv2.morphologyEx(a, cv2.MORPH_TOPHAT, np.ones((9, 9), np.uint8))
     strokes = ((tophat >= 0.25 * (top - lo)) & (a >= top - 0.02 * (top - lo))).astype(np.uint8)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(strokes, connectivity=8)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(strokes, connectivity=8)
     small = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] < 6)  # an isolated bright pixel is no stroke
     strokes[np.isin(labels, small[small > 0])] = 0
     return cv2.dilate(strokes, np.ones((5, 5), np.uint8)).astype(bool)

@@ -3,7 +3,8 @@
 :func:`prepare_frame` is the one step every caller uses (the node, the command-line tools, the bag
 scorer, the evaluation): a device frame (pixels and their kind) with the intrinsics the device gave
 for it becomes a :class:`Frame` of line integrals, the intrinsics of those pixels and a per-pixel
-validity mask, un-mirrored together when the device mirrors its image.
+validity mask (:mod:`.field`: round field or blades, burned-in text, saturation), un-mirrored
+together when the device mirrors its image.
 
 A fluoroscopy frame is a transmission image, roughly ``I = gain * I0 * exp(-L)`` plus quantum noise,
 with ``L`` the line integral of attenuation (what a DRR renders). Taking ``-log`` makes it linear
