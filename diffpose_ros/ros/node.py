@@ -383,6 +383,9 @@ def main(args=None) -> int:
             executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except Exception:  # a signal shut the context down as a wait set was built (rclpy's "context is not valid")
+        if rclpy.ok():  # a real error, raised while the context was still valid
+            raise
     finally:
         if node is not None:
             node.stop()
