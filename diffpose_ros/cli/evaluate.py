@@ -3,16 +3,17 @@
 Views are drawn from the geometry contract's clinical range with their own seed, rendered on a
 256x256 detector of 1.2 mm at SDD 1020 mm (by our renderer on the full-resolution CT, or by DiffDRR
 with its own HU-to-density map: physics the model was not trained on), turned into mono16
-transmission frames with quantum noise and blur (optionally with an image intensifier's round field
-and burned-in text: ``--round-field``, ``--burned-in-text``), preprocessed as the node does (validity
-mask included), and registered by
-the pipeline (CNN initialisation, then refinement). Writes ``evaluation.json`` (per frame and
+transmission frames with quantum noise and blur, optionally with the clinical factors of
+:class:`~diffpose_ros.core.simulate.ClinicalFactors` (``--clinical display,field,text,metal,scatter``
+or ``all``; ``inverted`` for bones bright), preprocessed as the node does (validity mask included),
+and registered by the pipeline (CNN initialisation, then refinement). Writes ``evaluation.json`` (per frame and
 summary) and ``evaluation.png`` (error distributions and overlays).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from ..core.pipeline import Pipeline
 from ..core.preprocess import prepare_frame
 from ..core.render import Renderer
 from ..core.sampling import CLINICAL_RANGE, sample_views
-from ..core.simulate import round_field_and_text, simulate_transmission
+from ..core.simulate import ClinicalFactors, simulate_transmission
 from ..core.volume import hu_to_mu
 from .common import load_ct_and_targets, run_cli
 
@@ -97,13 +98,21 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--renderer", choices=("ours", "diffdrr"), default="ours", help="what renders the views")
     parser.add_argument("--i0", type=float, default=5e3, help="photons per unattenuated pixel (0: no noise)")
     parser.add_argument(
-        "--round-field", type=float, default=0.0, help="image intensifier: round field radius / smaller side (0: none)"
+        "--clinical",
+        default="",
+        help="clinical factors of the frames, comma-separated: display, field, text, metal, scatter, inverted; or all",
     )
+    parser.add_argument("--round-field", type=float, default=0.0, help="round field radius / smaller side (0: none)")
     parser.add_argument("--burned-in-text", action="store_true", help="white text and a marker burned into the frames")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="runs/evaluate", help="output folder")
     args = parser.parse_args(argv)
 
+    factors = ClinicalFactors.parse(args.clinical)
+    if args.round_field > 0:
+        factors = dataclasses.replace(factors, field=args.round_field)
+    if args.burned_in_text:
+        factors = dataclasses.replace(factors, text=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pipeline = Pipeline.from_file(args.model, device=args.device)
@@ -135,9 +144,9 @@ def _main(argv: list[str] | None) -> int:
     frames, overlays = [], []
     start = time.perf_counter()
     for i, (truth, drr) in enumerate(zip(poses, drrs)):
-        pixels = simulate_transmission(drr, i0=args.i0, rng=rng)
-        if args.round_field > 0 or args.burned_in_text:
-            pixels = round_field_and_text(pixels, args.round_field, args.burned_in_text)
+        pixels = simulate_transmission(
+            drr, i0=args.i0, rng=rng, clinical=factors, dtype="uint8" if factors.display else "uint16"
+        )
         frame = prepare_frame(pixels, "transmission", camera)
         result = pipeline.process(frame, track=False)
         record = {
@@ -166,8 +175,7 @@ def _main(argv: list[str] | None) -> int:
         "model": str(args.model),
         "renderer": args.renderer,
         "i0": args.i0,
-        "round_field": args.round_field,
-        "burned_in_text": args.burned_in_text,
+        "clinical": dataclasses.asdict(factors),
         "device": args.device,
         "wall_seconds": time.perf_counter() - start,
         **summarize(frames),

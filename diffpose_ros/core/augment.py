@@ -3,7 +3,12 @@
 All functions take a batch of line-integral images ``(B, H, W)`` (what the renderer makes) and
 return what preprocessing of a device frame would give: quantum noise is applied to the
 transmission image ``I0 exp(-L)`` and undone with the same ``log``; contrast, blur, detector gain,
-collimation and occluders act where they act on a real device. Randomness comes from one CPU
+collimation and occluders act where they act on a real device. The clinical factors come from
+:mod:`.clinical`, the same code that makes the evaluation's clinical frames: steel rods are added to
+the line integrals, scatter and heel to the expected counts, a vendor display chain turns the counts
+into 8-bit video that is then taken back to line integrals as :func:`~.preprocess.prepare_frame`
+does (``-log`` against the bright level), and a round field leaves its outside at the mean of the
+inside, as the pipeline fills invalid pixels before the CNN. Randomness comes from one CPU
 ``torch.Generator`` so a seed reproduces a batch; images may live on any device (on a GPU the
 per-pixel noise comes from a device generator seeded from that one).
 """
@@ -15,6 +20,8 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
+
+from .clinical import display_chain, metal_rods, scatter_and_heel
 
 __all__ = ["AugmentConfig", "augment"]
 
@@ -29,7 +36,9 @@ class AugmentConfig:
     ``collimation``: probability and largest fraction of the width cut off per side (set to the
     collimator's level); ``erase``: probability of one random occluding rectangle (tools, leads) of
     up to ``erase_size`` of the image side; ``offset``: additive line-integral offset (scatter, unknown
-    I0 estimate), as a fraction of the image's mean.
+    I0 estimate), as a fraction of the image's mean. Probabilities per image of the clinical factors
+    (:mod:`.clinical`): ``metal`` (1-3 steel rods), ``scatter`` (scatter and heel), ``display`` (a
+    vendor display chain), ``round_field`` (a round field of 0.35-0.5 of the side).
     """
 
     i0: tuple[float, float] = (4e3, 4e5)
@@ -39,6 +48,10 @@ class AugmentConfig:
     erase: float = 0.2
     erase_size: float = 0.25
     offset: tuple[float, float] = (-0.1, 0.1)
+    metal: float = 0.25
+    scatter: float = 0.35
+    display: float = 0.4
+    round_field: float = 0.3
 
     @classmethod
     def from_dict(cls, d: dict | None) -> AugmentConfig:
@@ -91,9 +104,21 @@ def augment(images: torch.Tensor, config: AugmentConfig, generator: torch.Genera
     g, dev = generator, x.device
     # Nonlinear response first (on the physics), then quantum noise on the transmission image.
     x = x.clamp(min=0) ** _uniform(config.gamma, B, g, dev)[:, None, None]
+    if config.metal > 0:
+        rods = (torch.rand(B, generator=g) < config.metal) * torch.randint(1, 4, (B,), generator=g)
+        x = x + metal_rods((B, H, W), rods, g).to(x)
     i0 = _uniform(config.i0, B, g, dev, log=True)[:, None, None]
-    counts = _poisson(i0 * torch.exp(-x), g)
+    expected = i0 * torch.exp(-x)
+    if config.scatter > 0:
+        on = (torch.rand(B, generator=g) < config.scatter).to(dev)[:, None, None]
+        expected = torch.where(on, scatter_and_heel(expected, generator=g), expected)
+    counts = _poisson(expected, g)
     x = torch.log(i0) - torch.log(counts.clamp(min=0.5))
+    if config.display > 0:
+        on = (torch.rand(B, generator=g) < config.display).to(dev)[:, None, None]
+        shown = display_chain(counts, generator=g).clamp(min=0.5 / 255)  # the 8-bit floor, as prepare_frame's
+        bright = torch.quantile(shown.flatten(1), 0.999, dim=1)[:, None, None]
+        x = torch.where(on, (torch.log(bright) - torch.log(shown)).clamp(min=0), x)
     x = _blur(x, _uniform(config.blur_px, B, g, dev))
     x = x + _uniform(config.offset, B, g, dev)[:, None, None] * x.mean((1, 2), keepdim=True)
     # Collimation: a band at each side at the collimator's (high-attenuation) level.
@@ -116,4 +141,11 @@ def augment(images: torch.Tensor, config: AugmentConfig, generator: torch.Genera
     box = (rows >= top[:, None, None]) & (rows < (top + size[:, 0])[:, None, None])
     box = box & (cols >= left[:, None, None]) & (cols < (left + size[:, 1])[:, None, None]) & on[:, None, None]
     x = torch.where(box, level[:, None, None] * torch.rand(B, 1, 1, generator=g).to(dev), x)
+    if config.round_field > 0:
+        on = (torch.rand(B, generator=g) < config.round_field).to(dev)
+        radius = _uniform((0.35, 0.5), B, g, dev)[:, None, None] * min(H, W)
+        r = torch.hypot(cols - (W - 1) / 2, rows - (H - 1) / 2)
+        outside = (r > radius) & on[:, None, None]
+        inside_mean = (x * ~outside).sum((1, 2), keepdim=True) / (~outside).sum((1, 2), keepdim=True)
+        x = torch.where(outside, inside_mean, x)
     return x

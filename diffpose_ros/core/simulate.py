@@ -1,29 +1,71 @@
-"""Synthetic fluoroscopy: a DRR turned into what a detector would deliver.
+"""Synthetic fluoroscopy: a DRR turned into what a detector, and a clinical C-arm, would deliver.
 
-``I = gain * Poisson(I0 * exp(-L))`` blurred by the detector, quantised to the output type. Used by
-the demo, the evaluation and the bag tools, and by training as augmentation.
+``I = gain * Poisson(I0 * exp(-L))`` blurred by the detector, quantised to the output type; with
+:class:`ClinicalFactors`, what an operating-room C-arm adds (:mod:`.clinical`): steel rods that are not
+in the CT, scatter and the heel effect, the vendor's display chain (8-bit video, possibly inverted),
+an image intensifier's round field and burned-in text. Used by the evaluation, the bag tools and
+the tests; training draws the same factors as augmentations (:mod:`.augment`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-__all__ = ["simulate_transmission", "round_field_and_text", "COLLIMATOR_TRANSMISSION"]
+from .clinical import display_chain, gaussian_blur, metal_rods, scatter_and_heel
+
+__all__ = ["COLLIMATOR_TRANSMISSION", "ClinicalFactors", "round_field_and_text", "simulate_transmission"]
 
 COLLIMATOR_TRANSMISSION = 0.02
 """Fraction of the beam that passes the collimator leaves."""
 
 
-def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    radius = max(1, int(3 * sigma + 0.5))
-    x = torch.arange(-radius, radius + 1, dtype=image.dtype)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    k = k / k.sum()
-    img = F.pad(image[None, None], (radius, radius, radius, radius), mode="replicate")
-    img = F.conv2d(img, k.reshape(1, 1, 1, -1))
-    return F.conv2d(img, k.reshape(1, 1, -1, 1))[0, 0]
+@dataclass(frozen=True)
+class ClinicalFactors:
+    """Which clinical factors a simulated frame has (all off: a raw transmission frame).
+
+    ``display``: the vendor display chain (log, window/level, gamma, edge enhancement, 8-bit levels);
+    ``field``: an image intensifier's round field, radius as a fraction of the smaller side (0: none);
+    ``text``: burned-in text and an orientation marker; ``metal``: number of steel rods (K-wires,
+    screws); ``scatter``: scatter haze and anode heel effect; ``inverted``: the display shows bones
+    bright (the polarity that a frame must never be registered with silently).
+    """
+
+    display: bool = False
+    field: float = 0.0
+    text: bool = False
+    metal: int = 0
+    scatter: bool = False
+    inverted: bool = False
+
+    NAMES = ("display", "field", "text", "metal", "scatter", "inverted")
+    """The names :meth:`parse` reads; ``all`` stands for every one but ``inverted``."""
+
+    @classmethod
+    def parse(cls, spec: str) -> ClinicalFactors:
+        """Factors from a comma-separated list of :attr:`NAMES` (``field`` = a 0.45 radius, ``metal`` =
+        2 rods) or ``all``; ``""`` or ``none``: no factor. ``ValueError`` for an unknown name."""
+        names = {n.strip() for n in spec.split(",") if n.strip() and n.strip() != "none"}
+        if "all" in names:
+            names = (names - {"all"}) | set(cls.NAMES[:-1])
+        unknown = names - set(cls.NAMES)
+        if unknown:
+            raise ValueError(f"unknown clinical factor(s) {sorted(unknown)}: use {', '.join(cls.NAMES)} or all")
+        return cls(
+            display="display" in names,
+            field=0.45 if "field" in names else 0.0,
+            text="text" in names,
+            metal=2 if "metal" in names else 0,
+            scatter="scatter" in names,
+            inverted="inverted" in names,
+        )
+
+    def names(self) -> list[str]:
+        """The factors that are on, by name."""
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name)]
 
 
 def simulate_transmission(
@@ -34,37 +76,59 @@ def simulate_transmission(
     dtype: str = "uint16",
     rng: np.random.Generator | None = None,
     collimation: float = 0.0,
+    clinical: ClinicalFactors | None = None,
+    mirror: bool = False,
 ) -> np.ndarray:
-    """A device-like transmission frame ``(H, W)`` from line integrals (dimensionless).
+    """A device-like frame ``(H, W)`` from line integrals (dimensionless).
 
     ``i0``: mean photon count of an unattenuated pixel (quantum noise; ``0`` disables noise);
     ``gain``: detector counts per photon (default: the unattenuated level at 90 % of an integer
-    type's range, 1 for float32); ``blur_sigma_px``: detector blur (pixels, 0 = none);
-    ``dtype``: ``uint16`` (mono16), ``uint8`` (mono8) or ``float32`` (32FC1); ``collimation``: fraction
-    of the width and of the height shut by the collimator leaves on each side (0 = open; the leaves
-    let ``COLLIMATOR_TRANSMISSION`` of the beam through).
+    type's range, 1 for float32; unused by a display chain, which spans the type's range);
+    ``blur_sigma_px``: detector blur (pixels, 0 = none); ``dtype``: ``uint16`` (mono16), ``uint8``
+    (mono8) or ``float32`` (32FC1); ``collimation``: fraction of the width and of the height shut by
+    the collimator leaves on each side (0 = open; the leaves let ``COLLIMATOR_TRANSMISSION`` of the
+    beam through); ``clinical``: the clinical factors to add; ``mirror``: deliver the image
+    left-right flipped (burned-in text is drawn after the flip, so it stays readable).
     """
     if not 0.0 <= collimation < 0.5:
         raise ValueError(f"collimation is a fraction per side in [0, 0.5), got {collimation}")
+    top = {"uint16": 65535, "uint8": 255, "float32": None}
+    if dtype not in top:
+        raise ValueError(f"unsupported frame type {dtype!r} (uint16, uint8 or float32)")
+    clinical = clinical or ClinicalFactors()
     rng = rng or np.random.default_rng()
+    drawn = clinical.metal or clinical.scatter or clinical.display  # no extra draw: clean frames stay as they were
+    g = torch.Generator().manual_seed(int(rng.integers(2**62))) if drawn else None
+    L = line_integrals.detach().double().cpu()
+    if clinical.metal:
+        L = L + metal_rods((1, *L.shape), torch.tensor([clinical.metal]), g)[0]
     photons = i0 if i0 > 0 else 1.0
-    expected = photons * torch.exp(-line_integrals.detach().double().cpu())
+    expected = photons * torch.exp(-L)
     if collimation > 0:
         h, w = expected.shape
         dy, dx = round(collimation * h), round(collimation * w)
         shut = torch.ones_like(expected, dtype=torch.bool)
         shut[dy : h - dy, dx : w - dx] = False
         expected = torch.where(shut, expected * COLLIMATOR_TRANSMISSION, expected)
+    if clinical.scatter:
+        expected = scatter_and_heel(expected[None], generator=g)[0]
     counts = torch.from_numpy(rng.poisson(expected.numpy()).astype(np.float64)) if i0 > 0 else expected
     if blur_sigma_px > 0:
-        counts = _gaussian_blur(counts, blur_sigma_px)
-    if dtype == "float32":
-        return (counts * (gain or 1.0)).numpy().astype(np.float32)
-    top = {"uint16": 65535, "uint8": 255}.get(dtype)
-    if top is None:
-        raise ValueError(f"unsupported frame type {dtype!r} (uint16, uint8 or float32)")
-    frame = counts * (gain if gain is not None else 0.9 * top / photons)
-    return np.clip(np.rint(frame.numpy()), 0, top).astype(dtype)
+        counts = gaussian_blur(counts[None], blur_sigma_px)[0]
+    if clinical.display:
+        shown = display_chain(counts[None], inverted=clinical.inverted, generator=g)[0].double()
+        frame = shown * (top[dtype] or 1.0)
+    else:
+        if clinical.inverted:
+            raise ValueError("an inverted frame needs the display chain ('display,inverted')")
+        frame = counts * (gain if gain is not None else (0.9 * top[dtype] / photons if top[dtype] else 1.0))
+    frame = frame.numpy()
+    if mirror:
+        frame = np.ascontiguousarray(frame[:, ::-1])
+    frame = frame.astype(np.float32) if top[dtype] is None else np.clip(np.rint(frame), 0, top[dtype]).astype(dtype)
+    if clinical.field > 0 or clinical.text:
+        frame = round_field_and_text(frame, clinical.field, clinical.text)
+    return frame
 
 
 def round_field_and_text(frame: np.ndarray, radius_fraction: float = 0.45, text: bool = True) -> np.ndarray:

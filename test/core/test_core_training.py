@@ -75,8 +75,36 @@ def test_augment_is_seeded_and_changes_images():
     assert a.shape == x.shape and torch.isfinite(a).all()
     assert float((a - x).abs().mean()) > 0.01
     # Without noise, blur, gamma, offsets or occluders the line integrals come back unchanged (up to log/Poisson).
-    quiet = AugmentConfig(i0=(1e9, 1e9), gamma=(1, 1), blur_px=(0, 0), collimation=(0, 0), erase=0.0, offset=(0, 0))
+    quiet = AugmentConfig(
+        i0=(1e9, 1e9),
+        gamma=(1, 1),
+        blur_px=(0, 0),
+        collimation=(0, 0),
+        erase=0.0,
+        offset=(0, 0),
+        metal=0.0,
+        scatter=0.0,
+        display=0.0,
+        round_field=0.0,
+    )
     torch.testing.assert_close(augment(x, quiet, torch.Generator().manual_seed(0)), x, atol=2e-3, rtol=0)
+
+
+def test_clinical_augmentations_each_change_what_the_network_sees():
+    """Each clinical factor, alone and always on, changes the images (seeded, finite); a round field
+    leaves its outside at one value, the inside's mean, as the pipeline fills it before the CNN."""
+    x = torch.rand(1, 48, 48).repeat(6, 1, 1) * 2
+    off = dict(metal=0.0, scatter=0.0, display=0.0, round_field=0.0)
+    base = dict(i0=(1e7, 1e7), gamma=(1, 1), blur_px=(0, 0), collimation=(0, 0), erase=0.0, offset=(0, 0))
+    plain = augment(x, AugmentConfig(**base, **off), torch.Generator().manual_seed(3))
+    for factor in off:
+        config = AugmentConfig(**base, **{**off, factor: 1.0})
+        a = augment(x, config, torch.Generator().manual_seed(3))
+        torch.testing.assert_close(a, augment(x, config, torch.Generator().manual_seed(3)))
+        assert torch.isfinite(a).all() and float((a - plain).abs().mean()) > 0.01, factor
+    field = augment(x, AugmentConfig(**base, **{**off, "round_field": 1.0}), torch.Generator().manual_seed(3))
+    corners = field[:, [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert torch.allclose(corners, corners[:, :1].expand_as(corners))
 
 
 def test_turning_a_pool_render_is_the_exact_view_of_the_turned_camera(trainer):
