@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +73,8 @@ class DicomXray:
     ``intrinsics``: from the tags, None when ``missing_tags`` (``"(gggg,eeee) Keyword"``) lack;
     ``frame_times_s``: ``(N,)`` seconds from the first frame, None when the file gives no timing;
     ``acquired``: date-time of the first frame (None: not given; aware when the file gives its UTC
-    offset); ``field_radius_px``: a round field's radius (pixels, centred), None if not given.
+    offset); ``field_radius_px``: a round field's radius (pixels, centred), None if not given;
+    ``sdd_mm`` and ``pixel_spacing_mm`` (``(dx, dy)`` at the detector) as far as the tags give them.
     """
 
     path: Path
@@ -88,8 +89,8 @@ class DicomXray:
     acquired: dt.datetime | None = None
     field_radius_px: float | None = None
     sdd_mm: float | None = None
-    pixel_spacing_mm: tuple[float, float] | None = field(default=None)
-    """``(dx, dy)`` at the detector (mm)."""
+    pixel_spacing_mm: tuple[float, float] | None = None
+    instance_number: int | None = None
 
     @property
     def frame_count(self) -> int:
@@ -133,19 +134,19 @@ def read_dicom_series(folder: str | Path) -> DicomXray:
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "DICOMDIR" and not p.name.startswith("."))
     if not files:
         raise ValueError(f"{folder}: no DICOM files in the folder")
-    items = []
-    for p in files:
-        x = read_dicom(p)
+    items = [read_dicom(p) for p in files]
+    for x in items:
         if x.frame_count != 1:
-            raise ValueError(f"{p}: a series folder must hold single-frame files; this one has {x.frame_count} frames")
-        number = _first(_open(p, header_only=True), "InstanceNumber")
-        items.append((x, int(number) if number not in (None, "") else None))
-    timed = all(x.acquired is not None for x, _ in items)
-    # Naive and aware date-times cannot be compared: order aware ones in UTC.
-    key = (lambda it: (_utc(it[0].acquired), it[1] or 0)) if timed else (lambda it: (it[1] is None, it[1] or 0))
-    items.sort(key=key)  # stable: ties keep the file-name order
-    first = items[0][0]
-    for x, _ in items[1:]:
+            raise ValueError(f"{x.path}: a series folder must hold single-frame files; this has {x.frame_count} frames")
+    timed = all(x.acquired is not None for x in items)
+
+    def order(x: DicomXray) -> tuple:  # unnumbered files last; the sort is stable: then by file name
+        numbered = (x.instance_number is None, x.instance_number or 0)
+        return (_utc(x.acquired), *numbered) if timed else numbered
+
+    items.sort(key=order)
+    first = items[0]
+    for x in items[1:]:
         if x.frames.shape[1:] != first.frames.shape[1:]:
             raise ValueError(
                 f"{x.path}: {x.frames.shape[2]}x{x.frames.shape[1]} pixels, but {first.path} has "
@@ -156,37 +157,20 @@ def read_dicom_series(folder: str | Path) -> DicomXray:
                 f"{x.path}: its geometry differs from {first.path}'s ({x.intrinsics} vs "
                 f"{first.intrinsics}); a series must have one camera"
             )
-    frames = np.stack([x.frames[0].astype(np.result_type(*[y.frames.dtype for y, _ in items])) for x, _ in items])
-    times = None
-    if timed:
-        t0 = _utc(first.acquired)
-        times = np.array([(_utc(x.acquired) - t0).total_seconds() for x, _ in items])
-    return DicomXray(
-        folder,
-        frames,
-        first.modality,
-        first.photometric,
-        first.presentation_intent,
-        first.bits_stored,
-        first.intrinsics,
-        first.missing_tags,
-        times,
-        first.acquired,
-        first.field_radius_px,
-        first.sdd_mm,
-        first.pixel_spacing_mm,
-    )
+    frames = np.stack([x.frames[0] for x in items]).astype(np.result_type(*[x.frames.dtype for x in items]))
+    times = np.array([(_utc(x.acquired) - _utc(first.acquired)).total_seconds() for x in items]) if timed else None
+    return replace(first, path=folder, frames=frames, frame_times_s=times)
 
 
 # ------------------------------------------------------------------------------------------ reading
-def _open(path: Path, header_only: bool = False):
+def _open(path: Path):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     if not path.is_file():
         raise FileNotFoundError(f"DICOM file not found: {path}")
     try:
-        return pydicom.dcmread(path, stop_before_pixels=header_only)
+        return pydicom.dcmread(path)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is not a readable DICOM file: {err}") from err
 
@@ -225,23 +209,19 @@ def _decode(ds, path: Path) -> np.ndarray:
     except Exception as err:  # decoders raise anything: report the syntax and the reason
         reason = " ".join(str(err).split())  # pydicom's messages span lines
         raise ValueError(f"{path}: cannot decode the pixel data ({what}): {reason}") from err
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    stored = stored.reshape(frames, rows, cols)
+    stored = stored.reshape(int(ds.get("NumberOfFrames", 1) or 1), int(ds.Rows), int(ds.Columns))
     lut = _modality_lut_dataset(ds)
-    values = apply_modality_lut(stored, lut).astype(np.float64)
-    lo, hi = _lut_range(ds, lut, apply_modality_lut)
-    lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))
+    lo, hi, integral = _lut_range(ds, lut, stored, apply_modality_lut)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     inverted = (photometric == "MONOCHROME1") != (_modality(ds) not in FLUOROSCOPY_MODALITIES)
-    if inverted:
-        values = lo + hi - values
-    if lo < 0:
-        values -= lo
-        hi -= lo
-    if np.all(values == np.rint(values)) and hi <= 65535:
-        return values.astype(np.uint8 if hi <= 255 else np.uint16)
-    return values.astype(np.float32)
+    shift = -lo if lo < 0 else 0.0
+    top = hi + shift
+    dtype = (np.uint8 if top <= 255 else np.uint16) if integral and top <= 65535 else np.float32
+    out = np.empty(stored.shape, dtype)
+    for i, frame in enumerate(stored):  # frame by frame: a long cine stays in its stored size
+        values = apply_modality_lut(frame, lut).astype(np.float64)
+        out[i] = (lo + hi - values if inverted else values) + shift
+    return out
 
 
 def _modality_lut_dataset(ds):
@@ -261,19 +241,23 @@ def _modality_lut_dataset(ds):
     return out
 
 
-def _lut_range(ds, lut, apply) -> tuple[float, float]:
-    """``(lo, hi)``: the modality LUT's output over the stored range (Bits Stored, Pixel Representation)."""
+def _lut_range(ds, lut, stored: np.ndarray, apply) -> tuple[float, float, bool]:
+    """``(lo, hi, integral)``: the range of the modality LUT's output over the stored range (Bits
+    Stored, Pixel Representation, widened to the stored values if they exceed it), and whether all
+    its outputs there are integers."""
     bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
     signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
     smin, smax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    stored = np.arange(smin, smax + 1) if bits <= 16 else np.array([smin, smax])
-    levels = np.asarray(apply(stored, lut), dtype=np.float64)
-    return float(levels.min()), float(levels.max())
+    smin, smax = min(smin, int(stored.min())), max(smax, int(stored.max()))
+    levels = np.arange(smin, smax + 1) if smax - smin <= 1 << 17 else np.array([smin, smax])
+    levels = np.asarray(apply(levels, lut), dtype=np.float64)
+    return float(levels.min()), float(levels.max()), bool(np.all(levels == np.rint(levels)))
 
 
 def _xray(ds, path: Path, frames: np.ndarray, times: np.ndarray | None) -> DicomXray:
     intrinsics, missing, sdd, spacing = _geometry(ds, frames.shape[2], frames.shape[1])
     intent = _first(ds, "PresentationIntentType")
+    number = _floats(_first(ds, "InstanceNumber"))
     return DicomXray(
         path,
         frames,
@@ -288,6 +272,7 @@ def _xray(ds, path: Path, frames: np.ndarray, times: np.ndarray | None) -> Dicom
         _field_radius(ds, spacing),
         sdd,
         spacing,
+        int(number[0]) if number else None,
     )
 
 

@@ -273,3 +273,18 @@ def test_dicom_preamble_is_recognised_without_suffix(files, tmp_path):
     (tmp_path / "IMG0001").write_bytes((d / "dx_shown.dcm").read_bytes())
     x = read_xray(tmp_path / "IMG0001")
     assert x.dicom is not None and math.isclose(x.intrinsics().fx, 1000 / 2.4)
+
+
+def test_modality_lut_outputs_are_shifted_non_negative_and_kept_exact(tmp_path):
+    stored = np.array([[0, 100], [2000, 4095]], dtype=np.uint16)
+    geometry = dict(DistanceSourceToDetector=1000, ImagerPixelSpacing=[0.2, 0.2])
+    path = write_dicom(
+        tmp_path / "a.dcm", stored, "RF", bits_stored=12, tags=dict(geometry, RescaleIntercept=-1000, RescaleSlope=1)
+    )
+    x = read_dicom(path)  # range -1000..3095 shifted by +1000: the stored values, still integers
+    assert x.frames.dtype == np.uint16 and np.array_equal(x.frames[0], stored)
+    path = write_dicom(
+        tmp_path / "b.dcm", stored, "CR", bits_stored=12, tags=dict(geometry, RescaleIntercept=0, RescaleSlope=0.5)
+    )
+    x = read_dicom(path)  # a radiograph: inverted within the LUT's range 0..2047.5
+    assert x.frames.dtype == np.float32 and np.allclose(x.frames[0], 2047.5 - 0.5 * stored)
