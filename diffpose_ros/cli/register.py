@@ -57,8 +57,8 @@ def _main(argv: list[str] | None) -> int:
     xray = read_xray(args.image)
     raw = xray.frame(args.frame)
     intrinsics = given or xray.intrinsics()
-    # A round field the DICOM tags give is used unless --field-radius says otherwise.
-    tag_radius = xray.dicom.field_radius_px if xray.dicom is not None else None
+    # A round field the DICOM tags give replaces the field detection (--field-radius overrides it).
+    tag_radius = xray.dicom.field_radius_px if xray.dicom is not None and not args.no_field_detection else None
     radius = args.field_radius or tag_radius or 0.0
     try:
         field = FieldSpec(not args.no_field_detection, radius, args.field_center and tuple(args.field_center))
