@@ -35,6 +35,8 @@ setup(
         "PyYAML>=6",
         "opencv-python-headless>=4.8",
         "tqdm>=4.60",
+        # DICOM X-rays (core/dicom.py); compressed syntaxes beyond Pillow's need optional decoders
+        "pydicom>=3.0",  # pydicom.pixels (decoders, modality LUT) is 3.0's
         "matplotlib>=3.7",
         # rosbag2 files (sqlite3, mcap) for the bag tools, without rosbag2_py
         "rosbags>=0.10",

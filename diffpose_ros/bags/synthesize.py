@@ -33,7 +33,7 @@ from ..core.simulate import round_field_and_text, simulate_transmission
 from ..core.volume import Volume, hu_to_mu
 from .bagfile import BagWriter, QosSpec
 
-__all__ = ["TOPICS", "Detector", "Exposure", "write_sequence"]
+__all__ = ["TOPICS", "Detector", "Exposure", "add_camera_topics", "write_camera_frame", "write_sequence"]
 
 TOPICS = {
     "image": "/carm/image_raw",
@@ -83,6 +83,31 @@ class Exposure:
             raise ValueError(f"unsupported encoding {self.encoding!r}: one of {', '.join(ENCODINGS)}")
 
 
+def add_camera_topics(bag: BagWriter) -> None:
+    """Declare the image and camera_info topics (reliable, depth 10) and the latched scene topic."""
+    image_qos = QosSpec(reliable=True, transient_local=False, depth=10)
+    bag.add_topic(TOPICS["image"], "sensor_msgs/msg/Image", image_qos)
+    bag.add_topic(TOPICS["camera_info"], "sensor_msgs/msg/CameraInfo", image_qos)
+    bag.add_topic(TOPICS["scene"], "std_msgs/msg/String", QosSpec.named("latched"))
+
+
+def write_camera_frame(
+    bag: BagWriter, t_ns: int, pixels: np.ndarray, encoding: str, intrinsics: Intrinsics, camera_frame: str
+):
+    """Write one frame (``(H, W)`` in ``encoding``) and its camera_info, both stamped and logged at
+    ``t_ns``; returns the stamp (``builtin_interfaces/Time``)."""
+    from builtin_interfaces.msg import Time
+    from std_msgs.msg import Header
+
+    from ..ros.conversions import intrinsics_to_camera_info, numpy_to_image
+
+    stamp = Time(sec=t_ns // 1_000_000_000, nanosec=t_ns % 1_000_000_000)
+    header = lambda: Header(stamp=stamp, frame_id=camera_frame)  # noqa: E731 - one Header per message
+    bag.write(TOPICS["image"], t_ns, numpy_to_image(pixels, encoding, header=header()))
+    bag.write(TOPICS["camera_info"], t_ns, intrinsics_to_camera_info(intrinsics, header=header()))
+    return stamp
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -122,12 +147,11 @@ def write_sequence(
     ``start_time_ns`` (default: now) and advance by ``1 / fps``. Returns the scene description that
     is also written on ``/diffpose/scene``.
     """
-    from builtin_interfaces.msg import Time
     from geometry_msgs.msg import TransformStamped
     from std_msgs.msg import Header, String
     from tf2_msgs.msg import TFMessage
 
-    from ..ros.conversions import intrinsics_to_camera_info, matrix_to_transform, numpy_to_image
+    from ..ros.conversions import matrix_to_transform
 
     poses = torch.as_tensor(poses, dtype=torch.float64).reshape(-1, 4, 4)
     if fps <= 0:
@@ -154,16 +178,12 @@ def write_sequence(
         "seed": seed,
         "topics": TOPICS,
     }
-    image_qos = QosSpec(reliable=True, transient_local=False, depth=10)
     with BagWriter(out, storage) as bag:
-        bag.add_topic(TOPICS["image"], "sensor_msgs/msg/Image", image_qos)
-        bag.add_topic(TOPICS["camera_info"], "sensor_msgs/msg/CameraInfo", image_qos)
+        add_camera_topics(bag)
         bag.add_topic(TOPICS["truth"], "tf2_msgs/msg/TFMessage", QosSpec(True, False, 100))
-        bag.add_topic(TOPICS["scene"], "std_msgs/msg/String", QosSpec.named("latched"))
         bag.write(TOPICS["scene"], start, String(data=json.dumps(scene)))
         for i in tqdm(range(poses.shape[0]), desc="frames", unit="frame", disable=not progress):
             t_ns = start + round(i * 1e9 / fps)
-            stamp = Time(sec=t_ns // 1_000_000_000, nanosec=t_ns % 1_000_000_000)
             with torch.no_grad():
                 L = renderer.render(poses[i], k)
             frame_gain = gain * float(1 + exposure.gain_jitter * rng.standard_normal())
@@ -180,9 +200,7 @@ def write_sequence(
                 frame = np.ascontiguousarray(frame[:, ::-1])
             if exposure.round_field > 0 or exposure.text:  # after mirroring: the text stays readable
                 frame = round_field_and_text(frame, exposure.round_field, exposure.text)
-            header = lambda: Header(stamp=stamp, frame_id=camera_frame)  # noqa: E731 - one Header per message
-            bag.write(TOPICS["image"], t_ns, numpy_to_image(frame, exposure.encoding, header=header()))
-            bag.write(TOPICS["camera_info"], t_ns, intrinsics_to_camera_info(k_delivered, header=header()))
+            stamp = write_camera_frame(bag, t_ns, frame, exposure.encoding, k_delivered, camera_frame)
             truth = TransformStamped(header=Header(stamp=stamp, frame_id=ct_frame), child_frame_id=f"{camera_frame}_gt")
             truth.transform = matrix_to_transform(poses[i])
             bag.write(TOPICS["truth"], t_ns, TFMessage(transforms=[truth]))

