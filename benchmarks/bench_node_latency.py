@@ -186,7 +186,7 @@ def run_device(device: str, model_path: Path, cold, track, targets) -> None:
         modes = {m: sum(r.mode == m for _, r, _ in rows) for m in ("cold", "tracking")}
         stages = {
             key: statistics.median(r.timings.get(key, 0.0) for _, r, _ in rows)
-            for key in ("preprocess", "cnn", "refine")
+            for key in ("preprocess", "cnn", "start", "refine")
         }
         print(
             f"{name:9s} n={len(rows):3d}  median {statistics.median(totals) * 1e3:7.1f} ms  "

@@ -2,8 +2,8 @@
 
 Each frame is a DRR of the CT (our renderer, full-resolution attenuation) at a known C-arm pose,
 turned into what a detector delivers by :func:`~diffpose_ros.core.simulate.simulate_transmission`
-(quantum noise, detector blur, a gain the node does not know, optional collimation), mirrored if
-the device mirrors, in mono16 (default), mono8 or 32FC1.
+(quantum noise, detector blur, a gain the node does not know, optional collimation and clinical
+factors), mirrored if the device mirrors, in mono16 (default), mono8 or 32FC1.
 
 The bag (``TOPICS``), every message logged at its stamp:
 
@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from ..core.geometry import CONTRACT_PIXEL_MM, CONTRACT_SDD_MM, Intrinsics
 from ..core.render import Renderer
-from ..core.simulate import round_field_and_text, simulate_transmission
+from ..core.simulate import ClinicalFactors, simulate_transmission
 from ..core.volume import Volume, hu_to_mu
 from .bagfile import BagWriter, QosSpec
 
@@ -65,9 +65,10 @@ class Detector:
 @dataclass(frozen=True)
 class Exposure:
     """How frames are delivered: photons per unattenuated pixel ``i0``, blur (pixels), encoding,
-    mirroring, collimation (fraction shut per side), an image intensifier's ``round_field`` (radius as
-    a fraction of the smaller side, 0: none) and burned-in ``text``. The gain is drawn once per sequence (the node
-    never knows it) and jitters by ``gain_jitter`` per frame, like automatic exposure control."""
+    mirroring, collimation (fraction shut per side) and the ``clinical`` factors (display chain,
+    round field, burned-in text, metal, scatter and heel: :class:`~diffpose_ros.core.simulate.ClinicalFactors`;
+    a display chain spans the encoding's range). The gain is drawn once per sequence (the node never
+    knows it) and jitters by ``gain_jitter`` per frame, like automatic exposure control."""
 
     i0: float = 5000.0
     blur_sigma_px: float = 0.7
@@ -75,8 +76,7 @@ class Exposure:
     mirror: bool = False
     collimation: float = 0.0
     gain_jitter: float = 0.02
-    round_field: float = 0.0
-    text: bool = False
+    clinical: ClinicalFactors = ClinicalFactors()
 
     def __post_init__(self) -> None:
         if self.encoding not in ENCODINGS:
@@ -195,11 +195,9 @@ def write_sequence(
                 dtype=ENCODINGS[exposure.encoding],
                 rng=rng,
                 collimation=exposure.collimation,
+                clinical=exposure.clinical,
+                mirror=exposure.mirror,
             )
-            if exposure.mirror:
-                frame = np.ascontiguousarray(frame[:, ::-1])
-            if exposure.round_field > 0 or exposure.text:  # after mirroring: the text stays readable
-                frame = round_field_and_text(frame, exposure.round_field, exposure.text)
             stamp = write_camera_frame(bag, t_ns, frame, exposure.encoding, k_delivered, camera_frame)
             truth = TransformStamped(header=Header(stamp=stamp, frame_id=ct_frame), child_frame_id=f"{camera_frame}_gt")
             truth.transform = matrix_to_transform(poses[i])

@@ -22,8 +22,9 @@ import torch
 
 from ..core import metrics
 from ..core.geometry import CONTRACT_PIXEL_MM, CONTRACT_SDD_MM, Intrinsics
+from ..core.intensity import POLARITIES
 from ..core.io import save_json
-from ..core.pipeline import Pipeline
+from ..core.pipeline import Pipeline, PipelineConfig
 from ..core.preprocess import prepare_frame
 from ..core.render import Renderer
 from ..core.sampling import CLINICAL_RANGE, sample_views
@@ -56,7 +57,7 @@ def summarize(frames: list[dict]) -> dict:
         "cnn_success_rate": {
             f"<{t}mm": float((np.array([f["cnn_mtre_mm"] for f in frames]) < t).mean()) for t in (1, 2, 10)
         },
-        "seconds": {stage: stat(f"{stage}_s") for stage in ("cnn", "refine", "total")},
+        "seconds": {stage: stat(f"{stage}_s") for stage in ("cnn", "start", "refine", "total")},
         "iterations": stat("iterations"),
     }
 
@@ -104,6 +105,9 @@ def _main(argv: list[str] | None) -> int:
     )
     parser.add_argument("--round-field", type=float, default=0.0, help="round field radius / smaller side (0: none)")
     parser.add_argument("--burned-in-text", action="store_true", help="white text and a marker burned into the frames")
+    parser.add_argument(
+        "--polarity", choices=(*POLARITIES, "auto"), default="bones_dark", help="the pipeline's polarity setting"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="runs/evaluate", help="output folder")
     args = parser.parse_args(argv)
@@ -115,7 +119,7 @@ def _main(argv: list[str] | None) -> int:
         factors = dataclasses.replace(factors, text=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pipeline = Pipeline.from_file(args.model, device=args.device)
+    pipeline = Pipeline.from_file(args.model, device=args.device, config=PipelineConfig(polarity=args.polarity))
     ct_path, hu, targets, _ = load_ct_and_targets(args.ct, args.mask)
     camera = Intrinsics.from_detector(CONTRACT_SDD_MM, 256, 256, CONTRACT_PIXEL_MM)
     poses = sample_views(CLINICAL_RANGE, args.views, hu.center, torch.Generator().manual_seed(args.seed))[0]
@@ -157,8 +161,12 @@ def _main(argv: list[str] | None) -> int:
             **metrics.frame_errors(result.pose, truth, targets, camera, CONTRACT_PIXEL_MM, CONTRACT_SDD_MM),
             "similarity": result.similarity,
             "valid_fraction": frame.valid_fraction,
+            "polarity": result.polarity,
+            "polarity_scores": list(result.polarity_scores),
+            "outlier_fraction": result.outlier_fraction,
             "iterations": result.iterations,
             "cnn_s": result.timings["cnn"],
+            "start_s": result.timings["start"],
             "refine_s": result.timings["refine"],
             "total_s": result.timings["total"],
             "T_true": truth.tolist(),
@@ -176,6 +184,7 @@ def _main(argv: list[str] | None) -> int:
         "renderer": args.renderer,
         "i0": args.i0,
         "clinical": dataclasses.asdict(factors),
+        "polarity": args.polarity,
         "device": args.device,
         "wall_seconds": time.perf_counter() - start,
         **summarize(frames),

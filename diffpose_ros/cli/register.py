@@ -13,9 +13,10 @@ from pathlib import Path
 
 from ..core.field import FieldSpec
 from ..core.geometry import Intrinsics
+from ..core.intensity import POLARITIES
 from ..core.io import load_pose, read_xray, save_json, write_picture
 from ..core.overlay import render_overlay
-from ..core.pipeline import Pipeline
+from ..core.pipeline import Pipeline, PipelineConfig
 from ..core.preprocess import prepare_frame
 from ..core.register import Registrar
 from .common import add_ct_arguments, load_attenuation, run_cli
@@ -36,6 +37,13 @@ def _main(argv: list[str] | None) -> int:
         "--init", help="initial pose JSON (T_ct_source, mm); required without --model, overrides the CNN"
     )
     parser.add_argument("--out", help="write the result JSON here (it is always printed)")
+    parser.add_argument(
+        "--polarity",
+        choices=(*POLARITIES, "auto"),
+        default="bones_dark",
+        help="how the image shows bone (after DICOM's photometric interpretation and modality); a frame that "
+        "looks the other way is refused (default bones_dark; auto: either). With --model only",
+    )
     parser.add_argument(
         "--mirror",
         action="store_true",
@@ -65,19 +73,31 @@ def _main(argv: list[str] | None) -> int:
         frame = prepare_frame(raw, xray.kind, intrinsics, mirror=args.mirror, field=field)
     except ValueError as err:
         raise ValueError(f"{args.image}: {err}") from err
-    record = {}
     if args.model:
-        pipeline = Pipeline.from_file(args.model)
-        registrar = pipeline.registrar
-        init = load_pose(args.init) if args.init else pipeline.initial_pose(frame)
-        record["initialisation"] = "init file" if args.init else "CNN"
-        record["T_ct_source_init"] = init.tolist()
+        pipeline = Pipeline.from_file(args.model, config=PipelineConfig(polarity=args.polarity))
+        renderer = pipeline.registrar.renderer()
+        outcome = pipeline.process(frame, track=False, initial_pose=load_pose(args.init) if args.init else None)
+        pose, failure = outcome.pose, outcome.reason
+        record = {
+            "T_ct_source": pose.tolist(),
+            "similarity": outcome.similarity,
+            "iterations": outcome.iterations,
+            "seconds": outcome.timings["total"],
+            "converged": outcome.converged,
+            "failed": bool(failure),
+            "failure": failure,
+            "outlier_fraction": outcome.outlier_fraction,
+            "polarity": outcome.polarity,
+            "polarity_scores": list(outcome.polarity_scores),
+            "initialisation": "init file" if args.init else "CNN",
+            "T_ct_source_init": outcome.initial_pose.tolist(),
+        }
     else:
         registrar = Registrar(load_attenuation(args))
-        init = load_pose(args.init)
-    result = registrar.register(frame.image, frame.intrinsics, init, mask=frame.mask)
-    failure = result.failure()
-    record = {**result.as_dict(), "failed": bool(failure), "failure": failure, **record}
+        renderer = registrar.renderer()
+        result = registrar.register(frame.image, frame.intrinsics, load_pose(args.init), mask=frame.mask)
+        pose, failure = result.pose, result.failure()
+        record = {**result.as_dict(), "failed": bool(failure), "failure": failure}
     record["valid_fraction"] = frame.valid_fraction
     record["intrinsics_source"] = f"camera-info {args.camera_info}" if given else "DICOM tags"
     record["intrinsics"] = {k: getattr(intrinsics, k) for k in ("width", "height", "fx", "fy", "cx", "cy")}
@@ -88,7 +108,7 @@ def _main(argv: list[str] | None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         save_json(args.out, record)
     if args.overlay:
-        write_picture(args.overlay, render_overlay(registrar.renderer(), frame, result.pose))
+        write_picture(args.overlay, render_overlay(renderer, frame, pose))
     if failure:
         print(f"warning: registration failed its checks: {failure}", file=sys.stderr)
     return 0

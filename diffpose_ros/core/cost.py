@@ -117,7 +117,22 @@ class GradientNCC(Cost):
         return _weighted(gv, gj, self.target_hat[0], 0.5)
 
 
-COSTS: dict[str, type[Cost]] = {cls.name: cls for cls in (NCC, GradientNCC)}
+class Mixed(Cost):
+    """Half ``ncc`` (on the levels with patches, its global and patch terms) and half
+    ``gradient_ncc``: the intensity terms keep a wide basin, the gradient term ignores smooth haze."""
+
+    name = "mixed"
+
+    def __init__(self, target: torch.Tensor, mask: torch.Tensor | None, patch: int | None, global_weight: float):
+        self.parts = (NCC(target, mask, patch, global_weight), GradientNCC(target, mask, patch, global_weight))
+
+    def residuals(self, values, jac):
+        out = [part.residuals(values, jac) for part in self.parts]
+        scale = 0.5**0.5
+        return torch.cat([scale * r for r, _ in out]), torch.cat([scale * J for _, J in out])
+
+
+COSTS: dict[str, type[Cost]] = {cls.name: cls for cls in (NCC, GradientNCC, Mixed)}
 """The registration costs by name."""
 
 

@@ -6,9 +6,14 @@ validity mask, from :func:`~.preprocess.prepare_frame`) and returns a :class:`Fr
 1. cold start: the patient model's CNN predicts ``T_ct_source`` from the frame warped to the CNN's
    working camera; tracking: when the last accepted pose is recent (fluoroscopy is a video), it is
    the start instead and the refinement pyramid is shorter;
-2. refinement: Levenberg-Marquardt on the registration cost (NCC by default, :mod:`.cost`) through
+2. polarity and intensities (:mod:`.intensity`): the DRRs at the CNN's estimates for the frame and
+   for its negative (or at the given or tracked start) tell whether bones are dark or bright in the
+   frame; a frame whose polarity is not the configured one is refused (``polarity: auto`` registers
+   either). The frame's grey values are then mapped onto the DRR's by their quantiles over the
+   valid pixels (the unknown display chain's monotone map);
+3. refinement: Levenberg-Marquardt on the registration cost (NCC by default, :mod:`.cost`) through
    the differentiable renderer (:mod:`.register`), on the frame's valid pixels;
-3. gate: the pose is accepted only if the refinement converged, the similarity reaches the
+4. gate: the pose is accepted only if the refinement converged, the similarity reaches the
    threshold and the pose is plausible; a failed tracking attempt falls back to a cold start.
 
 ``Pipeline.render`` and ``Pipeline.overlay`` show the DRR at a pose (the node's ``~/overlay``, the
@@ -30,11 +35,16 @@ import torch
 
 from .bundle import PatientModel, load_patient_model
 from .geometry import Intrinsics
+from .intensity import POLARITIES, match_quantiles, polarity_scores
 from .overlay import render_overlay
-from .preprocess import Frame, warp_to_camera
+from .preprocess import Frame, resample_image, resample_mask, warp_to_camera
 from .register import MIN_SIMILARITY, Level, Registrar, RegistrationConfig
 
-__all__ = ["PipelineConfig", "FrameResult", "Pipeline", "covariance_in_parent"]
+__all__ = ["POLARITY_MARGIN", "PipelineConfig", "FrameResult", "Pipeline", "Start", "covariance_in_parent"]
+
+POLARITY_MARGIN = 0.1
+"""A frame counts as having the other polarity when that polarity's score (:func:`~.intensity.polarity_scores`)
+beats the configured one's by more than this."""
 
 
 @dataclass(frozen=True)
@@ -43,14 +53,36 @@ class PipelineConfig:
 
     ``min_similarity``: smallest accepted final similarity (the cost's, in [-1, 1]);
     ``tracking_max_age_s``: a previous accepted pose younger than this (stamp difference) starts
-    tracking; ``max_source_distance_mm``: largest plausible distance of the source from the CT centre.
+    tracking; ``max_source_distance_mm``: largest plausible distance of the source from the CT centre;
+    ``polarity``: how the frames show bone (:data:`~.intensity.POLARITIES`; a frame that looks the
+    other way is refused) or ``auto`` (each frame registered with the polarity it shows);
+    ``linearize``: map the frame's grey values onto the DRR's (:func:`~.intensity.match_quantiles`).
     """
 
     min_similarity: float = MIN_SIMILARITY
     tracking_max_age_s: float = 1.0
     max_source_distance_mm: float = 2000.0
+    polarity: str = "bones_dark"
+    linearize: bool = True
     cold: RegistrationConfig = field(default_factory=RegistrationConfig)
     tracking_levels: tuple[Level, ...] = (Level(64, 2.0, 6, patch=8), Level(128, 1.4, 6, patch=13))
+
+    def __post_init__(self) -> None:
+        if self.polarity not in (*POLARITIES, "auto"):
+            raise ValueError(f"unknown polarity {self.polarity!r}: one of {', '.join(POLARITIES)}, auto")
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a refinement starts: ``pose`` (``T_ct_source``, mm), the frame's ``polarity`` (detected,
+    or the configured one), the ``scores`` ``(bones_dark, bones_bright)`` it was judged by, and the
+    ``target`` the refinement compares DRRs with (the frame's line integrals, negated for bones
+    bright, intensity-mapped)."""
+
+    pose: torch.Tensor
+    polarity: str
+    scores: tuple[float, float]
+    target: torch.Tensor
 
 
 @dataclass
@@ -60,7 +92,10 @@ class FrameResult:
     ``pose``: ``T_ct_source`` (4x4 float64, mm; the refined estimate even when rejected);
     ``covariance``: 6x6 over ``xi = (rho mm, phi rad)`` in the source frame; ``accepted``: passed the
     gate; ``reason``: why not (empty when accepted); ``mode``: ``cold`` or ``tracking``;
-    ``timings``: seconds per stage (``preprocess``, ``cnn``, ``refine``, ``total``).
+    ``timings``: seconds per stage (``preprocess``, ``cnn``, ``start``: polarity and intensity map,
+    ``refine``, ``total``); ``polarity``:
+    how the frame showed bone; ``polarity_scores``: ``(bones_dark, bones_bright)``;
+    ``outlier_fraction``: share of the valid pixels the refinement left out as outliers (instruments).
     """
 
     pose: torch.Tensor
@@ -73,6 +108,9 @@ class FrameResult:
     mode: str
     initial_pose: torch.Tensor
     timings: dict[str, float] = field(default_factory=dict)
+    polarity: str = "bones_dark"
+    polarity_scores: tuple[float, float] = (float("nan"), float("nan"))
+    outlier_fraction: float = 0.0
 
 
 def covariance_in_parent(pose: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
@@ -94,6 +132,8 @@ class Pipeline:
         self.config = config or PipelineConfig()
         self.regressor = model.regressor.to(self.device).eval()
         self.registrar = Registrar(model.mu, self.config.cold, device=self.device)
+        # Polarity and the intensity map look at 64-pixel DRRs: the volume of a pyramid level of that size.
+        self._coarse_voxel_mm = min(self.config.cold.levels, key=lambda level: abs(level.width - 64)).voxel_mm
         self._last: tuple[float, torch.Tensor] | None = None
 
     @classmethod
@@ -107,14 +147,56 @@ class Pipeline:
 
     @torch.no_grad()
     def initial_pose(self, frame: Frame) -> torch.Tensor:
-        """The CNN's ``T_ct_source`` (4x4 float64, mm) for ``frame`` (invalid pixels at the valid mean,
-        as the warp fills what the frame does not cover)."""
+        """The CNN's ``T_ct_source`` (4x4 float64, mm) for ``frame`` as it is (bones dark)."""
+        return self._cnn(frame)[0]
+
+    def _cnn(self, frame: Frame) -> torch.Tensor:
+        """The CNN's poses ``(2, 4, 4)`` for the frame and its negative (invalid pixels at the valid
+        mean, as the warp fills what the frame does not cover)."""
         image = frame.image
         if not bool(frame.mask.all()):
             image = torch.where(frame.mask, image, image[frame.mask].mean())
-        x = warp_to_camera(image, frame.intrinsics, self.model.intrinsics)
-        x = self.regressor.prepare(x[None]).to(self.device)
-        return self.regressor(x)[0].double().cpu()
+        x = self.regressor.prepare(warp_to_camera(image, frame.intrinsics, self.model.intrinsics)[None])
+        return self.regressor(torch.cat([x, -x]).to(self.device)).double().cpu()
+
+    @torch.no_grad()
+    def start(self, frame: Frame, pose: torch.Tensor | None = None, timings: dict | None = None) -> Start:
+        """The :class:`Start` of a refinement of ``frame``: from ``pose`` (given, or the last one when
+        tracking) or, when None, from the CNN's estimates for the frame and for its negative.
+        ``timings`` (optional) gets the seconds of the ``cnn`` and of the rest of the ``start``."""
+        timings = {} if timings is None else timings
+        t = time.perf_counter()
+        poses = self._cnn(frame) if pose is None else pose.double()[None]
+        timings["cnn"] = timings.get("cnn", 0.0) + (time.perf_counter() - t if pose is None else 0.0)
+        t = time.perf_counter()
+        k = frame.intrinsics.resized(64)
+        small = resample_image(frame.image, k.width, k.height)
+        mask = resample_mask(frame.mask, k.width, k.height)
+        if not bool(mask.any()):
+            mask = torch.ones_like(mask)
+        drrs = self.registrar.renderer(self._coarse_voxel_mm).render(poses, k).cpu().expand(2, -1, -1)
+        poses = poses.expand(2, 4, 4)
+        scores = polarity_scores(small, drrs, mask)
+        configured = self.config.polarity
+        index = int(scores[1] > scores[0]) if configured == "auto" else POLARITIES.index(configured)
+        target = frame.image if index == 0 else -frame.image
+        if self.config.linearize:
+            target = match_quantiles(target, drrs[index][mask], frame.mask)
+        timings["start"] = timings.get("start", 0.0) + time.perf_counter() - t
+        return Start(poses[index].clone(), POLARITIES[index], scores, target)
+
+    def _polarity_problem(self, start: Start) -> str:
+        """Why a frame's polarity is refused (empty when it is not)."""
+        if self.config.polarity == "auto":
+            return ""
+        mine = POLARITIES.index(start.polarity)
+        if start.scores[1 - mine] > start.scores[mine] + POLARITY_MARGIN:
+            other = POLARITIES[1 - mine]
+            return (
+                f"frame polarity looks inverted ({other}: score {start.scores[1 - mine]:.2f} against "
+                f"{start.scores[mine]:.2f}); set polarity to {other} or auto if the device shows bone that way"
+            )
+        return ""
 
     @torch.no_grad()
     def render(self, pose: torch.Tensor, intrinsics: Intrinsics) -> torch.Tensor:
@@ -157,29 +239,36 @@ class Pipeline:
         except RuntimeError:
             return torch.full((6, 6), float("inf"), dtype=torch.float64)
 
-    def process(self, frame: Frame, stamp: float | None = None, track: bool = True) -> FrameResult:
-        """Register one :class:`~.preprocess.Frame` taken at ``stamp`` (s; None: no tracking).
+    def process(
+        self, frame: Frame, stamp: float | None = None, track: bool = True, initial_pose: torch.Tensor | None = None
+    ) -> FrameResult:
+        """Register one :class:`~.preprocess.Frame` taken at ``stamp`` (s; None: no tracking), from
+        ``initial_pose`` (``T_ct_source``, mm) when given instead of the CNN or tracking.
 
         Every outcome is a :class:`FrameResult` (bad input was refused when the frame was prepared).
         """
         t0 = time.perf_counter()
-        timings = {"preprocess": frame.prepare_seconds, "cnn": 0.0, "refine": 0.0}
+        timings = {"preprocess": frame.prepare_seconds, "cnn": 0.0, "start": 0.0, "refine": 0.0}
         attempts = []
-        if (
-            track
-            and self._last is not None
-            and stamp is not None
-            and 0 < stamp - self._last[0] <= self.config.tracking_max_age_s
-        ):
-            attempts.append(("tracking", self._last[1], self.config.tracking_levels))
-        attempts.append(("cold", None, None))
-        for mode, start, levels in attempts:  # noqa: B007 - the last attempt's mode is reported
-            if start is None:
-                t = time.perf_counter()
-                start = self.initial_pose(frame)
-                timings["cnn"] += time.perf_counter() - t
+        if initial_pose is not None:
+            attempts.append(("given", initial_pose, self.config.cold.levels))
+        else:
+            if (
+                track
+                and self._last is not None
+                and stamp is not None
+                and 0 < stamp - self._last[0] <= self.config.tracking_max_age_s
+            ):
+                attempts.append(("tracking", self._last[1], self.config.tracking_levels))
+            attempts.append(("cold", None, None))
+        for mode, pose, levels in attempts:  # noqa: B007 - the last attempt's mode is reported
+            start = self.start(frame, pose, timings)
+            reason = self._polarity_problem(start)
+            if reason:
+                result = None
+                continue
             t = time.perf_counter()
-            result = self.registrar.register(frame.image, frame.intrinsics, start, levels=levels, mask=frame.mask)
+            result = self.registrar.register(start.target, frame.intrinsics, start.pose, levels=levels, mask=frame.mask)
             timings["refine"] += time.perf_counter() - t
             reason = self._gate(result)
             if not reason:
@@ -188,15 +277,30 @@ class Pipeline:
         accepted = not reason
         if accepted and stamp is not None:
             self._last = (stamp, result.pose)
+        common = dict(
+            accepted=accepted,
+            reason=reason,
+            mode=mode,
+            initial_pose=start.pose,
+            timings=timings,
+            polarity=start.polarity,
+            polarity_scores=start.scores,
+        )
+        if result is None:  # refused before any refinement
+            return FrameResult(
+                pose=start.pose,
+                covariance=torch.full((6, 6), float("inf"), dtype=torch.float64),
+                similarity=float("nan"),
+                iterations=0,
+                converged=False,
+                **common,
+            )
         return FrameResult(
             pose=result.pose,
             covariance=self._covariance(result),
             similarity=result.similarity,
             iterations=result.iterations,
             converged=result.converged,
-            accepted=accepted,
-            reason=reason,
-            mode=mode,
-            initial_pose=start,
-            timings=timings,
+            outlier_fraction=result.outlier_fraction,
+            **common,
         )

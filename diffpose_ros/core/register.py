@@ -18,12 +18,14 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from . import se3
 from .cost import COSTS, make_cost
 from .geometry import Intrinsics
 from .preprocess import check_image, resample_image, resample_mask
 from .render import Renderer
+from .similarity import standardize
 from .volume import Volume
 
 __all__ = ["Level", "RegistrationConfig", "RegistrationResult", "Registrar"]
@@ -56,6 +58,10 @@ class RegistrationConfig:
     scaled by ``radius_mm``) or changes the similarity by less than ``cost_tolerance``,
     accepted or not: near the optimum the cost of a trial step differs from the current one by the
     renderer's interpolation noise, so a rejected step of that size means the level has converged.
+    ``outlier_sigma``: from the second level on, pixels whose standardised difference from the DRR
+    at the level's start exceeds this many robust standard deviations (1.4826 MAD), and their
+    neighbours, leave the cost for that level: instruments, wires and anything else that is not in
+    the CT (0: keep every valid pixel).
     The finest level renders a 1.4 mm volume (the bundled CT's 0.7 mm in-plane voxels, 2x2
     coarsened): at 128 px (about 1.9 mm pixels at the isocentre) the full-resolution volume gave the
     same accuracy at twice the cost (``benchmarks/bench_node_latency.py``).
@@ -66,12 +72,13 @@ class RegistrationConfig:
         Level(64, 2.0, 10, patch=8),
         Level(128, 1.4, 6, patch=13),
     )
-    cost: str = "ncc"
+    cost: str = "mixed"
     global_weight: float = 0.5
     step_tolerance_mm: float = 0.02
     radius_mm: float = 100.0
     cost_tolerance: float = 1e-6
     damping: float = 1e-3
+    outlier_sigma: float = 3.5
 
     def __post_init__(self) -> None:
         if self.cost not in COSTS:
@@ -86,7 +93,8 @@ class RegistrationResult:
     finest level; ``iterations``: LM steps tried (renders); ``seconds``: wall time; ``converged``:
     the finest level stopped on a tolerance, not on its cap; ``hessian``: 6x6 Gauss-Newton
     information ``J^T J`` of the final cost in ``xi = (rho mm, phi rad)``; ``residuals``: how many
-    residuals that cost sums; ``cost``: its value ``0.5 |r|^2``; ``history``: per-step records.
+    residuals that cost sums; ``cost``: its value ``0.5 |r|^2``; ``history``: per-step records;
+    ``outlier_fraction``: share of the valid pixels that the finest level left out as outliers.
     """
 
     pose: torch.Tensor
@@ -98,6 +106,7 @@ class RegistrationResult:
     residuals: int = 0
     cost: float = float("nan")
     history: list[dict] = field(default_factory=list)
+    outlier_fraction: float = 0.0
 
     def as_dict(self) -> dict:
         """JSON-ready summary (``T_ct_source`` as nested lists, mm)."""
@@ -107,6 +116,7 @@ class RegistrationResult:
             "iterations": self.iterations,
             "seconds": self.seconds,
             "converged": self.converged,
+            "outlier_fraction": self.outlier_fraction,
         }
 
     def failure(self, min_similarity: float | None = None) -> str:
@@ -176,6 +186,13 @@ class Registrar:
             renderer = self._renderers[level.voxel_mm]
             target = resample_image(image, k.width, k.height).to(renderer.device)
             level_mask = None if mask is None else resample_mask(mask, k.width, k.height)
+            outlier_fraction = 0.0
+            if cfg.outlier_sigma > 0 and li > 0:
+                valid = torch.ones(target.shape, dtype=torch.bool) if level_mask is None else level_mask
+                outliers = _outliers(renderer.render(pose, k).cpu(), target.cpu(), valid, cfg.outlier_sigma)
+                if bool((valid & ~outliers).sum() > valid.sum() // 2):  # never let it take half the image
+                    outlier_fraction = float(outliers.sum() / valid.sum())
+                    level_mask = valid & ~outliers
             level_cost = make_cost(cfg.cost, target, level_mask, level.patch, cfg.global_weight)
             scale = torch.tensor([1.0] * 3 + [cfg.radius_mm] * 3, dtype=torch.float64)
 
@@ -212,4 +229,17 @@ class Registrar:
             hessian = (J.T @ J).double().cpu()
             residuals = r.numel()
         seconds = time.perf_counter() - start
-        return RegistrationResult(pose, similarity, iterations, seconds, converged, hessian, residuals, cost, history)
+        return RegistrationResult(
+            pose, similarity, iterations, seconds, converged, hessian, residuals, cost, history, outlier_fraction
+        )
+
+
+def _outliers(drr: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``(H, W)`` bool: valid pixels whose standardised difference between ``target`` and ``drr``
+    exceeds ``sigma`` robust standard deviations, grown by one pixel (within ``valid``)."""
+    e = standardize(target[valid]) - standardize(drr[valid])
+    scale = 1.4826 * float((e - e.median()).abs().median()) + 1e-12
+    out = torch.zeros_like(valid)
+    out[valid] = (e - e.median()).abs() > sigma * scale
+    grown = F.max_pool2d(out.float()[None, None], 3, stride=1, padding=1)[0, 0] > 0
+    return grown & valid

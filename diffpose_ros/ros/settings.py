@@ -22,6 +22,7 @@ import torch
 from ..core.cost import COSTS
 from ..core.field import FieldSpec
 from ..core.geometry import Intrinsics
+from ..core.intensity import POLARITIES
 from ..core.pipeline import PipelineConfig
 from ..core.preprocess import FRAME_KINDS
 
@@ -89,7 +90,8 @@ PARAMETERS: tuple[Parameter, ...] = (
         bounds=(0.05, 3600.0),
     ),
     Parameter(
-        "registration.cost", "ncc", "cost", "registration cost (ncc: 0.5 NCC + 0.5 patch NCC; gradient_ncc)", True,
+        "registration.cost", _GATE.cold.cost, "cost",
+        "registration cost (mixed: half ncc, half gradient_ncc; ncc: 0.5 NCC + 0.5 patch NCC; gradient_ncc)", True,
         tuple(COSTS),
     ),
     Parameter("camera_frame", "carm_source_optical", "camera_frame", "child frame when header.frame_id is empty"),
@@ -120,6 +122,11 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter(
         "gate.min_similarity", _GATE.min_similarity, "min_similarity",
         "smallest accepted final similarity (of registration.cost)", bounds=(-1.0, 1.0),
+    ),
+    Parameter(
+        "polarity", _GATE.polarity, "polarity",
+        "how frames show bone: bones_dark (transmission), bones_bright (inverted display; a frame that looks "
+        "the other way is refused) or auto (either)", choices=(*POLARITIES, "auto"),
     ),
     Parameter(
         "gate.max_source_distance_mm", _GATE.max_source_distance_mm, "max_source_distance_mm",
@@ -171,6 +178,7 @@ class Settings:
     pixel_spacing_mm: float
     principal_point: tuple[float, ...]
     min_similarity: float
+    polarity: str
     max_source_distance_mm: float
     field_auto: bool
     field_radius_px: float
@@ -216,13 +224,14 @@ def settings_problems(s: Settings) -> list[str]:
 
 
 def pipeline_config(s: Settings, base: PipelineConfig | None = None) -> PipelineConfig:
-    """``base`` (default :class:`PipelineConfig`) with the gate, tracking and cost of ``s``."""
+    """``base`` (default :class:`PipelineConfig`) with the gate, polarity, tracking and cost of ``s``."""
     base = base or PipelineConfig()
     return dataclasses.replace(
         base,
         min_similarity=float(s.min_similarity),
         tracking_max_age_s=float(s.tracking_max_age_s),
         max_source_distance_mm=float(s.max_source_distance_mm),
+        polarity=s.polarity,
         cold=dataclasses.replace(base.cold, cost=s.cost),
     )
 

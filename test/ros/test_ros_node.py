@@ -366,6 +366,35 @@ def test_round_field_with_burned_in_text_is_posed(ros, scene):
     assert mtre_mm(scene, _tf_matrix(tf), index) < MTRE_LIMIT_MM
 
 
+def test_clinical_video_is_posed_and_the_same_view_inverted_is_refused(ros, scene):
+    """8-bit display-processed video with every clinical factor (round field, text, rods, scatter):
+    posed, its status naming the polarity and the share of outlier pixels; the same view with bones
+    bright is refused with the reason and publishes no TF."""
+    probe, _, _ = ros
+    from diffpose_ros.core.simulate import ClinicalFactors, simulate_transmission
+    from diffpose_ros.ros.conversions import numpy_to_image
+
+    index = 2
+    for spec in ("all", "all,inverted"):
+        factors = ClinicalFactors.parse(spec)
+        video = simulate_transmission(
+            scene.line_integrals[index], dtype="uint8", rng=np.random.default_rng(8), clinical=factors
+        )
+        image, info = make_frame(scene, index)
+        msg = numpy_to_image(video, "mono8", header=image.header)
+        status = probe.send(msg, info)
+        values = status_values(status)
+        if not factors.inverted:
+            assert status.level == DIAG_OK, f"{status.message} {values}"
+            assert values["polarity"] == "bones_dark" and 0 < float(values["outlier_fraction"]) < 0.3
+            (tf,) = probe.spin_until(lambda: probe.tf_at(msg.header.stamp), 30.0, "the TF")
+            assert mtre_mm(scene, _tf_matrix(tf), index) < MTRE_LIMIT_MM
+        else:
+            assert status.level == DIAG_ERROR and "polarity looks inverted" in status.message, status.message
+            assert probe.tf_at(msg.header.stamp) == []
+    _alive(probe)
+
+
 def test_covariance_grows_with_less_information(ros, scene):
     """The same view at a lower dose (more quantum noise): a larger ~/pose covariance."""
     probe, _, _ = ros
