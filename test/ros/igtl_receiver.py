@@ -10,7 +10,8 @@ import pyigtl
 
 
 class Receiver:
-    """Connects to ``port`` on localhost and unpacks every message with pyigtl into :attr:`messages`."""
+    """Connects to ``port`` on localhost and unpacks every message with pyigtl into :attr:`messages`
+    (each with ``received_at``, ``time.monotonic()`` at its arrival)."""
 
     def __init__(self, port: int, timeout: float = 10.0):
         self.messages: list = []
@@ -55,6 +56,7 @@ class Receiver:
                 break
             message = pyigtl.MessageBase.create_message(fields["message_type"])
             message.unpack(fields, body)
+            message.received_at = time.monotonic()
             with self._lock:
                 self.messages.append(message)
         self.closed = True

@@ -293,3 +293,23 @@ def test_client_mode_reconnects_to_a_restarted_pyigtl_server():
             s.stop()  # again for the last one: returns at once
         for s, h in handlers.items():
             signal.signal(s, h)
+
+
+# ------------------------------------------------------------------------------ ~/status of the node
+def test_outcome_status_of_each_kind():
+    from diagnostic_msgs.msg import DiagnosticStatus
+
+    from diffpose_ros.ros.status import outcome_status
+    from diffpose_ros.ros.worker import Outcome
+
+    header = _header(1_700_000_000_000_000_007)
+    published = Outcome("published", DiagnosticStatus.OK, "pose published", {"similarity": 0.9, "mode": "tracking"})
+    status = outcome_status(published, header, FRAME, 0.25)
+    assert (status.valid, status.reason, status.source, status.similarity) == (True, "", "tracking", 0.9)
+    assert status.stamp == "1700000000.000000007" and status.latency_s == 0.25 and status.frame_id == FRAME
+    gate = Outcome("rejected", DiagnosticStatus.ERROR, "rejected by the gate: similarity", {"mode": "cold"})
+    status = outcome_status(gate, header, FRAME, 0.3)
+    assert not status.valid and status.reason == gate.message and status.source == "cnn" and status.similarity is None
+    refused = Outcome("rejected", DiagnosticStatus.ERROR, "bad frame: constant", {})
+    assert outcome_status(refused, header, FRAME, None).source is None
+    assert PoseStatus.from_json(outcome_status(refused, header, FRAME, None).to_json()).reason == "bad frame: constant"
