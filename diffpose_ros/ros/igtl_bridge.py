@@ -37,7 +37,8 @@ __all__ = ["BRIDGE_PARAMETERS", "Bridge", "BridgeSettings", "TfBuffer", "stamp_n
 KEEP_FRAMES = 64
 """Images and camera_infos kept by stamp, waiting for their status."""
 PAIR_TIMEOUT_S = 2.0
-"""An accepted status whose ``/tf`` has not come after this long is sent as INVALID."""
+"""An accepted status whose ``/tf`` has not come after this long is dropped (with a warning); a latched
+status from before the bridge started is one. Staleness then tells the navigator."""
 
 
 @dataclass(frozen=True)
@@ -230,9 +231,10 @@ class Bridge:
             for stamp, (status, arrived) in list(self._pending.items()):
                 if now - arrived > PAIR_TIMEOUT_S:
                     del self._pending[stamp]
-                    s = self.settings
-                    reason = f"pose accepted but no /tf {s.ct_frame} -> {status.frame_id} at its stamp"
-                    self._send_invalid(replace(status, valid=False, reason=reason), stamp)
+                    self._warn(
+                        f"accepted pose at {status.stamp} dropped: no /tf {self.settings.ct_frame} -> "
+                        f"{status.frame_id} at that stamp within {PAIR_TIMEOUT_S:g} s"
+                    )
             repeat = max(self.settings.stale_after_s, 1.0)
             if self._stale.stale(now) and (self._stale_sent is None or now - self._stale_sent >= repeat):
                 self._stale_sent = now
@@ -283,7 +285,9 @@ class Bridge:
 
     def _send_image(self, stamp: int, T_ras: np.ndarray) -> None:
         msg = self._images[stamp]
-        info = self._infos.get(stamp) or (next(reversed(self._infos.values())) if self._infos else None)
+        info = self._infos.get(stamp)
+        if info is None and self._infos:
+            info = next(reversed(self._infos.values()))  # the calibration rarely changes
         if info is None:
             self._warn("no camera_info received: IMAGE not sent")
             return
