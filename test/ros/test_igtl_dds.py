@@ -74,7 +74,11 @@ def rig(scene, tmp_path_factory, env_patch):
     receiver = None
     try:
         probe.wait_state("active", timeout=240.0)
-        probe.wait_subscribed()
+        probe.spin_until(  # the node and both bridges
+            lambda: min(probe.image_pub.get_subscription_count(), probe.info_pub.get_subscription_count()) >= 3,
+            60.0,
+            "the image and camera_info subscriptions of the node and both bridges",
+        )
         receiver = Receiver(server_port, timeout=60.0)
         yield probe, receiver, statuses, client_port, (node, server, client)
     finally:
