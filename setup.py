@@ -40,6 +40,8 @@ setup(
         "matplotlib>=3.7",
         # rosbag2 files (sqlite3, mcap) for the bag tools, without rosbag2_py
         "rosbags>=0.10",
+        # OpenIGTLink messages for the navigation bridge (diffpose-igtl)
+        "pyigtl>=0.3",
         # numba's thread pool; without it numba's OpenMP pool fights PyTorch's (see core/raymarch.py)
         'tbb>=2021.6; platform_machine == "x86_64"',
     ],
@@ -53,6 +55,8 @@ setup(
             "diffpose-register = diffpose_ros.cli.register:main",
             "diffpose-demo = diffpose_ros.cli.demo:main",
             "diffpose_node = diffpose_ros.ros.node:main",
+            "diffpose-igtl = diffpose_ros.ros.igtl:main",
+            "diffpose_igtl = diffpose_ros.ros.igtl:main",
             "diffpose-train = diffpose_ros.cli.train:main",
             "diffpose-evaluate = diffpose_ros.cli.evaluate:main",
             "diffpose-make-bag = diffpose_ros.cli.make_bag:main",

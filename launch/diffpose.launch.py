@@ -9,6 +9,10 @@ Arguments: ``params_file`` (default: the package's ``config/diffpose.yaml``), ``
 ``ros2 lifecycle set /diffpose_node configure`` / ``activate``), ``namespace``, ``log_level`` and
 ``fastdds_profile`` (a Fast DDS XML profile for large frames, e.g. the package's
 ``config/fastdds_large_frames.xml``; it must be given to the image publisher as well).
+
+``igtl:=true`` also starts the OpenIGTLink bridge ``diffpose_igtl`` next to the node, with the same
+parameter file (so ``mirror``, ``camera_frame``, ``ct_frame``, ``ct_ras_frame`` and ``image_qos``
+agree), the same image topics, and ``igtl_port`` (default 18944) or ``igtl_connect:=HOST:PORT``.
 """
 
 import os
@@ -16,7 +20,7 @@ import os
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
-from launch_ros.actions import LifecycleNode
+from launch_ros.actions import LifecycleNode, Node
 from launch_ros.substitutions import FindPackageShare
 
 PACKAGE = "diffpose_ros"
@@ -53,7 +57,32 @@ def _node(context, *args, **kwargs):
         ros_arguments=["--log-level", LaunchConfiguration("log_level")],
         additional_env=env or None,
     )
-    return [node]
+    if not _true(LaunchConfiguration("igtl").perform(context)):
+        return [node]
+    bridge = Node(
+        package=PACKAGE,
+        executable="diffpose_igtl",
+        name="diffpose_igtl",
+        namespace=LaunchConfiguration("namespace"),
+        output="screen",
+        emulate_tty=True,
+        parameters=[
+            LaunchConfiguration("params_file"),
+            {
+                "port": int(LaunchConfiguration("igtl_port").perform(context)),
+                "connect": LaunchConfiguration("igtl_connect").perform(context),
+                "use_sim_time": overrides["use_sim_time"],
+            },
+        ],
+        remappings=[
+            ("image", LaunchConfiguration("image_topic")),
+            ("camera_info", LaunchConfiguration("camera_info_topic")),
+            ("/diffpose_node/status", "diffpose_node/status"),  # the node's, in the same namespace
+        ],
+        ros_arguments=["--log-level", LaunchConfiguration("log_level")],
+        additional_env=env or None,
+    )
+    return [node, bridge]
 
 
 def generate_launch_description():
@@ -87,6 +116,13 @@ def generate_launch_description():
             ),
             DeclareLaunchArgument(
                 "fastdds_profile", default_value="", description="Fast DDS XML profile for large frames (empty: none)"
+            ),
+            DeclareLaunchArgument(
+                "igtl", default_value="false", description="also start the OpenIGTLink bridge diffpose_igtl"
+            ),
+            DeclareLaunchArgument("igtl_port", default_value="18944", description="OpenIGTLink server port"),
+            DeclareLaunchArgument(
+                "igtl_connect", default_value="", description="HOST:PORT of a navigator's server (empty: serve)"
             ),
             OpaqueFunction(function=_node),
         ]

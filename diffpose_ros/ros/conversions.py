@@ -31,6 +31,7 @@ import torch
 
 from ..core import se3
 from ..core.geometry import Intrinsics
+from ..core.navigation import LPS_TO_RAS
 from ..core.pipeline import covariance_in_parent
 from ..core.preprocess import Frame, prepare_frame
 
@@ -72,7 +73,7 @@ IMAGE_ENCODINGS: dict[str, tuple[np.dtype, int]] = {
 
 SINGLE_CHANNEL_ENCODINGS = ("mono8", "8UC1", "mono16", "16UC1", "32FC1")
 
-CT_TO_CT_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+CT_TO_CT_RAS = LPS_TO_RAS
 """``T_ct_ctras``: maps RAS points (3D Slicer) into ``ct`` (LPS); its own inverse (180 deg about z)."""
 
 

@@ -34,11 +34,15 @@ Outputs, stamped with the image's stamp, only for strictly newer stamps:
 - ``~/pose``: ``geometry_msgs/PoseWithCovarianceStamped`` of the source in ``ct_frame``; covariance =
   the core's Gauss-Newton ``sigma^2 (J^T J)^-1`` of the final similarity, rotations about ``ct`` axes,
   positions in m^2 (a lower bound on the true spread, see :mod:`diffpose_ros.core.pipeline`).
+- ``~/status``: ``std_msgs/String``, JSON of the frame's validity (``valid``, ``reason``,
+  ``similarity``, ``latency_s``, ``stamp``, ``source``, ``frame_id``) for every frame, accepted or
+  not; reliable, transient local (:mod:`.status`).
 - ``/diagnostics``: a ``<node>: frame`` status per frame (ERROR with the reason for a rejected or
   malformed frame, which publishes no pose) and a ``<node>: pipeline`` summary every
-  ``diagnostics.period_s``: rates in/out, latencies receipt->publish (wall clock: processing time)
-  and stamp->publish (node clock, so ``use_sim_time`` replays work), drops, similarity, iterations,
-  mode, stage times, device, process memory (:mod:`.diagnostics`).
+  ``diagnostics.period_s`` (WARN when no pose was accepted for ``diagnostics.stale_after_s``):
+  rates in/out, latencies receipt->publish (wall clock: processing time) and stamp->publish (node
+  clock, so ``use_sim_time`` replays work), drops, similarity, iterations, mode, stage times,
+  device, process memory (:mod:`.diagnostics`).
 - ``~/overlay``: ``bgr8`` X-ray with the DRR's edges at the estimate, only while subscribed.
 """
 
@@ -75,6 +79,7 @@ from .conversions import (
 )
 from .diagnostics import FrameStats, frame_status
 from .settings import PARAMETERS, Settings, pipeline_config, resolve_device, settings_problems
+from .status import StatusReporter
 from .worker import FrameWorker, Outcome, Received
 
 # rclpy >= Iron passes MessageInfo (sequence numbers) to two-argument subscription callbacks.
@@ -114,6 +119,7 @@ class DiffPoseNode(LifecycleNode):
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._diag_name = self.get_fully_qualified_name().lstrip("/")
         self._tf = TransformPublisher(self)
+        self._status = StatusReporter(self, self._settings.stale_after_s)
         if self._settings.ct_ras_frame:
             now = self.get_clock().now().to_msg()
             s = self._settings
@@ -332,6 +338,7 @@ class DiffPoseNode(LifecycleNode):
         status = frame_status(self._diag_name, self._device, outcome.level, outcome.message, msg.header, outcome.values)
         self._stats.remember(status)
         self._publish_diagnostics([status])
+        self._status.publish(outcome, msg.header, msg.header.frame_id or s.camera_frame)
 
     def _publish_overlay(self, msg: Image, outcome: Outcome, s: Settings) -> None:
         pub, worker = self._overlay_pub, self._worker
@@ -363,7 +370,8 @@ class DiffPoseNode(LifecycleNode):
         worker = self._worker
         config_error = self._config_error if worker is None else ""
         dropped = worker.mailbox.dropped if worker is not None else 0
-        return self._stats.summary(self._diag_name, self._device, self._state, config_error, dropped, values)
+        summary = self._stats.summary(self._diag_name, self._device, self._state, config_error, dropped, values)
+        return self._status.flag_stale(summary, self._settings.stale_after_s)
 
 
 def main(args=None) -> int:

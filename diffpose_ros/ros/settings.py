@@ -90,6 +90,10 @@ PARAMETERS: tuple[Parameter, ...] = (
         bounds=(0.05, 3600.0),
     ),
     Parameter(
+        "diagnostics.stale_after_s", 1.0, "stale_after_s",
+        "the summary warns when no pose was accepted for this long (s, wall clock)", bounds=(0.01, 3600.0),
+    ),
+    Parameter(
         "registration.cost", _GATE.cold.cost, "cost",
         "registration cost (mixed: half ncc, half gradient_ncc; ncc: 0.5 NCC + 0.5 patch NCC; gradient_ncc)", True,
         tuple(COSTS),
@@ -168,6 +172,7 @@ class Settings:
     ct_ras_frame: str
     image_qos: str
     diagnostics_period_s: float
+    stale_after_s: float
     cost: str
     camera_frame: str
     invert: bool

@@ -95,14 +95,16 @@ def mtre_mm(scene: Scene, T_est_mm: np.ndarray, index: int) -> float:
 
 # ---------------------------------------------------------------------------------- processes
 class NodeProcess:
-    """``diffpose_node`` running in its own process, output in a log file."""
+    """``diffpose_node`` (or ``command``) running in its own process, output in a log file."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path):
-        assert NODE_EXE.is_file(), f"{NODE_EXE} is missing: pip install -e . (console script diffpose_node)"
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, command: list[str] | None = None):
+        if command is None:
+            assert NODE_EXE.is_file(), f"{NODE_EXE} is missing: pip install -e . (console script diffpose_node)"
+            command = [str(NODE_EXE)]
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
-            [str(NODE_EXE), "--ros-args", *args],
+            [*command, "--ros-args", *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **env},

@@ -15,7 +15,10 @@ import yaml
 from ros_harness import CONFIG_YAML, REPO, domain_id, flatten_parameters, ros_disabled, ros_env
 
 LAUNCH_FILE = REPO / "launch" / "diffpose.launch.py"
-ARGUMENTS = {"params_file", "patient_model", "image_topic", "camera_info_topic", "use_sim_time", "autostart"}
+ARGUMENTS = {
+    "params_file", "patient_model", "image_topic", "camera_info_topic", "use_sim_time", "autostart", "igtl",
+    "igtl_port", "igtl_connect",
+}  # fmt: skip
 
 
 def _tree():
@@ -94,6 +97,20 @@ def test_setup_installs_launch_and_config():
     setup = (REPO / "setup.py").read_text()
     assert "launch/*.launch.py" in setup and "config/*.yaml" in setup
     assert "diffpose_node = diffpose_ros.ros.node:main" in setup
+    for script in ("diffpose_igtl", "diffpose-igtl"):
+        assert f"{script} = diffpose_ros.ros.igtl:main" in setup
+
+
+def test_launch_file_starts_the_bridge_with_igtl():
+    tree = _tree()
+    (bridge,) = _calls(tree, "Node")
+    kw = {k.arg: k.value for k in bridge.keywords}
+    assert _const(kw["executable"]) == "diffpose_igtl" and _const(kw["name"]) == "diffpose_igtl"
+    remaps = {_const(pair.elts[0]) for pair in kw["remappings"].elts}
+    assert remaps == {"image", "camera_info", "/diffpose_node/status"}
+    assert _const(kw["parameters"].elts[0].args[0]) == "params_file"  # mirror etc. as the node's
+    source = LAUNCH_FILE.read_text()
+    assert 'LaunchConfiguration("igtl").perform(context)' in source
 
 
 def test_launch_file_runs_where_launch_ros_imports(tmp_path):
@@ -125,10 +142,16 @@ def test_launch_file_runs_where_launch_ros_imports(tmp_path):
             "namespace": "",
             "log_level": "info",
             "fastdds_profile": "",
+            "igtl": "false",
+            "igtl_port": "18944",
+            "igtl_connect": "",
         }
     )
     (node,) = opaque.execute(context)
     assert type(node).__name__ == "LifecycleNode"
+    context.launch_configurations["igtl"] = "true"
+    node, bridge = opaque.execute(context)
+    assert type(bridge).__name__ == "Node"
 
 
 def test_config_yaml_holds_declared_parameters_only(monkeypatch):

@@ -1,0 +1,103 @@
+"""``diffpose_igtl``: diffpose_node's poses, frames and validity for navigators over OpenIGTLink.
+
+    diffpose-igtl --ros-args -p port:=18944 -r image:=/carm/image_raw -r camera_info:=/carm/camera_info
+    ros2 run diffpose_ros diffpose_igtl --ros-args -p connect:=navigator:18944 ...
+
+Serves OpenIGTLink on ``port`` (any number of clients: 3D Slicer's OpenIGTLinkIF, PLUS-style tools),
+or connects to a navigator's server at ``connect:=HOST:PORT`` and reconnects when it goes away.
+Follows ``diffpose_node``: ``/tf`` (``ct`` -> the image's frame), ``/tf_static`` (``ct`` ->
+``ct_ras``), its ``~/status`` (subscribed as ``/diffpose_node/status``: remap that name for another
+node or namespace), ``image`` and ``camera_info`` (sensor-data QoS, or ``image_qos: reliable``). What
+it sends is in :mod:`.igtl_bridge`; parameters in :data:`~.igtl_bridge.BRIDGE_PARAMETERS`. Sockets
+are served by threads of their own (:mod:`.igtl_link`), so no client can stall the ROS callbacks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import rclpy
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CameraInfo, Image
+from std_msgs.msg import String
+from tf2_msgs.msg import TFMessage
+
+from .conversions import input_qos
+from .igtl_bridge import BRIDGE_PARAMETERS, Bridge, BridgeSettings
+from .igtl_link import IgtlClient, IgtlServer, parse_endpoint
+from .status import status_qos
+
+__all__ = ["IgtlNode", "main"]
+
+NODE_NAME = "diffpose_igtl"
+STATUS_TOPIC = "/diffpose_node/status"
+TICK_S = 0.05
+
+
+class IgtlNode(Node):
+    """The node ``diffpose_igtl`` (see the module docstring)."""
+
+    def __init__(self, node_name: str = NODE_NAME, **kwargs):
+        super().__init__(node_name, **kwargs)
+        defaults = BridgeSettings()
+        for f in dataclasses.fields(BridgeSettings):
+            descriptor = ParameterDescriptor(description=BRIDGE_PARAMETERS[f.name], read_only=True)
+            self.declare_parameter(f.name, getattr(defaults, f.name), descriptor)
+        settings = BridgeSettings.from_parameters({n: self.get_parameter(n).value for n in BRIDGE_PARAMETERS})
+        problems = settings.problems()
+        if problems:
+            raise ValueError("invalid parameters: " + "; ".join(problems))
+        if settings.connect:
+            self.link = IgtlClient(*parse_endpoint(settings.connect))
+        else:
+            self.link = IgtlServer(settings.port, settings.address)
+        clock = self.get_clock()
+        self.bridge = Bridge(settings, self.link.send, now_ns=lambda: clock.now().nanoseconds, logger=self.get_logger())
+
+        reliable = settings.image_qos == "reliable"
+        self.create_subscription(Image, "image", self.bridge.on_image, input_qos(reliable, 5))
+        self.create_subscription(CameraInfo, "camera_info", self.bridge.on_camera_info, input_qos(reliable, 10))
+        tf_qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+        static_qos = QoSProfile(
+            depth=100, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
+        )
+        self.create_subscription(TFMessage, "/tf", self.bridge.on_tf, tf_qos)
+        self.create_subscription(TFMessage, "/tf_static", lambda m: self.bridge.on_tf(m, static=True), static_qos)
+        self.create_subscription(String, STATUS_TOPIC, lambda m: self.bridge.on_status(m.data), status_qos())
+        self.create_timer(TICK_S, self.bridge.tick)
+        self.get_logger().info(
+            f"{self.link.describe()}; devices {settings.transform_device}, {settings.image_device}, "
+            f"{settings.status_device}; stale after {settings.stale_after_s:g} s"
+        )
+
+    def close(self) -> None:
+        self.link.close()
+
+
+def main(args=None) -> int:
+    """Entry point of ``diffpose_igtl`` (``ros2 run diffpose_ros diffpose_igtl``, ``diffpose-igtl``)."""
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = IgtlNode()
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except Exception:
+        if rclpy.ok():
+            raise
+    finally:
+        if node is not None:
+            node.close()
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
