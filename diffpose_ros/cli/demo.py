@@ -2,8 +2,9 @@
 
 1. The patient model: ``--model`` (default ``runs/models/cxr.safetensors``); when it is missing,
    ``diffpose-train`` makes it once (``--train-minutes``, 15 by default) and later runs reuse it.
-2. A fluoroscopy sequence: ``diffpose-make-bag`` (a C-arm sweep with breathing, mono16, quantum
-   noise, unknown gain) with ground truth, as a rosbag2.
+2. A fluoroscopy sequence: ``diffpose-make-bag`` (a C-arm sweep with breathing, quantum noise, as
+   an image intensifier's 8-bit video: display chain, round field, burned-in text, and steel rods
+   that are not in the CT) with ground truth, as a rosbag2.
 3. ``diffpose_node`` in its own process with the model preloaded (``autostart``), its ``image`` and
    ``camera_info`` remapped to the bag's topics.
 4. Replay the bag into it (original timing slowed by ``--rate`` so that a CPU keeps up with every
@@ -85,7 +86,9 @@ def _main(argv: list[str] | None) -> int:
     )
     parser.add_argument("--node-threads", type=int, default=0, help="torch threads of the node (0: its default)")
     make_bag.add_arguments(parser)
-    parser.set_defaults(sweep=24, seed=7)
+    # Clinical-looking frames: an image intensifier's 8-bit video (display chain, round field,
+    # burned-in text) with steel rods that are not in the CT; --clinical all adds scatter and heel.
+    parser.set_defaults(sweep=24, seed=7, encoding="mono8", clinical="display,field,text,metal")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
