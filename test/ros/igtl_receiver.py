@@ -5,16 +5,20 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import types
 
 import pyigtl
 
 
 class Receiver:
     """Connects to ``port`` on localhost and unpacks every message with pyigtl into :attr:`messages`
-    (each with ``received_at``, ``time.monotonic()`` at its arrival)."""
+    (each with ``received_at``, ``time.monotonic()`` at its arrival). With ``unpack_images=False``
+    an IMAGE is kept as its header fields only (pyigtl checks and unpacks megabytes slowly in Python:
+    a reader that must keep up with a stream of large images skips that)."""
 
-    def __init__(self, port: int, timeout: float = 10.0):
+    def __init__(self, port: int, timeout: float = 10.0, unpack_images: bool = True):
         self.messages: list = []
+        self.unpack_images = unpack_images
         self._lock = threading.Lock()
         deadline = time.monotonic() + timeout
         while True:
@@ -30,10 +34,10 @@ class Receiver:
         self._thread.start()
 
     def _recv(self, size: int) -> bytes | None:
-        data = b""
+        data = bytearray()
         while len(data) < size:
             try:
-                chunk = self.sock.recv(size - len(data))
+                chunk = self.sock.recv(min(size - len(data), 1 << 20))
             except TimeoutError:
                 if self.closed:
                     return None
@@ -43,7 +47,7 @@ class Receiver:
             if not chunk:
                 return None
             data += chunk
-        return data
+        return bytes(data)
 
     def _run(self) -> None:
         while True:
@@ -54,8 +58,11 @@ class Receiver:
             body = self._recv(fields["body_size"])
             if body is None:
                 break
-            message = pyigtl.MessageBase.create_message(fields["message_type"])
-            message.unpack(fields, body)
+            if fields["message_type"] == "IMAGE" and not self.unpack_images:
+                message = types.SimpleNamespace(device_name=fields["device_name"], message_type="IMAGE")
+            else:
+                message = pyigtl.MessageBase.create_message(fields["message_type"])
+                message.unpack(fields, body)
             message.received_at = time.monotonic()
             with self._lock:
                 self.messages.append(message)
