@@ -145,14 +145,9 @@ class Pipeline:
         """Forget the last accepted pose: the next frame starts cold."""
         self._last = None
 
-    @torch.no_grad()
-    def initial_pose(self, frame: Frame) -> torch.Tensor:
-        """The CNN's ``T_ct_source`` (4x4 float64, mm) for ``frame`` as it is (bones dark)."""
-        return self._cnn(frame)[0]
-
     def _cnn(self, frame: Frame) -> torch.Tensor:
-        """The CNN's poses ``(2, 4, 4)`` for the frame and its negative (invalid pixels at the valid
-        mean, as the warp fills what the frame does not cover)."""
+        """The CNN's poses ``(2, 4, 4)`` (``T_ct_source``, mm) for the frame and its negative; invalid
+        pixels at the valid mean, as the warp fills what the frame does not cover."""
         image = frame.image
         if not bool(frame.mask.all()):
             image = torch.where(frame.mask, image, image[frame.mask].mean())

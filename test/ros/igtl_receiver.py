@@ -10,6 +10,18 @@ import types
 import pyigtl
 
 
+def wait_until(predicate, timeout: float, what: str):
+    """``predicate()``'s first true value, polled every 10 ms; AssertionError naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.01)
+
+
 class Receiver:
     """Connects to ``port`` on localhost and unpacks every message with pyigtl into :attr:`messages`
     (each with ``received_at``, ``time.monotonic()`` at its arrival). With ``unpack_images=False``
@@ -73,14 +85,7 @@ class Receiver:
             return [m for m in self.messages if m.device_name == device and (kind is None or m.message_type == kind)]
 
     def wait(self, predicate, timeout: float, what: str):
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-            time.sleep(0.01)
+        return wait_until(predicate, timeout, what)
 
     def close(self) -> None:
         self.closed = True
