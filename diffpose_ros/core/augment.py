@@ -19,9 +19,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
-import torch.nn.functional as F
 
-from .clinical import display_chain, metal_rods, scatter_and_heel
+from .clinical import display_chain, gaussian_blur, metal_rods, scatter_and_heel
 
 __all__ = ["AugmentConfig", "augment"]
 
@@ -84,19 +83,6 @@ def _poisson(rate: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
     return torch.poisson(rate, generator=g)
 
 
-def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Per-image separable Gaussian blur of ``(B, H, W)`` with sigmas ``(B,)`` (pixels; 0 = none)."""
-    radius = 3
-    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-0.5 * (offsets[None] / sigma.clamp(min=1e-3)[:, None]) ** 2)
-    k = k / k.sum(1, keepdim=True)  # (B, 2r+1)
-    B = x.shape[0]
-    y = F.pad(x[None], (radius, radius, radius, radius), mode="replicate")  # (1, B, H+2r, W+2r)
-    y = F.conv2d(y, k[:, None, None, :], groups=B)
-    y = F.conv2d(y, k[:, None, :, None], groups=B)
-    return y[0]
-
-
 def augment(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """Augmented copies of line-integral images ``(B, H, W)`` (float32, on the images' device)."""
     x = images.float()
@@ -119,7 +105,7 @@ def augment(images: torch.Tensor, config: AugmentConfig, generator: torch.Genera
         shown = display_chain(counts, generator=g).clamp(min=0.5 / 255)  # the 8-bit floor, as prepare_frame's
         bright = torch.quantile(shown.flatten(1), 0.999, dim=1)[:, None, None]
         x = torch.where(on, (torch.log(bright) - torch.log(shown)).clamp(min=0), x)
-    x = _blur(x, _uniform(config.blur_px, B, g, dev))
+    x = gaussian_blur(x, _uniform(config.blur_px, B, g, dev), radius=3)
     x = x + _uniform(config.offset, B, g, dev)[:, None, None] * x.mean((1, 2), keepdim=True)
     # Collimation: a band at each side at the collimator's (high-attenuation) level.
     p_col, max_frac = config.collimation

@@ -33,12 +33,13 @@ def _uniform(lo: float, hi: float, n: int, g: torch.Generator | None, device=Non
     return (lo + torch.rand(n, generator=g, dtype=torch.float64) * (hi - lo)).to(device)
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor | float, radius: int | None = None) -> torch.Tensor:
     """Separable Gaussian blur of ``(B, H, W)`` with one sigma per image (pixels; a float for all),
-    replicate padding, kernel radius ``3 * max(sigma)`` rounded."""
+    replicate padding, kernel radius ``radius`` (default ``3 * max(sigma)`` rounded)."""
     B = x.shape[0]
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(B).clamp(min=1e-3)
-    radius = max(1, min(int(3 * float(sigma.max()) + 0.5), min(x.shape[-2:]) - 1))
+    if radius is None:
+        radius = max(1, min(int(3 * float(sigma.max()) + 0.5), min(x.shape[-2:]) - 1))
     offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     k = torch.exp(-0.5 * (offsets[None] / sigma[:, None]) ** 2)
     k = k / k.sum(1, keepdim=True)
