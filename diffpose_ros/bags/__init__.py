@@ -6,6 +6,7 @@
 - :mod:`.record`: DDS topics into an mcap bag (``diffpose-record``).
 - :mod:`.score`: estimates against ground truth; JSON, Markdown and pictures (``diffpose-score``).
 - :mod:`.live`: replay + record in one process, for a run against a node in another process.
+- :mod:`.navigator`: a navigator's OpenIGTLink client (pyigtl) that keeps every message of ``diffpose-igtl``.
 
 The tools stand in for ``ros2 bag play``/``record`` where ROS 2 comes from PyPI wheels and read and
 write the same files, so bags go both ways between them and a ROS 2 install.

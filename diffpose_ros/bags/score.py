@@ -13,10 +13,15 @@ Ground truth: ``tf2_msgs/TFMessage`` (default topic ``/tf_ground_truth``; any TF
 ``/tf_static`` otherwise) with ``ct`` as parent, or a ``geometry_msgs/PoseStamped`` /
 ``PoseWithCovarianceStamped`` topic. Target points (``ct``, LPS mm): ``targets`` argument, else the
 scene description of a ``diffpose-make-bag`` bag, else the bundled CT's structure centroids.
+
+A navigator's view (:func:`score_navigator`): what an OpenIGTLink client of ``diffpose-igtl`` received,
+its transforms scored with the same 3D mTRE (``summary.json``'s ``igtl``, a section of ``report.md``).
 """
 
 from __future__ import annotations
 
+import bisect
+import collections
 import json
 import statistics
 from dataclasses import dataclass, field
@@ -36,6 +41,7 @@ __all__ = [
     "read_truth",
     "read_estimates",
     "score_frames",
+    "score_navigator",
     "summarize",
     "targets_for",
     "sdd_for",
@@ -53,6 +59,8 @@ CAMERA_INFO = "sensor_msgs/msg/CameraInfo"
 TF = "tf2_msgs/msg/TFMessage"
 POSE_TYPES = ("geometry_msgs/msg/PoseStamped", "geometry_msgs/msg/PoseWithCovarianceStamped")
 SCENE_TOPIC = "/diffpose/scene"
+IGTL_STAMP_TOLERANCE_NS = 10_000
+"""An OpenIGTLink timestamp (float seconds) is a frame's stamp when within 10 us of it."""
 
 
 def stamp_ns(stamp) -> int:
@@ -275,6 +283,68 @@ def summarize(rows: list[dict], estimates: Estimates) -> dict:
     }
 
 
+def _frame_at(timestamp_s: float, frames: list[int]) -> int | None:
+    """The stamp (ns) in sorted ``frames`` that an OpenIGTLink timestamp (s) stands for, or None."""
+    ns = round(timestamp_s * 1e9)
+    i = bisect.bisect_left(frames, ns)
+    near = [f for f in frames[max(i - 1, 0) : i + 1] if abs(f - ns) <= IGTL_STAMP_TOLERANCE_NS]
+    return near[0] if near else None
+
+
+def score_navigator(messages: list, truth: Truth, targets_ct_mm: torch.Tensor, node_stamps) -> dict:
+    """What a navigator received from ``diffpose-igtl`` (pyigtl messages, as a
+    :class:`~.navigator.Receiver` keeps them), against ``truth``: ``summary.json``'s ``igtl``.
+
+    An OK TRANSFORM (``T_ctras_source``: C-arm source -> CT RAS, mm) at a frame's stamp is turned back
+    into ``T_ct_source`` (``ct``, LPS mm) and scored with the 3D mTRE of :func:`score_frames`. An
+    INVALID one is counted by the reason of the STRING status with the same timestamp. ``node_stamps``:
+    the stamps (ns) of the node's own poses on ``/tf``, each expected to have an OK TRANSFORM.
+    """
+    from ..core.navigation import PoseStatus, ras_to_carm
+    from ..ros.igtl_bridge import BridgeSettings
+
+    devices = BridgeSettings()
+
+    def of(device: str, kind: str) -> list:
+        return [m for m in messages if m.device_name == device and m.message_type == kind]
+
+    transforms = of(devices.transform_device, "TRANSFORM")
+    images = of(devices.image_device, "IMAGE")
+    statuses = [(m.timestamp, PoseStatus.from_json(m.string)) for m in of(devices.status_device, "STRING")]
+    reason_at = {timestamp: status.reason for timestamp, status in statuses}
+    ok = [m for m in transforms if m.metadata.get("TransformStatus") == "OK"]
+    reasons = collections.Counter(
+        reason_at.get(m.timestamp, "no status") for m in transforms if m.metadata.get("TransformStatus") != "OK"
+    )
+    ok_stamps, errors = set(), []
+    for m in ok:
+        stamp = _frame_at(m.timestamp, truth.frames)
+        if stamp is None:
+            continue
+        ok_stamps.add(stamp)
+        if stamp in truth.poses:
+            T_ct_source = torch.from_numpy(ras_to_carm(m.matrix))
+            errors.append(float(metrics.mtre(T_ct_source, torch.from_numpy(truth.poses[stamp]), targets_ct_mm)))
+    ok_times = {m.timestamp for m in ok}
+    node_stamps = set(node_stamps)
+    return {
+        "transforms": len(transforms),
+        "transforms_ok": len(ok),
+        "transforms_invalid": len(transforms) - len(ok),
+        "invalid_reasons": dict(reasons),
+        "images": len(images),
+        "images_at_ok_transforms": sum(m.timestamp in ok_times for m in images),
+        "statuses": len(statuses),
+        "statuses_valid": sum(status.valid for _, status in statuses),
+        "ok_transforms_scored": len(errors),
+        "node_tfs": len(node_stamps),
+        "node_tfs_with_ok_transform": len(node_stamps & ok_stamps),
+        "median_mtre_mm": _median(errors),
+        "p90_mtre_mm": _quantile(errors, 0.9),
+        "max_mtre_mm": max(errors) if errors else None,
+    }
+
+
 # ----------------------------------------------------------------------------------------- report
 def write_plots(out: Path, rows: list[dict]) -> list[str]:
     import matplotlib
@@ -384,6 +454,8 @@ def write_report(out: str | Path, summary: dict, rows: list[dict], pictures: lis
         f"{_fmt(s['input_rate_hz'], '.2f')} Hz |",
         "",
     ]
+    if "igtl" in s:
+        lines += _navigator_section(s["igtl"])
     lines += [f"![{p}]({p})" for p in pictures]
     lines += [
         "",
@@ -397,6 +469,27 @@ def write_report(out: str | Path, summary: dict, rows: list[dict], pictures: lis
             f"{_fmt(r.get('translation_mm'))} | {_fmt(r.get('latency_s'))} |"
         )
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _navigator_section(n: dict) -> list[str]:
+    """``report.md``'s lines on :func:`score_navigator`'s figures."""
+    reasons = ", ".join(f"{k}: {v}" for k, v in n["invalid_reasons"].items()) or "none"
+    return [
+        "## Navigator (OpenIGTLink)",
+        "",
+        "What a navigator connected to `diffpose-igtl` received: TRANSFORM `CArmToCT` (C-arm source -> CT RAS, mm),",
+        "IMAGE `Fluoro`, STRING `DiffPoseStatus`; each OK TRANSFORM back in `ct` (LPS) against the ground truth.",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| TRANSFORMs OK / INVALID (reasons) | {n['transforms_ok']} / {n['transforms_invalid']} ({reasons}) |",
+        f"| node TFs with an OK TRANSFORM at their stamp | {n['node_tfs_with_ok_transform']} / {n['node_tfs']} |",
+        f"| IMAGEs / at an OK TRANSFORM's stamp | {n['images']} / {n['images_at_ok_transforms']} |",
+        f"| STRING statuses / valid | {n['statuses']} / {n['statuses_valid']} |",
+        f"| 3D mTRE of the OK TRANSFORMs median / p90 / max ({n['ok_transforms_scored']} scored) | "
+        f"{_fmt(n['median_mtre_mm'])} / {_fmt(n['p90_mtre_mm'])} / {_fmt(n['max_mtre_mm'])} mm |",
+        "",
+    ]
 
 
 def targets_for(truth: Truth, targets_path: str | None) -> tuple[torch.Tensor, str]:

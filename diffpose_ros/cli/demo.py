@@ -6,23 +6,28 @@
    an image intensifier's 8-bit video: display chain, round field, burned-in text, and steel rods
    that are not in the CT) with ground truth, as a rosbag2.
 3. ``diffpose_node`` in its own process with the model preloaded (``autostart``), its ``image`` and
-   ``camera_info`` remapped to the bag's topics.
+   ``camera_info`` remapped to the bag's topics; next to it ``diffpose-igtl`` serving OpenIGTLink
+   (``--igtl-port``, default any free one; ``--no-igtl`` skips it) with a navigator's client connected.
 4. Replay the bag into it (original timing slowed by ``--rate`` so that a CPU keeps up with every
    frame) and record its ``/tf``, ``~/pose`` and ``/diagnostics``; each TF is printed and checked.
-5. ``diffpose-score``: per-frame errors, the summary and the pictures in ``--out``.
+5. ``diffpose-score``: per-frame errors, the summary and the pictures in ``--out``, and what the
+   navigator received (its transforms' 3D mTRE; ``igtl`` in ``summary.json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+from ..bags.navigator import Receiver, free_port
 from ..bags.replay import ReplayOptions
 from ..bags.synthesize import TOPICS
 from . import make_bag, score, train
@@ -30,13 +35,19 @@ from .common import run_cli
 
 DEFAULT_MODEL = Path("runs/models/cxr.safetensors")
 OUTPUTS = ["/tf", "/tf_static", "/diffpose_node/pose", "/diagnostics"]
+IGTL_SETTLE_S = 1.0
+"""After the replay, how long the navigator still reads what the bridge has in flight (s)."""
+
+
+def _program(script: str, module: str) -> list[str]:
+    """The console script next to this Python, else ``python -m module``."""
+    exe = Path(sys.executable).with_name(script)
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", module]
 
 
 def _node_command(model: Path, threads: int) -> list[str]:
-    exe = Path(sys.executable).with_name("diffpose_node")
-    program = [str(exe)] if exe.is_file() else [sys.executable, "-m", "diffpose_ros.ros.node"]
     return [
-        *program,
+        *_program("diffpose_node", "diffpose_ros.ros.node"),
         "--ros-args",
         "-p",
         f"patient_model:={model.resolve()}",
@@ -62,14 +73,48 @@ def _stop(process: subprocess.Popen) -> int:
     return process.returncode
 
 
-def _wait_for_node(session, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    """Until the node subscribes to the image topic (configured and active), or fail with its log."""
+def _wait_for_node(
+    session,
+    process: subprocess.Popen,
+    log: Path,
+    timeout_s: float,
+    topic: str = TOPICS["image"],
+    name: str = "diffpose_node",
+) -> None:
+    """Until ``topic`` has a subscriber (the node's image topic: configured and active), or fail with the log."""
     deadline = time.monotonic() + timeout_s
-    while session.node.count_subscribers(TOPICS["image"]) == 0:
+    while session.node.count_subscribers(topic) == 0:
         if process.poll() is not None or time.monotonic() > deadline or session.stop.is_set():
             tail = log.read_text(errors="replace")[-2000:] if log.is_file() else ""
-            raise ValueError(f"diffpose_node did not become active (exit status {process.poll()}); its log:\n{tail}")
+            raise ValueError(f"{name} did not become active (exit status {process.poll()}); its log:\n{tail}")
         session.wait(0.1)
+
+
+@contextlib.contextmanager
+def _navigator(session, port: int, stale_after_s: float, log: Path) -> Iterator[Receiver]:
+    """``diffpose-igtl`` in its own process serving OpenIGTLink on localhost ``port``, and a navigator's
+    client connected to it once the bridge follows the node's ``~/status``; stopped on exit."""
+    from ..ros.igtl import STATUS_TOPIC
+
+    command = [
+        *_program("diffpose-igtl", "diffpose_ros.ros.igtl"),
+        "--ros-args",
+        *("-p", f"port:={port}", "-p", "address:=127.0.0.1", "-p", f"stale_after_s:={stale_after_s:.3f}"),
+        *("-r", f"image:={TOPICS['image']}", "-r", f"camera_info:={TOPICS['camera_info']}"),
+    ]
+    print(f"      diffpose_igtl on OpenIGTLink port {port} (log {log}):\n      {' '.join(command)}", flush=True)
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+    receiver = None
+    try:
+        _wait_for_node(session, process, log, 120.0, STATUS_TOPIC, "diffpose_igtl")
+        receiver = Receiver(port, timeout=30.0, unpack_images=False)
+        yield receiver
+        time.sleep(IGTL_SETTLE_S)
+    finally:
+        if receiver is not None:
+            receiver.close()
+        _stop(process)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -85,6 +130,8 @@ def _main(argv: list[str] | None) -> int:
         "--rate", type=float, default=0.2, help="replay speed factor (default 0.2: 5 Hz frames at 1 Hz)"
     )
     parser.add_argument("--node-threads", type=int, default=0, help="torch threads of the node (0: its default)")
+    parser.add_argument("--igtl-port", type=int, default=0, help="OpenIGTLink port of the bridge (0: any free one)")
+    parser.add_argument("--no-igtl", action="store_true", help="without the OpenIGTLink bridge and navigator")
     make_bag.add_arguments(parser)
     # Clinical-looking frames: an image intensifier's 8-bit video (display chain, round field,
     # burned-in text) with steel rods that are not in the CT; --clinical all adds scatter and heel.
@@ -132,8 +179,13 @@ def _main(argv: list[str] | None) -> int:
     try:
         truth = read_truth(bag)
         targets, _ = targets_for(truth, None)
-        with RosSession("diffpose_demo") as session:
+        with RosSession("diffpose_demo") as session, contextlib.ExitStack() as stack:
             _wait_for_node(session, process, node_log, timeout_s=300.0)
+            navigator = None
+            if not args.no_igtl:  # a navigator is told "stale" after two frame intervals without a pose
+                stale_s = max(1.0, 2.0 / (scene["fps"] * args.rate))
+                port = args.igtl_port or free_port()
+                navigator = stack.enter_context(_navigator(session, port, stale_s, out / "igtl.log"))
             print(f"[4/5] node active; replaying at rate {args.rate:g} and recording {', '.join(OUTPUTS)}", flush=True)
             options = ReplayOptions(rate=args.rate, topics=[TOPICS["image"], TOPICS["camera_info"]])
             live = run_live(session, truth, estimate, options, OUTPUTS, targets, log=lambda s: print(s, flush=True))
@@ -156,6 +208,7 @@ def _main(argv: list[str] | None) -> int:
             "model": str(model.resolve()),
             "total_seconds": time.perf_counter() - t0,
         },
+        None if navigator is None else navigator.received(),
     )
     score.print_summary(summary, out)
     return 0 if summary["frames_with_pose"] == summary["frames"] else 1

@@ -39,9 +39,15 @@ def load_truth(args: argparse.Namespace) -> scoring.Truth:
 
 
 def score_and_report(
-    args: argparse.Namespace, truth: scoring.Truth, estimate_bag: str | Path, out: Path, extra: dict | None = None
+    args: argparse.Namespace,
+    truth: scoring.Truth,
+    estimate_bag: str | Path,
+    out: Path,
+    extra: dict | None = None,
+    navigator: list | None = None,
 ) -> dict:
-    """Score ``estimate_bag`` against ``truth``, write the report into ``out``; returns the summary."""
+    """Score ``estimate_bag`` against ``truth``, write the report into ``out``; returns the summary.
+    ``navigator``: the messages an OpenIGTLink client of ``diffpose-igtl`` received, scored too (``igtl``)."""
     ct_frame = args.ct_frame or truth.scene.get("ct_frame", "ct")
     camera_frame = args.camera_frame or truth.camera_frame
     estimates = scoring.read_estimates(estimate_bag, ct_frame, camera_frame)
@@ -60,6 +66,8 @@ def score_and_report(
         targets=targets_desc,
         **(extra or {}),
     )
+    if navigator is not None:
+        summary["igtl"] = scoring.score_navigator(navigator, truth, targets, estimates.poses)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("overlay_*.png"):  # from an earlier report in the same folder
         stale.unlink()
@@ -78,8 +86,8 @@ def score_and_report(
 def print_summary(summary: dict, out: Path) -> None:
     s = summary
 
-    def f(key, spec=".3f"):
-        return "n/a" if s.get(key) is None else format(s[key], spec)
+    def f(key, spec=".3f", d=s):
+        return "n/a" if d.get(key) is None else format(d[key], spec)
 
     print(f"frames {s['frames']}, with pose {s['frames_with_pose']}, without {s['frames_without_pose']}")
     print(
@@ -90,6 +98,13 @@ def print_summary(summary: dict, out: Path) -> None:
         f"latency median {f('median_latency_s')} s, p90 {f('p90_latency_s')} s; "
         f"throughput {f('throughput_hz', '.2f')} Hz"
     )
+    n = s.get("igtl")
+    if n is not None:
+        print(
+            f"OpenIGTLink: {n['transforms_ok']} OK + {n['transforms_invalid']} INVALID TRANSFORMs "
+            f"({n['node_tfs_with_ok_transform']}/{n['node_tfs']} node TFs), {n['images']} IMAGEs, "
+            f"{n['statuses']} statuses; 3D mTRE median {f('median_mtre_mm', d=n)} mm, max {f('max_mtre_mm', d=n)} mm"
+        )
     print(f"report: {out.resolve()}/report.md, summary.json, frames.json, pictures")
 
 

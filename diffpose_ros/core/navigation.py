@@ -4,7 +4,8 @@ detector, the pose's validity as JSON, and when the last accepted pose has gone 
 Frames (docs/geometry-contract.md): ``ct`` is LPS in mm; the C-arm source frame is optical (origin at
 the focal spot, +z the principal ray toward the detector, +x along columns, +y along rows) and
 ``T_ct_source`` maps its points into ``ct``. 3D Slicer's world is the CT in RAS (x and y negated).
-Used by the OpenIGTLink bridge (``diffpose_ros/ros/igtl.py``) and the node's ``~/status``.
+Used by the OpenIGTLink bridge (``diffpose_ros/ros/igtl.py``), the node's ``~/status`` and the scoring of
+what a navigator received (``diffpose_ros/bags/score.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ __all__ = [
     "StaleTimer",
     "carm_to_ras",
     "fluoro_ijk_to_world",
+    "ras_to_carm",
     "stamp_from_ns",
 ]
 
@@ -37,6 +39,11 @@ def carm_to_ras(T_ct_source, T_ct_ctras=LPS_TO_RAS) -> np.ndarray:
     ``ct`` -> ``ct_ras`` transform (points in RAS to ``ct``; by default :data:`LPS_TO_RAS`)."""
     T = np.asarray(T_ct_source, dtype=np.float64)
     return np.linalg.inv(np.asarray(T_ct_ctras, dtype=np.float64)) @ T
+
+
+def ras_to_carm(T_ctras_source, T_ct_ctras=LPS_TO_RAS) -> np.ndarray:
+    """``T_ct_source`` (4x4, mm, ``ct`` in LPS) of a ``T_ctras_source`` (CT RAS): :func:`carm_to_ras` undone."""
+    return np.asarray(T_ct_ctras, dtype=np.float64) @ np.asarray(T_ctras_source, dtype=np.float64)
 
 
 def fluoro_ijk_to_world(T_world_source, fx: float, fy: float, cx: float, cy: float, sdd_mm: float, mirror=False):

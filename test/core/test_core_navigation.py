@@ -16,6 +16,7 @@ from diffpose_ros.core.navigation import (
     StaleTimer,
     carm_to_ras,
     fluoro_ijk_to_world,
+    ras_to_carm,
     stamp_from_ns,
 )
 
@@ -85,6 +86,12 @@ def test_carm_to_ras_is_ct_to_ct_ras_applied_to_the_pose():
     # A point 100 mm along the principal ray: LPS x and y change sign, z stays.
     p_ct = T @ [0, 0, 100, 1]
     np.testing.assert_allclose(carm_to_ras(T) @ [0, 0, 100, 1], p_ct * [-1, -1, 1, 1], atol=1e-9)
+
+
+def test_ras_to_carm_undoes_carm_to_ras():
+    T, T_ct_ctras = _pose(), np.diag([-1.0, 1.0, -1.0, 1.0])
+    np.testing.assert_allclose(ras_to_carm(carm_to_ras(T)), T, atol=1e-12)
+    np.testing.assert_allclose(ras_to_carm(carm_to_ras(T, T_ct_ctras), T_ct_ctras), T, atol=1e-12)
 
 
 def test_pose_status_json_round_trip():

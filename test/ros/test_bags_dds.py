@@ -462,7 +462,8 @@ def _stamp(ns: int):
 
 def test_main_job_end_to_end(scene, dds, tmp_path):
     """diffpose-demo (the README's main job) with a given model and three frames: bag, node process,
-    replay, record, score; exit 0 only when every frame got a pose."""
+    replay, record, score; exit 0 only when every frame got a pose. Its OpenIGTLink bridge sends an OK
+    TRANSFORM and an IMAGE for each of the node's TFs, within 2 mm of the truth (3D mTRE)."""
     from diffpose_ros.core.io import save_json
 
     save_json(tmp_path / "poses.json", {"poses": [{"T_ct_source": T} for T in scene.poses[:3]]})
@@ -491,6 +492,12 @@ def test_main_job_end_to_end(scene, dds, tmp_path):
         assert (tmp_path / "demo" / name).is_file()
     assert list((tmp_path / "demo").glob("overlay_*.png"))
     assert "[5/5] diffpose-score" in run.stdout and "3D mTRE median" in run.stdout
+    igtl = summary["igtl"]
+    assert igtl["transforms_ok"] == igtl["node_tfs_with_ok_transform"] == igtl["ok_transforms_scored"] == 3
+    assert igtl["images_at_ok_transforms"] == 3 and igtl["statuses_valid"] == 3, igtl
+    assert igtl["max_mtre_mm"] < 2.0 and abs(igtl["median_mtre_mm"] - summary["median_mtre_mm"]) < 1e-3
+    assert "## Navigator (OpenIGTLink)" in (tmp_path / "demo" / "report.md").read_text()
+    assert "OpenIGTLink: 3 OK" in run.stdout
     from diffpose_ros.bags.bagfile import bag_topics
 
     recorded = bag_topics(tmp_path / "demo" / "output_bag")

@@ -9,13 +9,14 @@ import math
 import signal
 import socket
 import time
+from pathlib import Path
 
 import numpy as np
 import pyigtl
 import pytest
 import torch
-from igtl_receiver import Receiver, wait_until
 
+from diffpose_ros.bags.navigator import Receiver, free_port, wait_until
 from diffpose_ros.core.geometry import Intrinsics, carm_pose
 from diffpose_ros.core.navigation import PoseStatus, fluoro_ijk_to_world, stamp_from_ns
 from diffpose_ros.ros import igtl_link
@@ -208,6 +209,42 @@ def test_settings_problems_and_endpoints():
         parse_endpoint("host:port")
 
 
+def test_navigator_score_of_what_the_bridge_sent():
+    """score_navigator: OK TRANSFORMs back in ct LPS against the truth (one exact, one 1 mm off), the
+    INVALID ones by reason, IMAGEs and statuses counted, the node's TFs matched by stamp."""
+    from diffpose_ros.bags.score import Truth, score_navigator
+
+    h = Harness()
+    ns = [1_700_000_000_123_456_789 + k * 200_000_000 for k in range(3)]
+    T = [_pose(), _pose(5.0)]
+    for stamp, pose in zip(ns, T, strict=False):
+        h.frame(stamp)
+        h.bridge.on_tf(_tf(pose, stamp))
+        h.bridge.on_status(_status(stamp))
+    h.bridge.on_status(_status(ns[2], valid=False, reason="constant image"))
+    h.now += 2.0
+    h.bridge.tick()
+    truth_1mm_off = T[1].copy()
+    truth_1mm_off[:3, 3] += [0.6, 0.0, 0.8]
+    truth = Truth(Path("."), ns, {ns[0]: T[0], ns[1]: truth_1mm_off, ns[2]: T[1]}, None, FRAME, None, None)
+    targets = torch.tensor([[0.0, 0.0, 0.0], [30.0, -20.0, 210.0], [-40.0, 15.0, 180.0]], dtype=torch.float64)
+    n = score_navigator([_unpacked(m) for m in h.sent], truth, targets, node_stamps=ns[:2])
+    assert n["median_mtre_mm"] == pytest.approx(0.5, abs=1e-3) and n["max_mtre_mm"] == pytest.approx(1.0, abs=1e-3)
+    assert {k: v for k, v in n.items() if not k.endswith("_mtre_mm")} == {
+        "transforms": 4,
+        "transforms_ok": 2,
+        "transforms_invalid": 2,
+        "invalid_reasons": {"constant image": 1, "stale": 1},
+        "images": 2,
+        "images_at_ok_transforms": 2,
+        "statuses": 4,
+        "statuses_valid": 2,
+        "ok_transforms_scored": 2,
+        "node_tfs": 2,
+        "node_tfs_with_ok_transform": 2,
+    }
+
+
 # ---------------------------------------------------------------------------------- transport
 def _transform(i: float, device="CArmToCT"):
     m = np.eye(4)
@@ -261,9 +298,7 @@ def test_server_serves_clients_independently_and_survives_bad_ones(monkeypatch):
 
 
 def test_client_mode_reconnects_to_a_restarted_pyigtl_server():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # pyigtl's server replaces them
     client = IgtlClient("127.0.0.1", port)
     servers = []

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pyigtl
 import pytest
-from igtl_receiver import Receiver
 from ros_harness import NodeProcess, Probe, domain_id, make_frame, ros_disabled, ros_env, stamp_key
+
+from diffpose_ros.bags.navigator import Receiver, free_port
 
 if ros_disabled():
     pytest.skip("DIFFPOSE_NO_ROS=1: ROS 2 tests skipped", allow_module_level=True)
@@ -27,12 +28,6 @@ if ros_disabled():
 STALE_S = 2.0
 BRIDGE_EXE = Path(sys.executable).parent / "diffpose-igtl"
 DIAG_WARN = b"\x01"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _bridge(args: list[str], env, log: Path) -> NodeProcess:
@@ -60,7 +55,7 @@ def rig(scene, tmp_path_factory, env_patch):
         env,
         tmp / "node.log",
     )
-    server_port, client_port = _free_port(), _free_port()
+    server_port, client_port = free_port(), free_port()
     server = _bridge(["-p", f"port:={server_port}"], env, tmp / "bridge_server.log")
     client = _bridge(["-p", f"connect:=127.0.0.1:{client_port}"], env, tmp / "bridge_client.log")
     probe = Probe(domain)

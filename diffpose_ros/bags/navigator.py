@@ -1,4 +1,9 @@
-"""A test-side OpenIGTLink client that keeps every message (pyigtl's client keeps the last per device)."""
+"""A navigator's end of OpenIGTLink, ROS-free: a pyigtl client that keeps every message it receives.
+
+pyigtl's own client keeps only the last message per device; :class:`Receiver` keeps them all, in
+arrival order, for ``diffpose-demo`` (scored by :func:`~diffpose_ros.bags.score.score_navigator`)
+and the tests of the bridge (``diffpose-igtl``).
+"""
 
 from __future__ import annotations
 
@@ -6,27 +11,41 @@ import socket
 import threading
 import time
 import types
+from collections.abc import Callable
+from typing import Any
 
 import pyigtl
 
+__all__ = ["Receiver", "free_port", "wait_until"]
 
-def wait_until(predicate, timeout: float, what: str):
-    """``predicate()``'s first true value, polled every 10 ms; AssertionError naming ``what`` after ``timeout`` s."""
+
+def free_port(address: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``address`` now (the kernel's pick for port 0)."""
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """``predicate()``'s first true value, polled every 10 ms; TimeoutError naming ``what`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.01)
 
 
 class Receiver:
-    """Connects to ``port`` on localhost and unpacks every message with pyigtl into :attr:`messages`
-    (each with ``received_at``, ``time.monotonic()`` at its arrival). With ``unpack_images=False``
-    an IMAGE is kept as its header fields only (pyigtl checks and unpacks megabytes slowly in Python:
-    a reader that must keep up with a stream of large images skips that)."""
+    """Connects to ``port`` on localhost (retrying for ``timeout`` s) and unpacks every message with
+    pyigtl into :attr:`messages`, each with ``received_at`` (``time.monotonic()`` at its arrival).
+
+    With ``unpack_images=False`` an IMAGE is kept as its header fields only (``device_name``,
+    ``message_type``, ``timestamp``): pyigtl checks and unpacks megabytes slowly in Python, and a
+    reader that must keep up with a stream of large images skips that.
+    """
 
     def __init__(self, port: int, timeout: float = 10.0, unpack_images: bool = True):
         self.messages: list = []
@@ -71,7 +90,9 @@ class Receiver:
             if body is None:
                 break
             if fields["message_type"] == "IMAGE" and not self.unpack_images:
-                message = types.SimpleNamespace(device_name=fields["device_name"], message_type="IMAGE")
+                message = types.SimpleNamespace(
+                    device_name=fields["device_name"], message_type="IMAGE", timestamp=fields["timestamp"]
+                )
             else:
                 message = pyigtl.MessageBase.create_message(fields["message_type"])
                 message.unpack(fields, body)
@@ -80,11 +101,16 @@ class Receiver:
                 self.messages.append(message)
         self.closed = True
 
-    def of(self, device: str, kind: str | None = None) -> list:
+    def received(self) -> list:
+        """A copy of :attr:`messages` (the reading thread may be appending)."""
         with self._lock:
-            return [m for m in self.messages if m.device_name == device and (kind is None or m.message_type == kind)]
+            return list(self.messages)
 
-    def wait(self, predicate, timeout: float, what: str):
+    def of(self, device: str, kind: str | None = None) -> list:
+        """The messages of ``device`` (of type ``kind``, e.g. ``TRANSFORM``, when given), in arrival order."""
+        return [m for m in self.received() if m.device_name == device and (kind is None or m.message_type == kind)]
+
+    def wait(self, predicate: Callable[[], Any], timeout: float, what: str) -> Any:
         return wait_until(predicate, timeout, what)
 
     def close(self) -> None:
