@@ -3,7 +3,8 @@
 Frames are the ground-truth bag's images (or, without images, its ground-truth stamps); each is
 matched by exact stamp with the estimate bag's transform ``ct`` -> camera frame on ``/tf`` (either
 direction; ``~/pose`` when there is no such transform). Per frame: 3D mTRE and mPE (mm), rotation
-(deg) and translation (mm) errors, latency. A frame without a pose counts as a failure in the
+(deg) and translation (mm) errors, latency, and the path the node's diagnostics say it took
+(``tracking``, ``cold``, ...). A frame without a pose counts as a failure in the
 success rates. Latency is stamp-independent, so replays of old bags work: the arrival of the pose
 minus the arrival of the input with the same stamp, both on the recorder's clock, when the estimate
 bag also recorded the input (an Image or CameraInfo topic); otherwise the node's own
@@ -101,6 +102,7 @@ class Estimates:
     arrivals: dict[int, int] = field(default_factory=dict)
     inputs: dict[int, int] = field(default_factory=dict)
     node_latency_s: dict[int, float] = field(default_factory=dict)
+    node_path: dict[int, str] = field(default_factory=dict)
     source: str = ""
 
 
@@ -208,8 +210,12 @@ def read_estimates(
         else:
             for status in msg.status:
                 values = {kv.key: kv.value for kv in status.values}
-                if "latency_receipt_to_publish_s" in values and "stamp" in values:
+                if "stamp" not in values:
+                    continue
+                if "latency_receipt_to_publish_s" in values:
                     out.node_latency_s[stamp_from_key(values["stamp"])] = float(values["latency_receipt_to_publish_s"])
+                if "path" in values:  # which of the pipeline's paths the frame took
+                    out.node_path[stamp_from_key(values["stamp"])] = values["path"]
     chosen, out.source = (
         (tf_poses, f"{tf_topic} ({ct_frame} -> {camera_frame})") if tf_poses else (topic_poses, str(pose_topic))
     )
@@ -237,6 +243,8 @@ def score_frames(truth: Truth, estimates: Estimates, targets_ct_mm: torch.Tensor
             else:
                 row["mtre_mm"] = float(metrics.mtre(est, tru, targets_ct_mm))
                 row.update(metrics.pose_errors(est, tru, radius_mm=sdd_mm / 2))
+        if stamp in estimates.node_path:
+            row["path"] = estimates.node_path[stamp]
         if row["has_pose"]:
             if stamp in estimates.inputs:
                 row["latency_s"] = (estimates.arrivals[stamp] - estimates.inputs[stamp]) * 1e-9
@@ -279,6 +287,7 @@ def summarize(rows: list[dict], estimates: Estimates) -> dict:
         "p90_latency_s": _quantile(latencies, 0.9),
         "max_latency_s": max(latencies) if latencies else None,
         "throughput_hz": (len(arrivals) - 1) / span if span > 0 else None,
+        "paths": dict(collections.Counter(r["path"] for r in scored if "path" in r)),
         "input_rate_hz": (n - 1) / input_span if input_span > 0 else None,
     }
 
@@ -452,6 +461,7 @@ def write_report(out: str | Path, summary: dict, rows: list[dict], pictures: lis
         f"{_fmt(s['p90_latency_s'], '.3f')} / {_fmt(s['max_latency_s'], '.3f')} s |",
         f"| throughput (poses) / input rate | {_fmt(s['throughput_hz'], '.2f')} / "
         f"{_fmt(s['input_rate_hz'], '.2f')} Hz |",
+        f"| paths (node diagnostics) | {', '.join(f'{k} {v}' for k, v in s.get('paths', {}).items()) or '-'} |",
         "",
     ]
     if "igtl" in s:
@@ -459,14 +469,14 @@ def write_report(out: str | Path, summary: dict, rows: list[dict], pictures: lis
     lines += [f"![{p}]({p})" for p in pictures]
     lines += [
         "",
-        "| stamp | t (s) | pose | mTRE (mm) | mPE (mm) | rot (deg) | trans (mm) | latency (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| stamp | t (s) | pose | mTRE (mm) | mPE (mm) | rot (deg) | trans (mm) | latency (s) | path |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['stamp']} | {r['t_s']:.3f} | {'yes' if r['has_pose'] else '**no**'} | "
             f"{_fmt(r.get('mtre_mm'))} | {_fmt(r.get('mpe_mm'))} | {_fmt(r.get('rotation_deg'))} | "
-            f"{_fmt(r.get('translation_mm'))} | {_fmt(r.get('latency_s'))} |"
+            f"{_fmt(r.get('translation_mm'))} | {_fmt(r.get('latency_s'))} | {r.get('path', '')} |"
         )
     (out / "report.md").write_text("\n".join(lines) + "\n")
 

@@ -8,8 +8,8 @@
 3. ``diffpose_node`` in its own process with the model preloaded (``autostart``), its ``image`` and
    ``camera_info`` remapped to the bag's topics; next to it ``diffpose-igtl`` serving OpenIGTLink
    (``--igtl-port``, default any free one; ``--no-igtl`` skips it) with a navigator's client connected.
-4. Replay the bag into it (original timing slowed by ``--rate`` so that a CPU keeps up with every
-   frame) and record its ``/tf``, ``~/pose`` and ``/diagnostics``; each TF is printed and checked.
+4. Replay the bag into it at its own frame rate (7.5 Hz pulsed fluoroscopy; ``--rate`` scales
+   the timing) and record its ``/tf``, ``~/pose`` and ``/diagnostics``; each TF is printed and checked.
 5. ``diffpose-score``: per-frame errors, the summary and the pictures in ``--out``, and what the
    navigator received (its transforms' 3D mTRE; ``igtl`` in ``summary.json``).
 """
@@ -126,16 +126,14 @@ def _main(argv: list[str] | None) -> int:
         "--model", default=str(DEFAULT_MODEL), help=f"patient model (default {DEFAULT_MODEL}; trained when missing)"
     )
     parser.add_argument("--train-minutes", type=float, default=15.0, help="training budget when the model is missing")
-    parser.add_argument(
-        "--rate", type=float, default=0.2, help="replay speed factor (default 0.2: 5 Hz frames at 1 Hz)"
-    )
+    parser.add_argument("--rate", type=float, default=1.0, help="replay speed factor (default 1: the bag's own rate)")
     parser.add_argument("--node-threads", type=int, default=0, help="torch threads of the node (0: its default)")
     parser.add_argument("--igtl-port", type=int, default=0, help="OpenIGTLink port of the bridge (0: any free one)")
     parser.add_argument("--no-igtl", action="store_true", help="without the OpenIGTLink bridge and navigator")
     make_bag.add_arguments(parser)
     # Clinical-looking frames: an image intensifier's 8-bit video (display chain, round field,
     # burned-in text) with steel rods that are not in the CT; --clinical all adds scatter and heel.
-    parser.set_defaults(sweep=24, seed=7, encoding="mono8", clinical="display,field,text,metal")
+    parser.set_defaults(sweep=24, fps=7.5, seed=7, encoding="mono8", clinical="display,field,text,metal")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

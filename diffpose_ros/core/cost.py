@@ -15,6 +15,9 @@ the gate compares with ``min_similarity``.
 Masks (``(H, W)`` bool, True = valid pixel) restrict a cost to the pixels they keep: the global
 terms standardise and compare kept pixels only, the patch term keeps only patches whose pixels are
 all valid, the gradient term only gradients whose 3x3 neighbourhood is.
+
+:class:`PatchCost` is the same cost on a sparse render: ``P`` square patches (the tracking path
+renders only those), the whole-image terms taken over the union of the patches.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 
 from .similarity import patches, sobel, standardize, standardize_with_jacobian
 
-__all__ = ["COSTS", "Cost", "GradientNCC", "NCC", "make_cost"]
+__all__ = ["COSTS", "Cost", "GradientNCC", "NCC", "PatchCost", "make_cost"]
 
 
 class Cost:
@@ -143,3 +146,44 @@ def make_cost(
     if name not in COSTS:
         raise ValueError(f"unknown registration cost {name!r}: one of {', '.join(COSTS)}")
     return COSTS[name](target, mask, patch, global_weight)
+
+
+class PatchCost(Cost):
+    """The cost ``name`` on ``P`` square patches of side ``s`` (a sparse render in
+    :func:`~.render.patch_pixels` order): ``ncc`` is ``w`` NCC over all patch pixels plus ``1 - w``
+    mean patch NCC, ``gradient_ncc`` the NCC of the Sobel gradients inside the patches, ``mixed``
+    half of each, as on a whole image. ``target``: ``(P, s, s)``.
+    """
+
+    def __init__(self, name: str, target: torch.Tensor, global_weight: float):
+        if name not in COSTS:
+            raise ValueError(f"unknown registration cost {name!r}: one of {', '.join(COSTS)}")
+        self.name = name
+        self.shape = tuple(target.shape)
+        intensity, gradient = name in ("ncc", "mixed"), name in ("gradient_ncc", "mixed")
+        share = 0.5 if intensity and gradient else 1.0
+        # (weight, groups): groups maps (P, s, s, C) to (G, n, C), each row one standardised group.
+        self.terms = []
+        if intensity:
+            self.terms.append((share * global_weight, lambda x: x.reshape(1, -1, x.shape[-1])))
+            self.terms.append((share * (1 - global_weight), lambda x: x.flatten(1, 2)))
+        if gradient:
+            self.terms.append((share, self._gradients))
+        self.targets = [standardize(groups(target[..., None])[..., 0]) for _, groups in self.terms]
+
+    @staticmethod
+    def _gradients(x: torch.Tensor) -> torch.Tensor:
+        """``(P, s, s, C)`` -> ``(2, P * (s - 2)^2, C)``: horizontal and vertical Sobel values."""
+        g = sobel(x.permute(3, 0, 1, 2))  # (C, P, 2, s - 2, s - 2)
+        return g.permute(2, 1, 3, 4, 0).flatten(1, 3)
+
+    def residuals(self, values, jac):
+        x = torch.cat([values[:, None], jac], -1).reshape(*self.shape, 7)
+        rs, Js = [], []
+        for (weight, groups), target_hat in zip(self.terms, self.targets):
+            g = groups(x)
+            # The term's weight is shared out over its groups: the mean of their (1 - NCC).
+            r, J = _weighted(g[..., 0], g[..., 1:], target_hat, weight / g.shape[0])
+            rs.append(r)
+            Js.append(J)
+        return torch.cat(rs), torch.cat(Js)

@@ -30,8 +30,9 @@ __all__ = [
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 """``T_ct_ctras`` = ``T_ctras_ct``: a half turn about z between LPS and RAS (its own inverse)."""
 
-SOURCES = {"cold": "cnn", "tracking": "tracking"}
-"""The status ``source`` of a pipeline ``mode``: the CNN's estimate, or the last accepted pose."""
+SOURCES = {"cold": "cnn", "tracking": "tracking", "pyramid": "tracking"}
+"""The status ``source`` of a pipeline ``mode``: the CNN's estimate, or the last accepted pose
+(refined sparsely, or by the full pyramid when that failed)."""
 
 
 def carm_to_ras(T_ct_source, T_ct_ctras=LPS_TO_RAS) -> np.ndarray:

@@ -4,8 +4,9 @@
 validity mask, from :func:`~.preprocess.prepare_frame`) and returns a :class:`FrameResult`:
 
 1. cold start: the patient model's CNN predicts ``T_ct_source`` from the frame warped to the CNN's
-   working camera; tracking: when the last accepted pose is recent (fluoroscopy is a video), it is
-   the start instead and the refinement pyramid is shorter;
+   working camera; tracking: when the last accepted pose is recent (fluoroscopy is a video), the
+   start is that pose moved on at the velocity of the last two accepted poses (constant velocity
+   in se(3)), and the refinement is one level on sparse feature patches (cheap by design);
 2. polarity and intensities (:mod:`.intensity`): the DRRs at the CNN's estimates for the frame and
    for its negative (or at the given or tracked start) tell whether bones are dark or bright in the
    frame; a frame whose polarity is not the configured one is refused (``polarity: auto`` registers
@@ -14,7 +15,10 @@ validity mask, from :func:`~.preprocess.prepare_frame`) and returns a :class:`Fr
 3. refinement: Levenberg-Marquardt on the registration cost (NCC by default, :mod:`.cost`) through
    the differentiable renderer (:mod:`.register`), on the frame's valid pixels;
 4. gate: the pose is accepted only if the refinement converged, the similarity reaches the
-   threshold and the pose is plausible; a failed tracking attempt falls back to a cold start.
+   threshold and the pose is plausible. A tracking attempt must also stay near its start and keep
+   the similarity of the last tracked frame; when it fails, the full pyramid runs from the same
+   start (``pyramid``), then the CNN (``cold``). A rejected frame ends tracking: the next one starts
+   cold. ``FrameResult.path`` says which paths a frame took.
 
 ``Pipeline.render`` and ``Pipeline.overlay`` show the DRR at a pose (the node's ``~/overlay``, the
 tools' pictures).
@@ -33,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import se3
 from .bundle import PatientModel, load_patient_model
 from .geometry import Intrinsics
 from .intensity import POLARITIES, match_quantiles, polarity_scores
@@ -53,7 +58,12 @@ class PipelineConfig:
 
     ``min_similarity``: smallest accepted final similarity (the cost's, in [-1, 1]);
     ``tracking_max_age_s``: a previous accepted pose younger than this (stamp difference) starts
-    tracking; ``max_source_distance_mm``: largest plausible distance of the source from the CT centre;
+    tracking; ``predict``: move that start on at the velocity of the last two accepted poses;
+    ``tracking_levels``: the tracking refinement (one sparse level); a tracking result falls back
+    to the full pyramid when it moved the CT centre by more than ``tracking_max_step_mm`` in the
+    source frame (a jump, outside the sparse level's basin) or its similarity fell more than
+    ``tracking_similarity_drop`` below the last tracked frame's; ``max_source_distance_mm``:
+    largest plausible distance of the source from the CT centre;
     ``polarity``: how the frames show bone (:data:`~.intensity.POLARITIES`; a frame that looks the
     other way is refused) or ``auto`` (each frame registered with the polarity it shows);
     ``linearize``: map the frame's grey values onto the DRR's (:func:`~.intensity.match_quantiles`).
@@ -65,7 +75,10 @@ class PipelineConfig:
     polarity: str = "bones_dark"
     linearize: bool = True
     cold: RegistrationConfig = field(default_factory=RegistrationConfig)
-    tracking_levels: tuple[Level, ...] = (Level(64, 2.0, 6, patch=8), Level(128, 1.4, 6, patch=13))
+    tracking_levels: tuple[Level, ...] = (Level(128, 1.4, 10, patch=13, sparse=24),)
+    predict: bool = True
+    tracking_max_step_mm: float = 5.0
+    tracking_similarity_drop: float = 0.1
 
     def __post_init__(self) -> None:
         if self.polarity not in (*POLARITIES, "auto"):
@@ -91,7 +104,10 @@ class FrameResult:
 
     ``pose``: ``T_ct_source`` (4x4 float64, mm; the refined estimate even when rejected);
     ``covariance``: 6x6 over ``xi = (rho mm, phi rad)`` in the source frame; ``accepted``: passed the
-    gate; ``reason``: why not (empty when accepted); ``mode``: ``cold`` or ``tracking``;
+    gate; ``reason``: why not (empty when accepted); ``mode``: the path of the result, ``cold``
+    (CNN start), ``tracking`` (sparse, from the predicted pose), ``pyramid`` (full pyramid from the
+    predicted pose, after tracking failed) or ``given``; ``path``: every path tried, e.g.
+    ``tracking>pyramid``;
     ``timings``: seconds per stage (``preprocess``, ``cnn``, ``start``: polarity and intensity map,
     ``refine``, ``total``); ``polarity``:
     how the frame showed bone; ``polarity_scores``: ``(bones_dark, bones_bright)``;
@@ -111,6 +127,7 @@ class FrameResult:
     polarity: str = "bones_dark"
     polarity_scores: tuple[float, float] = (float("nan"), float("nan"))
     outlier_fraction: float = 0.0
+    path: str = ""
 
 
 def covariance_in_parent(pose: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
@@ -134,7 +151,8 @@ class Pipeline:
         self.registrar = Registrar(model.mu, self.config.cold, device=self.device)
         # Polarity and the intensity map look at 64-pixel DRRs: the volume of a pyramid level of that size.
         self._coarse_voxel_mm = min(self.config.cold.levels, key=lambda level: abs(level.width - 64)).voxel_mm
-        self._last: tuple[float, torch.Tensor] | None = None
+        self._tracked: list[tuple[float, torch.Tensor]] = []  # the last (at most 2) accepted (stamp, pose)
+        self._tracked_similarity: float | None = None  # of the last frame accepted by the tracking path
 
     @classmethod
     def from_file(cls, path, device: str | torch.device = "cpu", config: PipelineConfig | None = None) -> Pipeline:
@@ -142,8 +160,41 @@ class Pipeline:
         return cls(load_patient_model(path, device="cpu"), device, config)
 
     def reset_tracking(self) -> None:
-        """Forget the last accepted pose: the next frame starts cold."""
-        self._last = None
+        """Forget the last accepted poses: the next frame starts cold."""
+        self._tracked = []
+        self._tracked_similarity = None
+
+    def predicted_pose(self, stamp: float) -> torch.Tensor | None:
+        """Where tracking starts for a frame at ``stamp`` (s): the last accepted pose when it is younger
+        than ``tracking_max_age_s``, moved on at the velocity (se(3), source frame) between the last
+        two accepted poses when ``predict``; None when there is nothing to track from."""
+        if not self._tracked or not 0 < stamp - self._tracked[-1][0] <= self.config.tracking_max_age_s:
+            return None
+        t1, T1 = self._tracked[-1]
+        if not self.config.predict or len(self._tracked) < 2:
+            return T1
+        t0, T0 = self._tracked[0]
+        velocity = se3.log(se3.inverse(T0) @ T1) / (t1 - t0)
+        return T1 @ se3.exp(velocity * (stamp - t1))
+
+    def _moved_mm(self, before: torch.Tensor, after: torch.Tensor) -> float:
+        """How far the CT centre moved in the source frame between two poses (mm)."""
+        c = self.model.mu.center.to(torch.float64)
+        return float(
+            torch.linalg.vector_norm(
+                se3.transform_points(se3.inverse(before), c) - se3.transform_points(se3.inverse(after), c)
+            )
+        )
+
+    def _tracking_problem(self, start: torch.Tensor, result) -> str:
+        """Why a tracking result must fall back (empty when it need not)."""
+        moved = self._moved_mm(start, result.pose)
+        if moved > self.config.tracking_max_step_mm:
+            return f"tracking moved the CT centre {moved:.1f} mm (limit {self.config.tracking_max_step_mm:g} mm)"
+        last = self._tracked_similarity
+        if last is not None and result.similarity < last - self.config.tracking_similarity_drop:
+            return f"tracking similarity fell from {last:.3f} to {result.similarity:.3f}"
+        return ""
 
     def _cnn(self, frame: Frame) -> torch.Tensor:
         """The CNN's poses ``(2, 4, 4)`` (``T_ct_source``, mm) for the frame and its negative; invalid
@@ -204,12 +255,15 @@ class Pipeline:
         return render_overlay(self.registrar.renderer(), frame, pose, width)
 
     def warm_up(self, intrinsics: Intrinsics | None = None) -> float:
-        """Run one synthetic frame through every stage (JIT compilation, allocations); returns seconds."""
+        """Run a synthetic frame through every stage, cold and then tracked (JIT compilation,
+        allocations); returns seconds."""
         start = time.perf_counter()
         k = (intrinsics or self.model.intrinsics).resized(64)
         pose = self.regressor.decode(torch.zeros(1, 9, device=self.device))[0].double().cpu()
         image = self.render(pose, k)
-        self.process(Frame(image, k, torch.ones(image.shape, dtype=torch.bool)), stamp=None, track=False)
+        frame = Frame(image, k, torch.ones(image.shape, dtype=torch.bool))
+        for stamp in (0.0, 0.1):
+            self.process(frame, stamp=stamp)
         self.reset_tracking()
         return time.perf_counter() - start
 
@@ -248,16 +302,17 @@ class Pipeline:
         if initial_pose is not None:
             attempts.append(("given", initial_pose, self.config.cold.levels))
         else:
-            if (
-                track
-                and self._last is not None
-                and stamp is not None
-                and 0 < stamp - self._last[0] <= self.config.tracking_max_age_s
-            ):
-                attempts.append(("tracking", self._last[1], self.config.tracking_levels))
+            tracked = self.predicted_pose(stamp) if track and stamp is not None else None
+            if tracked is not None:
+                attempts += [("tracking", tracked, self.config.tracking_levels), ("pyramid", tracked, None)]
             attempts.append(("cold", None, None))
-        for mode, pose, levels in attempts:  # noqa: B007 - the last attempt's mode is reported
-            start = self.start(frame, pose, timings)
+        path, start, result = [], None, None
+        for mode, pose, levels in attempts:
+            if mode == "pyramid" and result is None:  # tracking's start was refused: so would this be
+                continue
+            path.append(mode)
+            if mode != "pyramid":  # the pyramid starts where tracking did: same polarity and target
+                start = self.start(frame, pose, timings)
             reason = self._polarity_problem(start)
             if reason:
                 result = None
@@ -265,13 +320,12 @@ class Pipeline:
             t = time.perf_counter()
             result = self.registrar.register(start.target, frame.intrinsics, start.pose, levels=levels, mask=frame.mask)
             timings["refine"] += time.perf_counter() - t
-            reason = self._gate(result)
+            reason = self._gate(result) or (self._tracking_problem(start.pose, result) if mode == "tracking" else "")
             if not reason:
                 break
         timings["total"] = frame.prepare_seconds + time.perf_counter() - t0
         accepted = not reason
-        if accepted and stamp is not None:
-            self._last = (stamp, result.pose)
+        self._remember(accepted, stamp, mode, result)
         common = dict(
             accepted=accepted,
             reason=reason,
@@ -280,6 +334,7 @@ class Pipeline:
             timings=timings,
             polarity=start.polarity,
             polarity_scores=start.scores,
+            path=">".join(path),
         )
         if result is None:  # refused before any refinement
             return FrameResult(
@@ -299,3 +354,16 @@ class Pipeline:
             outlier_fraction=result.outlier_fraction,
             **common,
         )
+
+    def _remember(self, accepted: bool, stamp: float | None, mode: str, result) -> None:
+        """Tracking state after a frame: an accepted pose extends the track (a cold or given one starts
+        a new track); a rejected frame ends it."""
+        if not accepted or stamp is None:
+            if not accepted:
+                self.reset_tracking()
+            return
+        if mode in ("cold", "given"):
+            self.reset_tracking()
+        self._tracked = [*self._tracked, (stamp, result.pose)][-2:]
+        if mode == "tracking":
+            self._tracked_similarity = result.similarity

@@ -7,6 +7,12 @@ Jacobian. A coarse-to-fine pyramid (small images on coarse volumes first) widens
 convergence and keeps early steps cheap; each level stops when the step or the improvement becomes
 negligible, so a registration takes tens of renders instead of hundreds.
 
+A level may be sparse (``Level.sparse``): as in DiffPose, only square patches are rendered,
+chosen once at the level's start where the DRR at the current pose has the strongest edges
+(:func:`feature_patches`), wholly inside the frame's valid pixels and away from outliers. The cost
+is the same one over those patches (:class:`~.cost.PatchCost`); a render then costs a few thousand
+rays instead of the whole image, which is what makes tracking cheap.
+
 Pose updates are right-multiplied, ``T <- T exp(xi)`` with ``xi = (rho mm, phi rad)`` in the
 source frame; the similarity (the gate's measure) is the cost's, in [-1, 1]. A validity mask
 (True = pixel usable) restricts the cost to the pixels it keeps, on every pyramid level.
@@ -21,25 +27,31 @@ import torch
 import torch.nn.functional as F
 
 from . import se3
-from .cost import COSTS, make_cost
+from .cost import COSTS, PatchCost, make_cost
 from .geometry import Intrinsics
 from .preprocess import check_image, resample_image, resample_mask
-from .render import Renderer
-from .similarity import standardize
+from .render import Renderer, patch_pixels
+from .similarity import sobel, standardize
 from .volume import Volume
 
-__all__ = ["Level", "RegistrationConfig", "RegistrationResult", "Registrar"]
+__all__ = ["Level", "RegistrationConfig", "RegistrationResult", "Registrar", "feature_patches"]
 
 
 @dataclass(frozen=True)
 class Level:
     """One pyramid level: image width (pixels; height keeps the aspect), volume voxel size (mm),
-    iteration cap, and the patch size of the cost's local term (None: global terms only)."""
+    iteration cap, the patch size of the cost's local term (None: global terms only), and
+    ``sparse``: render only this many feature patches of that size (None: the whole image)."""
 
     width: int
     voxel_mm: float
     max_iterations: int = 20
     patch: int | None = None
+    sparse: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.sparse is not None and not (self.patch and self.patch >= 3 and self.sparse >= 1):
+            raise ValueError("a sparse level needs a patch size of at least 3 and at least one patch")
 
 
 MIN_SIMILARITY = 0.6
@@ -189,17 +201,31 @@ class Registrar:
             target = resample_image(image, k.width, k.height).to(renderer.device)
             level_mask = None if mask is None else resample_mask(mask, k.width, k.height)
             outlier_fraction = 0.0
-            if cfg.outlier_sigma > 0 and li > 0:
+            drr = None
+            if level.sparse:  # a half-width preview: enough to see edges and outliers, a quarter of the rays
+                half = k.resized(max(8, k.width // 2))
+                drr = resample_image(renderer.render(pose, half).cpu(), k.width, k.height)
+            elif cfg.outlier_sigma > 0 and li > 0:
+                drr = renderer.render(pose, k).cpu()
+            if cfg.outlier_sigma > 0 and drr is not None:
                 valid = torch.ones(target.shape, dtype=torch.bool) if level_mask is None else level_mask
-                outliers = _outliers(renderer.render(pose, k).cpu(), target.cpu(), valid, cfg.outlier_sigma)
+                outliers = _outliers(drr, target.cpu(), valid, cfg.outlier_sigma)
                 if bool((valid & ~outliers).sum() > valid.sum() // 2):  # never let it take half the image
                     outlier_fraction = float(outliers.sum() / valid.sum())
                     level_mask = valid & ~outliers
-            level_cost = make_cost(cfg.cost, target, level_mask, level.patch, cfg.global_weight)
+            pixels = None
+            if level.sparse:
+                centres = feature_patches(drr, level_mask, level.sparse, level.patch)
+                if len(centres):
+                    pixels = patch_pixels(k, centres, level.patch)
+                    values = target.cpu()[pixels[:, 1].long(), pixels[:, 0].long()]
+                    level_cost = PatchCost(cfg.cost, values.reshape(-1, level.patch, level.patch), cfg.global_weight)
+            if pixels is None:  # a dense level, or no patch fits in the valid pixels
+                level_cost = make_cost(cfg.cost, target, level_mask, level.patch, cfg.global_weight)
             scale = torch.tensor([1.0] * 3 + [cfg.radius_mm] * 3, dtype=torch.float64)
 
             def evaluate(T):
-                values, jac = renderer.render_jacobian(T, k)
+                values, jac = renderer.render_jacobian(T, k, pixels)
                 r, J = level_cost.residuals(values[0], jac[0])
                 return 0.5 * float(r.double().square().sum()), r, J
 
@@ -234,6 +260,30 @@ class Registrar:
         return RegistrationResult(
             pose, similarity, iterations, seconds, converged, hessian, residuals, cost, history, outlier_fraction
         )
+
+
+def feature_patches(drr: torch.Tensor, valid: torch.Tensor | None, count: int, size: int) -> torch.Tensor:
+    """Centres ``(P, 2)`` (u, v; integer pixels; ``P <= count``) of non-overlapping ``size`` x ``size``
+    patches where ``drr`` ``(H, W)`` has the largest mean Sobel gradient magnitude, each wholly inside
+    the image and ``valid`` (None: every pixel), strongest first (greedy: the best window, then the
+    best one that does not overlap it, ...)."""
+    H, W = drr.shape
+    if H < size or W < size:
+        return torch.zeros(0, 2, dtype=torch.long)
+    magnitude = F.pad(sobel(drr.float()).square().sum(0).sqrt(), (1, 1, 1, 1))
+    score = F.avg_pool2d(magnitude[None, None], size, stride=1)[0, 0]  # window with top-left (i, j)
+    if valid is not None:
+        inside = -F.max_pool2d(-valid.float()[None, None], size, stride=1)[0, 0] > 0
+        score = torch.where(inside, score, torch.zeros_like(score))
+    chosen = []
+    for _ in range(count):
+        best = int(score.argmax())
+        i, j = divmod(best, score.shape[1])
+        if not float(score[i, j]) > 0:
+            break
+        chosen.append((j + size // 2, i + size // 2))
+        score[max(0, i - size + 1) : i + size, max(0, j - size + 1) : j + size] = 0
+    return torch.tensor(chosen, dtype=torch.long).reshape(-1, 2)
 
 
 def _outliers(drr: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -22,7 +22,7 @@ RATE_WINDOW_S = 5.0
 """Rates are frames per second over the last this many seconds."""
 
 SUMMARY_FROM_LAST_FRAME = (
-    "stamp", "similarity", "iterations", "mode", "valid_fraction", "t_preprocess_s", "t_cnn_s", "t_refine_s",
+    "stamp", "similarity", "iterations", "mode", "path", "valid_fraction", "t_preprocess_s", "t_cnn_s", "t_refine_s",
     "t_total_s",
 )  # fmt: skip
 """Values of the last frame status that the summary repeats (as ``last_<key>``)."""

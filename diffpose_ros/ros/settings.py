@@ -153,6 +153,10 @@ PARAMETERS: tuple[Parameter, ...] = (
     ),
     Parameter("tracking.enabled", True, "tracking_enabled", "start from the last accepted pose when it is recent"),
     Parameter(
+        "tracking.predict", _GATE.predict, "tracking_predict",
+        "move the tracking start on at the velocity of the last two accepted poses",
+    ),
+    Parameter(
         "tracking.max_age_s", _GATE.tracking_max_age_s, "tracking_max_age_s",
         "tracking when the last accepted pose is younger than this (stamps, s)", bounds=(0.0, 3600.0),
     ),
@@ -190,6 +194,7 @@ class Settings:
     field_center_px: tuple[float, ...]
     field_margin_px: float
     tracking_enabled: bool
+    tracking_predict: bool
     tracking_max_age_s: float
     overlay_width: int
 
@@ -235,6 +240,7 @@ def pipeline_config(s: Settings, base: PipelineConfig | None = None) -> Pipeline
         base,
         min_similarity=float(s.min_similarity),
         tracking_max_age_s=float(s.tracking_max_age_s),
+        predict=bool(s.tracking_predict),
         max_source_distance_mm=float(s.max_source_distance_mm),
         polarity=s.polarity,
         cold=dataclasses.replace(base.cold, cost=s.cost),

@@ -159,6 +159,7 @@ class FrameWorker:
             return Outcome("rejected", DiagnosticStatus.ERROR, f"bad frame: {err}", values)
         values.update(
             mode=result.mode,
+            path=result.path,
             similarity=float(result.similarity),
             iterations=int(result.iterations),
             converged=bool(result.converged),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffpose_ros.core.cost import COSTS, GradientNCC, make_cost
-from diffpose_ros.core.similarity import gradient_ncc, multiscale_ncc, ncc
+from diffpose_ros.core.cost import COSTS, GradientNCC, PatchCost, make_cost
+from diffpose_ros.core.similarity import gradient_ncc, multiscale_ncc, ncc, sobel
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +112,35 @@ def test_unknown_cost_and_empty_masks_are_refused(pair):
         make_cost("ncc", target, sparse, 8, 0.5)
     with pytest.raises(ValueError, match="3x3"):
         make_cost("gradient_ncc", target, sparse, None, 0.5)
+
+
+@pytest.mark.parametrize("name", sorted(COSTS))
+def test_patch_cost_is_the_cost_over_the_patches(pair, name):
+    """On a sparse render (patches in patch_pixels order) the cost is the same formula over the
+    patches: global terms over their union, patch NCC per patch, Sobel gradients inside each one."""
+    values, jac, target = pair
+    size = 9
+    rows = [(5, 7), (20, 30), (40, 12), (50, 50)]  # top-left corners (i, j), inside 64 x 64
+
+    def cut(image):
+        return torch.stack([image[i : i + size, j : j + size] for i, j in rows])
+
+    x, y = cut(values.reshape(64, 64)), cut(target)
+    pj = cut(jac.reshape(64, 64, 6)).reshape(-1, 6)
+    cost = PatchCost(name, y, 0.5)
+    r, J = cost.residuals(x.reshape(-1), pj)
+    whole = 0.5 * float(ncc(x.reshape(1, -1), y.reshape(1, -1))) + 0.5 * float(ncc(x.flatten(1), y.flatten(1)).mean())
+    gx, gy = (sobel(v).transpose(0, 1).flatten(1) for v in (x, y))
+    gradient = float(ncc(gx, gy).mean())
+    expected = {"ncc": whole, "gradient_ncc": gradient, "mixed": 0.5 * whole + 0.5 * gradient}[name]
+    assert cost.similarity(0.5 * float(r.square().sum())) == pytest.approx(expected, abs=1e-6)
+
+    def residuals(q):
+        return cost.residuals(x.reshape(-1) + pj @ q, pj)[0]
+
+    reference = torch.autograd.functional.jacobian(
+        residuals, torch.zeros(6, dtype=torch.float64), vectorize=True, strategy="forward-mode"
+    )
+    torch.testing.assert_close(J, reference, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown registration cost"):
+        PatchCost("ssd", y, 0.5)

@@ -3,12 +3,13 @@ frame warping, the DRR and overlay at a pose."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from diffpose_ros.core import metrics
+from diffpose_ros.core import metrics, se3
 from diffpose_ros.core.geometry import Intrinsics, perturb_pose
 from diffpose_ros.core.pipeline import covariance_in_parent
 from diffpose_ros.core.preprocess import Frame, prepare_frame, warp_to_camera
@@ -139,3 +140,70 @@ def test_warp_to_camera_is_exact_for_a_rendered_scene(renderer, clinical_pose):
     ncc = float(((a - a.mean()) * (b - b.mean())).mean() / (a.std(unbiased=False) * b.std(unbiased=False)))
     assert ncc > 0.99
     assert math.isclose(float(a.mean()), float(b.mean()), rel_tol=0.03)
+
+
+def _prepared(pipeline, poses, camera, seed):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        return [
+            prepare_frame(simulate_transmission(pipeline.render(T, camera), rng=rng), "transmission", camera)
+            for T in poses
+        ]
+
+
+@pytest.fixture(scope="module")
+def run(pipeline, camera, mu):
+    """A C-arm moving at constant velocity, 7.5 frames per second: ``T_i = T_0 exp(i xi)`` (1.2 mm and
+    0.4 deg per frame in the source frame), near the reference view; prepared frames and poses."""
+    ref = pipeline.regressor.decode(torch.zeros(1, 9))[0].double()
+    first = perturb_pose(ref, 3.0, 8.0, mu.center, torch.Generator().manual_seed(5))
+    xi = torch.tensor([0.8, -0.6, 0.6, 0.004, -0.005, 0.002], dtype=torch.float64)
+    poses = [first @ se3.exp(i * xi) for i in range(6)]
+    return _prepared(pipeline, poses, camera, 1), poses
+
+
+def test_prediction_starts_nearer_and_never_makes_an_accepted_pose_worse(pipeline, run, mu, monkeypatch):
+    images, poses = run
+    targets = metrics.grid_targets(mu.center)
+    rows = {}
+    for predict in (True, False):
+        monkeypatch.setattr(pipeline, "config", dataclasses.replace(pipeline.config, predict=predict))
+        pipeline.reset_tracking()
+        rows[predict] = []
+        for i, (frame, T) in enumerate(zip(images, poses)):
+            r = pipeline.process(frame, stamp=100.0 + i / 7.5)
+            rows[predict].append(
+                (r, float(metrics.mtre(r.initial_pose, T, targets)), float(metrics.mtre(r.pose, T, targets)))
+            )
+    for i in range(2, len(images)):  # from the third frame, two accepted poses give a velocity
+        (rp, start_p, final_p), (ru, start_u, final_u) = rows[True][i], rows[False][i]
+        assert rp.accepted and ru.accepted and rp.path == "tracking" and ru.path == "tracking", (rp.reason, ru.reason)
+        assert start_p < 0.5 * start_u, (i, start_p, start_u)
+        assert final_p <= start_u and final_p < 0.5, (i, final_p, final_u, start_u)
+
+
+def test_tracking_falls_back_after_a_jump_and_starts_cold_after_a_rejected_frame(pipeline, run, camera, mu):
+    images, poses = run
+    targets = metrics.grid_targets(mu.center)
+    ref = pipeline.regressor.decode(torch.zeros(1, 9))[0].double()
+    elsewhere = perturb_pose(ref, 4.0, 10.0, mu.center, torch.Generator().manual_seed(9))
+    assert float(metrics.mtre(elsewhere, poses[2], targets)) > 15.0
+    jump = _prepared(pipeline, [elsewhere], camera, 2)[0]
+    pipeline.reset_tracking()
+    dt = 1 / 7.5
+    assert [pipeline.process(images[i], stamp=300.0 + i * dt).path for i in range(3)] == [
+        "cold",
+        "tracking",
+        "tracking",
+    ]
+    result = pipeline.process(jump, stamp=300.0 + 3 * dt)
+    assert result.accepted and result.path.startswith("tracking>") and result.mode in ("pyramid", "cold"), result.path
+    assert float(metrics.mtre(result.pose, elsewhere, targets)) < 1.0
+    # A rejected frame ends the track: the next frame starts from the CNN, not from the last pose.
+    noise = torch.rand(256, 256, generator=torch.Generator().manual_seed(0)) + 1
+    rejected = pipeline.process(prepare_frame(noise, "transmission", camera), stamp=300.0 + 4 * dt)
+    assert not rejected.accepted and rejected.path == "tracking>pyramid>cold"
+    after = pipeline.process(images[5], stamp=300.0 + 5 * dt)
+    assert after.accepted and after.path == "cold"

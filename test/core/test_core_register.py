@@ -11,7 +11,7 @@ import torch
 from diffpose_ros.core import metrics, se3
 from diffpose_ros.core.geometry import carm_pose
 from diffpose_ros.core.preprocess import line_integrals_from_transmission, resample_image, resample_mask
-from diffpose_ros.core.register import Level, Registrar, RegistrationConfig, RegistrationResult
+from diffpose_ros.core.register import Level, Registrar, RegistrationConfig, RegistrationResult, feature_patches
 from diffpose_ros.core.simulate import simulate_transmission
 
 
@@ -186,3 +186,39 @@ def test_the_robust_cost_ignores_a_rod_that_the_plain_one_follows(mu, truth, hu,
     plain_error = float(metrics.mtre(plain.pose, T_true, targets))
     assert robust_error < 0.3 and plain_error > 2 * robust_error, (robust_error, plain_error)
     assert 0.01 < robust.outlier_fraction < 0.2 and plain.outlier_fraction == 0.0
+
+
+def test_feature_patches_take_strong_edges_inside_the_valid_pixels():
+    """Greedy, non-overlapping windows of the largest mean gradient, wholly inside the mask."""
+    image = torch.zeros(64, 64)
+    image[:, 40:] = 1.0  # one strong vertical edge at u = 39.5
+    image[10:20, 5:15] += 0.2 * torch.rand(10, 10, generator=torch.Generator().manual_seed(0))
+    valid = torch.ones(64, 64, dtype=torch.bool)
+    valid[:32] = False  # the upper half is outside the field
+    centres = feature_patches(image, valid, 6, 9)
+    assert 1 <= len(centres) <= 6
+    u, v = centres[0].tolist()
+    assert 35 <= u <= 44 and v >= 32 + 4  # the edge, in the valid half
+    boxes = [(c[0] - 4, c[1] - 4) for c in centres.tolist()]
+    for a in range(len(boxes)):
+        assert bool(valid[boxes[a][1] : boxes[a][1] + 9, boxes[a][0] : boxes[a][0] + 9].all())
+        for b in range(a):  # no two patches overlap
+            assert abs(boxes[a][0] - boxes[b][0]) >= 9 or abs(boxes[a][1] - boxes[b][1]) >= 9
+    assert len(feature_patches(image, torch.zeros(64, 64, dtype=torch.bool), 6, 9)) == 0
+    with pytest.raises(ValueError, match="sparse level"):
+        Level(128, 1.4, sparse=8)
+
+
+def test_a_sparse_level_refines_a_near_pose_from_a_few_patches(registrar, truth, detector, hu):
+    """Tracking's level: 24 feature patches of 13^2 at 128 px (a fifth of the pixels) recover a pose
+    2 deg / 3 mm off as well as the dense level does, in as many steps."""
+    T_true, iso = truth
+    frame = registrar.renderer().render(T_true, detector)
+    start = perturbed(T_true, iso, seed=3, angle_deg=1.0, shift_mm=3.0)
+    targets = metrics.grid_targets(hu.center)
+    sparse = registrar.register(frame, detector, start, levels=(Level(128, 1.4, 10, patch=13, sparse=24),))
+    dense = registrar.register(frame, detector, start, levels=(Level(128, 1.4, 10, patch=13),))
+    errors = [float(metrics.mtre(r.pose, T_true, targets)) for r in (sparse, dense)]
+    assert float(metrics.mtre(start, T_true, targets)) > 3.0
+    assert sparse.converged and sparse.similarity > 0.99 and errors[0] < 0.2, errors
+    assert sparse.residuals < dense.residuals / 3

@@ -488,6 +488,7 @@ def test_main_job_end_to_end(scene, dds, tmp_path):
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["frames"] == 3 and summary["frames_with_pose"] == 3
     assert summary["median_mtre_mm"] < 2.0 and summary["median_latency_s"] > 0
+    assert sum(summary["paths"].values()) == 3 and "cold" in summary["paths"], summary["paths"]
     for name in ("report.md", "error_over_time.png", "node.log"):
         assert (tmp_path / "demo" / name).is_file()
     assert list((tmp_path / "demo").glob("overlay_*.png"))
