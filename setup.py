@@ -17,7 +17,10 @@ setup(
         ("share/ament_index/resource_index/packages", ["resource/" + PACKAGE_NAME]),
         ("share/" + PACKAGE_NAME, ["package.xml"]),
         ("share/" + PACKAGE_NAME + "/launch", sorted(glob("launch/*.launch.py"))),
-        ("share/" + PACKAGE_NAME + "/config", sorted(glob("config/*.yaml") + glob("config/*.xml"))),
+        (
+            "share/" + PACKAGE_NAME + "/config",
+            sorted(glob("config/*.yaml") + glob("config/*.xml") + glob("config/*.rviz")),
+        ),
     ],
     python_requires=">=3.10",
     # Loose ranges; exact pins for dev/CI are in requirements/dev.txt.
@@ -42,6 +45,8 @@ setup(
         "rosbags>=0.10",
         # OpenIGTLink messages for the navigation bridge (diffpose-igtl)
         "pyigtl>=0.3",
+        # the bone surface of the RViz scene (core/scene.py: marching cubes)
+        "scikit-image>=0.19",
         # numba's thread pool; without it numba's OpenMP pool fights PyTorch's (see core/raymarch.py)
         'tbb>=2021.6; platform_machine == "x86_64"',
     ],

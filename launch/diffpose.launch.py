@@ -13,6 +13,9 @@ Arguments: ``params_file`` (default: the package's ``config/diffpose.yaml``), ``
 ``igtl:=true`` also starts the OpenIGTLink bridge ``diffpose_igtl`` next to the node, with the same
 parameter file (so ``mirror``, ``camera_frame``, ``ct_frame``, ``ct_ras_frame`` and ``image_qos``
 agree), the same image topics, and ``igtl_port`` (default 18944) or ``igtl_connect:=HOST:PORT``.
+
+``rviz:=true`` also starts ``rviz2`` with the package's ``config/diffpose.rviz`` (fixed frame ``ct``:
+TF, the node's ``~/markers`` and ``~/overlay``), in the same namespace.
 """
 
 import os
@@ -57,9 +60,16 @@ def _node(context, *args, **kwargs):
         ros_arguments=["--log-level", LaunchConfiguration("log_level")],
         additional_env=env or None,
     )
-    if not _true(LaunchConfiguration("igtl").perform(context)):
-        return [node]
-    bridge = Node(
+    actions = [node]
+    if _true(LaunchConfiguration("igtl").perform(context)):
+        actions.append(_bridge(context, overrides["use_sim_time"], env))
+    if _true(LaunchConfiguration("rviz").perform(context)):
+        actions.append(_rviz(overrides["use_sim_time"]))
+    return actions
+
+
+def _bridge(context, use_sim_time, env):
+    return Node(
         package=PACKAGE,
         executable="diffpose_igtl",
         name="diffpose_igtl",
@@ -71,7 +81,7 @@ def _node(context, *args, **kwargs):
             {
                 "port": int(LaunchConfiguration("igtl_port").perform(context)),
                 "connect": LaunchConfiguration("igtl_connect").perform(context),
-                "use_sim_time": overrides["use_sim_time"],
+                "use_sim_time": use_sim_time,
             },
         ],
         remappings=[
@@ -82,7 +92,22 @@ def _node(context, *args, **kwargs):
         ros_arguments=["--log-level", LaunchConfiguration("log_level")],
         additional_env=env or None,
     )
-    return [node, bridge]
+
+
+def _rviz(use_sim_time):
+    return Node(
+        package="rviz2",
+        executable="rviz2",
+        name="rviz2",
+        namespace=LaunchConfiguration("namespace"),
+        output="screen",
+        arguments=["-d", PathJoinSubstitution([FindPackageShare(PACKAGE), "config", "diffpose.rviz"])],
+        parameters=[{"use_sim_time": use_sim_time}],
+        remappings=[  # the config's absolute topics, to the node's in the same namespace
+            ("/diffpose_node/markers", "diffpose_node/markers"),
+            ("/diffpose_node/overlay", "diffpose_node/overlay"),
+        ],
+    )
 
 
 def generate_launch_description():
@@ -123,6 +148,9 @@ def generate_launch_description():
             DeclareLaunchArgument("igtl_port", default_value="18944", description="OpenIGTLink server port"),
             DeclareLaunchArgument(
                 "igtl_connect", default_value="", description="HOST:PORT of a navigator's server (empty: serve)"
+            ),
+            DeclareLaunchArgument(
+                "rviz", default_value="false", description="also start rviz2 with the package's config/diffpose.rviz"
             ),
             OpaqueFunction(function=_node),
         ]

@@ -197,6 +197,7 @@ from tf2_msgs.msg import TFMessage, TF2Error
 from sensor_msgs.msg import Image, CameraInfo
 from geometry_msgs.msg import PoseWithCovarianceStamped
 from diagnostic_msgs.msg import DiagnosticArray
+from visualization_msgs.msg import MarkerArray
 from lifecycle_msgs.msg import Transition
 import rosbags
 from rclpy.serialization import serialize_message, deserialize_message

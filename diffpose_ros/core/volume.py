@@ -22,6 +22,7 @@ __all__ = [
     "load_labels",
     "label_centroids",
     "hu_to_mu",
+    "mu_of_hu",
     "default_ct_path",
     "default_labels_path",
     "MU_WATER",
@@ -163,13 +164,18 @@ def label_centroids(labels: Volume, min_voxels: int = 1000) -> tuple[torch.Tenso
     return centers @ labels.index_to_ct[:3, :3].T + labels.index_to_ct[:3, 3], ids
 
 
+def mu_of_hu(hu: float | torch.Tensor) -> torch.Tensor:
+    """Linear attenuation (1/mm) of ``hu`` Hounsfield units: ``mu_water * max(0, 1 + HU/1000)``."""
+    return MU_WATER * torch.clamp(1 + torch.as_tensor(hu) / 1000, min=0)
+
+
 def hu_to_mu(hu: Volume, bone_scale: float = 1.0, bone_threshold: float = 350.0) -> Volume:
-    """Linear attenuation (1/mm) from Hounsfield units: ``mu_water * max(0, 1 + HU/1000)``.
+    """Linear attenuation (1/mm) from Hounsfield units (:func:`mu_of_hu`).
 
     Voxels above ``bone_threshold`` HU are multiplied by ``bone_scale`` (bone/soft-tissue contrast;
     1 keeps the linear map). Air and below give 0.
     """
-    mu = MU_WATER * torch.clamp(1 + hu.data / 1000, min=0)
+    mu = mu_of_hu(hu.data)
     if bone_scale != 1.0:
         mu = torch.where(hu.data > bone_threshold, mu * bone_scale, mu)
     return Volume(mu.float().contiguous(), hu.index_to_ct, hu.source)

@@ -44,6 +44,10 @@ Outputs, stamped with the image's stamp, only for strictly newer stamps:
   clock, so ``use_sim_time`` replays work), drops, similarity, iterations, mode, stage times,
   device, process memory (:mod:`.diagnostics`).
 - ``~/overlay``: ``bgr8`` X-ray with the DRR's edges at the estimate, only while subscribed.
+- ``~/markers``: ``visualization_msgs/MarkerArray`` in ``ct_frame`` (m) for RViz: the CT's bounding
+  box and bone surface (computed at configure) and the C-arm's source, detector and corner rays at
+  the current estimate, green accepted, orange stale, red rejected; reliable, transient local, so a
+  late RViz gets the whole scene (:mod:`.markers`; ``config/diffpose.rviz``).
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ from .conversions import (
     transform_stamped,
 )
 from .diagnostics import FrameStats, frame_status
+from .markers import MarkerPublisher
 from .settings import PARAMETERS, Settings, pipeline_config, resolve_device, settings_problems
 from .status import StatusReporter
 from .worker import FrameWorker, Outcome, Received
@@ -114,6 +119,7 @@ class DiffPoseNode(LifecycleNode):
         self._stats = FrameStats()
         self._infos = CameraInfoCache()
         self._worker: FrameWorker | None = None  # from configure to cleanup
+        self._markers: MarkerPublisher | None = None  # from configure to cleanup
         self._image_sub = self._info_sub = self._pose_pub = self._overlay_pub = None
 
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
@@ -182,10 +188,12 @@ class DiffPoseNode(LifecycleNode):
         self._device, self._config_error = device, ""
         self._pose_pub = self.create_lifecycle_publisher(PoseWithCovarianceStamped, "~/pose", 10)
         self._overlay_pub = self.create_lifecycle_publisher(Image, "~/overlay", 1)
+        self._markers = MarkerPublisher(self, s.ct_frame)
+        bone = self._markers.publish_scene(pipeline.model.mu)
         self.get_logger().info(
             f"configured: patient model {s.patient_model} ({tuple(pipeline.model.mu.data.shape[::-1])} voxels, "
             f"CNN {pipeline.model.metadata.get('backbone', '?')}, cost {s.cost}) on {device}, "
-            f"warm-up {self._warm_up_s:.2f} s"
+            f"warm-up {self._warm_up_s:.2f} s, bone surface for ~/markers: {bone}"
         )
         return self._entered("inactive", super().on_configure(state))
 
@@ -259,7 +267,9 @@ class DiffPoseNode(LifecycleNode):
             if pub is not None:
                 self.destroy_lifecycle_publisher(pub)
         self._pose_pub = self._overlay_pub = None
-        self._worker = None
+        if self._markers is not None:
+            self._markers.destroy()
+        self._markers = self._worker = None
         self._device = "unconfigured"
         self._stats.reset()
         gc.collect()
@@ -308,13 +318,16 @@ class DiffPoseNode(LifecycleNode):
     def _on_diagnostics_timer(self) -> None:
         try:
             self._publish_diagnostics([self._summary_status()])
+            markers = self._markers
+            if markers is not None and self._status.stale(self._settings.stale_after_s):
+                markers.show_stale()
         except Exception as err:  # pragma: no cover - defensive
             self.get_logger().warning(f"diagnostics: {err!r}")
 
     # -------------------------------------------------------------------------------- outputs
     def _report(self, item: Received, outcome: Outcome) -> None:
         """Publish what the worker made of a frame: TF, ``~/pose`` and the overlay for an accepted
-        pose, and the frame status on ``/diagnostics`` for every frame."""
+        pose, the frame status on ``/diagnostics`` and ``~/status``, and the C-arm on ``~/markers``."""
         msg, s = item.msg, self._settings
         if outcome.kind == "published":
             result = outcome.result
@@ -339,6 +352,9 @@ class DiffPoseNode(LifecycleNode):
         self._stats.remember(status)
         self._publish_diagnostics([status])
         self._status.publish(outcome, msg.header, msg.header.frame_id or s.camera_frame)
+        markers = self._markers
+        if markers is not None:
+            markers.publish_carm(outcome, msg.header.stamp, s.sdd_mm)
 
     def _publish_overlay(self, msg: Image, outcome: Outcome, s: Settings) -> None:
         pub, worker = self._overlay_pub, self._worker

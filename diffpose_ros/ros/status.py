@@ -65,6 +65,11 @@ class StatusReporter:
         self._pub.publish(self._string(data=status.to_json()))
         return status
 
+    def stale(self, stale_after_s: float) -> bool:
+        """Whether no pose was accepted for ``stale_after_s`` (since the node started, when none was yet)."""
+        self._timer.after_s = stale_after_s
+        return self._timer.stale(time.monotonic())
+
     def flag_stale(self, summary: DiagnosticStatus, stale_after_s: float) -> DiagnosticStatus:
         """``summary`` with ``last_accepted_age_s``, raised to WARN when no pose was accepted for
         ``stale_after_s`` (since the node started, when none was yet); an ERROR stays an ERROR."""

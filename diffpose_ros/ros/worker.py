@@ -66,8 +66,9 @@ class Mailbox:
 @dataclass
 class Outcome:
     """What became of one frame: ``kind`` (``published``: ``result`` is an accepted pose for
-    ``frame``; ``rejected``: refused input or gate; ``skipped``: stamp not newer; ``failed``:
-    internal error), the diagnostic ``level`` and ``message``, and the frame status's ``values``."""
+    ``frame``; ``rejected``: refused input, or by the gate, with the refused ``result`` and its
+    ``frame``; ``skipped``: stamp not newer; ``failed``: internal error), the diagnostic ``level``
+    and ``message``, and the frame status's ``values``."""
 
     kind: str
     level: bytes
@@ -169,7 +170,8 @@ class FrameWorker:
             **{f"t_{name}_s": float(v) for name, v in result.timings.items()},
         )
         if not result.accepted:
-            return Outcome("rejected", DiagnosticStatus.ERROR, f"rejected by the gate: {result.reason}", values)
+            message = f"rejected by the gate: {result.reason}"
+            return Outcome("rejected", DiagnosticStatus.ERROR, message, values, result, frame)
         return Outcome("published", DiagnosticStatus.OK, "pose published", values, result, frame)
 
     def _intrinsics(self, msg, s: Settings):

@@ -17,7 +17,7 @@ from ros_harness import CONFIG_YAML, REPO, domain_id, flatten_parameters, ros_di
 LAUNCH_FILE = REPO / "launch" / "diffpose.launch.py"
 ARGUMENTS = {
     "params_file", "patient_model", "image_topic", "camera_info_topic", "use_sim_time", "autostart", "igtl",
-    "igtl_port", "igtl_connect",
+    "igtl_port", "igtl_connect", "rviz",
 }  # fmt: skip
 
 
@@ -95,22 +95,40 @@ def test_launch_file_node_and_remappings():
 
 def test_setup_installs_launch_and_config():
     setup = (REPO / "setup.py").read_text()
-    assert "launch/*.launch.py" in setup and "config/*.yaml" in setup
+    assert "launch/*.launch.py" in setup and "config/*.yaml" in setup and "config/*.rviz" in setup
     assert "diffpose_node = diffpose_ros.ros.node:main" in setup
     for script in ("diffpose_igtl", "diffpose-igtl"):
         assert f"{script} = diffpose_ros.ros.igtl:main" in setup
 
 
+def _node_keywords(executable: str) -> dict:
+    """The keywords of the launch file's one ``Node(...)`` of ``executable``."""
+    nodes = [{k.arg: k.value for k in n.keywords} for n in _calls(_tree(), "Node")]
+    (kw,) = [kw for kw in nodes if _const(kw["executable"]) == executable]
+    return kw
+
+
 def test_launch_file_starts_the_bridge_with_igtl():
-    tree = _tree()
-    (bridge,) = _calls(tree, "Node")
-    kw = {k.arg: k.value for k in bridge.keywords}
-    assert _const(kw["executable"]) == "diffpose_igtl" and _const(kw["name"]) == "diffpose_igtl"
+    kw = _node_keywords("diffpose_igtl")
+    assert _const(kw["name"]) == "diffpose_igtl"
     remaps = {_const(pair.elts[0]) for pair in kw["remappings"].elts}
     assert remaps == {"image", "camera_info", "/diffpose_node/status"}
     assert _const(kw["parameters"].elts[0].args[0]) == "params_file"  # mirror etc. as the node's
     source = LAUNCH_FILE.read_text()
     assert 'LaunchConfiguration("igtl").perform(context)' in source
+
+
+def test_launch_file_starts_rviz_with_the_package_config():
+    kw = _node_keywords("rviz2")
+    assert _const(kw["package"]) == "rviz2" and "namespace" in kw
+    flag, config = kw["arguments"].elts
+    assert _const(flag) == "-d" and _calls(config, "FindPackageShare") and "diffpose.rviz" in ast.unparse(config)
+    remaps = {_const(pair.elts[0]): _const(pair.elts[1]) for pair in kw["remappings"].elts}
+    assert remaps == {
+        "/diffpose_node/markers": "diffpose_node/markers",
+        "/diffpose_node/overlay": "diffpose_node/overlay",
+    }
+    assert 'LaunchConfiguration("rviz").perform(context)' in LAUNCH_FILE.read_text()
 
 
 def test_launch_file_runs_where_launch_ros_imports(tmp_path):
@@ -145,6 +163,7 @@ def test_launch_file_runs_where_launch_ros_imports(tmp_path):
             "igtl": "false",
             "igtl_port": "18944",
             "igtl_connect": "",
+            "rviz": "false",
         }
     )
     (node,) = opaque.execute(context)
@@ -152,6 +171,9 @@ def test_launch_file_runs_where_launch_ros_imports(tmp_path):
     context.launch_configurations["igtl"] = "true"
     node, bridge = opaque.execute(context)
     assert type(bridge).__name__ == "Node"
+    context.launch_configurations["rviz"] = "true"
+    node, bridge, rviz = opaque.execute(context)
+    assert type(rviz).__name__ == "Node"
 
 
 def test_config_yaml_holds_declared_parameters_only(monkeypatch):

@@ -199,6 +199,38 @@ def test_pose_topic_has_a_positive_definite_covariance(ros, scene):
     assert 0 < math.sqrt(C[0, 0]) < 0.01
 
 
+def test_markers_reach_a_late_subscriber(ros, scene):
+    """``~/markers``: the CT's box and bone surface (sent at configure) and the C-arm at the last pose
+    (sent with its frame) both reach a subscriber that joins afterwards (transient local)."""
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from visualization_msgs.msg import Marker, MarkerArray
+
+    from diffpose_ros.core.scene import MAX_TRIANGLES
+    from diffpose_ros.ros.markers import COLOURS
+
+    probe, _, _ = ros
+    image, tf, _ = _send_good(probe, scene, 3)
+    got = {}
+    latched = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    sub = probe.node.create_subscription(
+        MarkerArray, "/diffpose_node/markers", lambda m: got.update({m.markers[0].ns: m}), latched
+    )
+    try:
+        probe.spin_until(lambda: {"ct", "carm"} <= set(got), 30.0, "the latched ~/markers")
+    finally:
+        probe.node.destroy_subscription(sub)
+    box, bone = got["ct"].markers
+    assert (box.type, bone.type) == (Marker.LINE_LIST, Marker.TRIANGLE_LIST)
+    assert box.header.frame_id == bone.header.frame_id == "ct"
+    assert len(box.points) == 24 and 0 < len(bone.points) <= 3 * MAX_TRIANGLES
+    source = got["carm"].markers[0]
+    assert source.header.frame_id == "ct" and source.header.stamp == image.header.stamp
+    p, t = source.pose.position, tf.transform.translation
+    np.testing.assert_allclose([p.x, p.y, p.z], [t.x, t.y, t.z], atol=1e-9)  # metres, as TF
+    colour = (source.color.r, source.color.g, source.color.b, source.color.a)
+    assert colour in (pytest.approx(COLOURS["accepted"]), pytest.approx(COLOURS["stale"]))  # stale after 1 s
+
+
 def test_repeated_stamp_is_skipped(ros, scene):
     probe, _, _ = ros
     last = max((t for t in probe.tf if t.header.frame_id == "ct"), key=lambda t: stamp_key(t.header.stamp))
