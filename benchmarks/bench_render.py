@@ -151,6 +151,11 @@ def bench_size(size, args, mu, ct_path, T, T_fixed, ours, ours_torch, rows, chec
 
     add("ours sparse 1024 px fwd+bwd", timeit(sparse(rand_px, 1), rep))
     add("ours sparse 32x13x13 fwd+bwd", timeit(sparse(patch_px, 32), rep))
+    add("ours sparse 1024 px fwd+jacobian(6)", timeit(lambda: ours.render_jacobian(T, K, rand_px), rep))
+    add(
+        "ours sparse 32x15x15 fwd+jacobian(6)",
+        timeit(lambda: ours.render_jacobian(T, K, patch_pixels(K, centres, 15)), rep),
+    )
 
     # ---- ours, torch backend
     if ours_torch is not None:

@@ -1,6 +1,8 @@
 """Synthetic fluoroscopy sequences with ground truth, written as a rosbag2 (``diffpose-make-bag``).
 
-Each frame is a DRR of the CT (our renderer, full-resolution attenuation) at a known C-arm pose,
+Each frame is a DRR of the CT (our renderer, full-resolution attenuation; or, with
+``renderer="diffdrr"``, DiffDRR's Siddon with its own HU-to-density map: another renderer's physics)
+at a known C-arm pose,
 turned into what a detector delivers by :func:`~diffpose_ros.core.simulate.simulate_transmission`
 (quantum noise, detector blur, a gain the node does not know, optional collimation and clinical
 factors), mirrored if the device mirrors, in mono16 (default), mono8 or 32FC1.
@@ -140,6 +142,7 @@ def write_sequence(
     pose_source: str = "",
     storage: str = "mcap",
     progress: bool = True,
+    renderer: str = "ours",
 ) -> dict:
     """Render ``poses`` (``(N, 4, 4)`` ``T_ct_source``, mm) as fluoroscopy at ``fps`` into the bag ``out``.
 
@@ -159,7 +162,16 @@ def write_sequence(
     rng = np.random.default_rng(seed)
     k = detector.intrinsics
     k_delivered = k.mirrored() if exposure.mirror else k
-    renderer = Renderer(hu_to_mu(hu))
+    ours = Renderer(hu_to_mu(hu))
+    if renderer == "ours":
+        render = lambda T: ours.render(T, k)  # noqa: E731
+    elif renderer == "diffdrr":
+        from ..core.diffdrr_reference import DiffDRRReference
+
+        reference = DiffDRRReference(ct_path, sdd_mm=detector.sdd_mm)
+        render = lambda T: reference.render_like(T, k, ours.render(T, k))  # noqa: E731
+    else:
+        raise ValueError(f"unknown renderer {renderer!r}: ours or diffdrr")
     gain = _gain(exposure, rng)
     start = int(start_time_ns if start_time_ns is not None else time.time_ns())
     ct_path = Path(ct_path)
@@ -175,6 +187,7 @@ def write_sequence(
         "frames": int(poses.shape[0]),
         "fps": float(fps),
         "pose_source": pose_source,
+        "renderer": renderer,
         "seed": seed,
         "topics": TOPICS,
     }
@@ -185,7 +198,7 @@ def write_sequence(
         for i in tqdm(range(poses.shape[0]), desc="frames", unit="frame", disable=not progress):
             t_ns = start + round(i * 1e9 / fps)
             with torch.no_grad():
-                L = renderer.render(poses[i], k)
+                L = render(poses[i])
             frame_gain = gain * float(1 + exposure.gain_jitter * rng.standard_normal())
             frame = simulate_transmission(
                 L,

@@ -4,7 +4,7 @@
    ``diffpose-train`` makes it once (``--train-minutes``, 15 by default) and later runs reuse it.
 2. A fluoroscopy sequence: ``diffpose-make-bag`` (a C-arm sweep with breathing, quantum noise, as
    an image intensifier's 8-bit video: display chain, round field, burned-in text, and steel rods
-   that are not in the CT) with ground truth, as a rosbag2.
+   that are not in the CT) with ground truth, as a rosbag2; or ``--bag``, a given one with ground truth.
 3. ``diffpose_node`` in its own process with the model preloaded (``autostart``), its ``image`` and
    ``camera_info`` remapped to the bag's topics; next to it ``diffpose-igtl`` serving OpenIGTLink
    (``--igtl-port``, default any free one; ``--no-igtl`` skips it) with a navigator's client connected.
@@ -130,6 +130,9 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--node-threads", type=int, default=0, help="torch threads of the node (0: its default)")
     parser.add_argument("--igtl-port", type=int, default=0, help="OpenIGTLink port of the bridge (0: any free one)")
     parser.add_argument("--no-igtl", action="store_true", help="without the OpenIGTLink bridge and navigator")
+    parser.add_argument(
+        "--bag", help="replay this bag with ground truth (diffpose-make-bag's, or one recorded elsewhere) instead"
+    )
     make_bag.add_arguments(parser)
     # Clinical-looking frames: an image intensifier's 8-bit video (display chain, round field,
     # burned-in text) with steel rods that are not in the CT; --clinical all adds scatter and heel.
@@ -151,20 +154,27 @@ def _main(argv: list[str] | None) -> int:
         if code != 0:
             return code
 
-    bag = out / "fluoro_bag"
-    estimate = out / "output_bag"
-    for old in (bag, estimate):
-        shutil.rmtree(old, ignore_errors=True)
-    print(f"[2/5] fluoroscopy sequence: diffpose-make-bag -> {bag}", flush=True)
-    scene = make_bag.make_bag(args, str(bag))
-    print(
-        f"      {scene['frames']} frames at {scene['fps']:g} Hz ({scene['pose_source']}), "
-        f"{args.size[0]}x{args.size[1]} {args.encoding}, I0 {args.i0:g} photons/pixel",
-        flush=True,
-    )
-
     from ..bags.live import run_live
     from ..bags.score import read_truth, targets_for
+
+    estimate = out / "output_bag"
+    shutil.rmtree(estimate, ignore_errors=True)
+    if args.bag:
+        bag = Path(args.bag)
+        frames = read_truth(bag).frames
+        fps = (len(frames) - 1) / ((frames[-1] - frames[0]) * 1e-9) if len(frames) > 1 else 1.0
+        print(f"[2/5] fluoroscopy sequence: {bag} ({len(frames)} frames at {fps:.3g} Hz)", flush=True)
+    else:
+        bag = out / "fluoro_bag"
+        shutil.rmtree(bag, ignore_errors=True)
+        print(f"[2/5] fluoroscopy sequence: diffpose-make-bag -> {bag}", flush=True)
+        scene = make_bag.make_bag(args, str(bag))
+        fps = scene["fps"]
+        print(
+            f"      {scene['frames']} frames at {fps:g} Hz ({scene['pose_source']}), "
+            f"{args.size[0]}x{args.size[1]} {args.encoding}, I0 {args.i0:g} photons/pixel",
+            flush=True,
+        )
     from ..ros.runtime import RosSession, use_large_frame_profile
 
     use_large_frame_profile()
@@ -181,7 +191,7 @@ def _main(argv: list[str] | None) -> int:
             _wait_for_node(session, process, node_log, timeout_s=300.0)
             navigator = None
             if not args.no_igtl:  # a navigator is told "stale" after two frame intervals without a pose
-                stale_s = max(1.0, 2.0 / (scene["fps"] * args.rate))
+                stale_s = max(1.0, 2.0 / (fps * args.rate))
                 port = args.igtl_port or free_port()
                 navigator = stack.enter_context(_navigator(session, port, stale_s, out / "igtl.log"))
             print(f"[4/5] node active; replaying at rate {args.rate:g} and recording {', '.join(OUTPUTS)}", flush=True)

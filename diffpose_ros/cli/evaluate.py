@@ -122,10 +122,7 @@ def _main(argv: list[str] | None) -> int:
         reference = DiffDRRReference(ct_path)
 
         def render(T):
-            # DiffDRR's densities have their own scale: match the mean line integral to ours so the
-            # simulated exposure is the same; the contrast within the image stays DiffDRR's.
-            theirs = reference.render(T, camera)
-            return theirs * (renderer.render(T, camera).mean() / theirs.mean())
+            return reference.render_like(T[0], camera, renderer.render(T[0], camera))[None]
 
     print(f"rendering {args.views} views ({args.renderer}); registering with {args.model} on {args.device}")
     with torch.no_grad():

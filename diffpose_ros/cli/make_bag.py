@@ -43,6 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--collimation", type=float, default=0.0, help="fraction of the field shut per side (0-0.5)")
     add_clinical_arguments(parser)
+    parser.add_argument(
+        "--renderer",
+        choices=("ours", "diffdrr"),
+        default="ours",
+        help="what renders the frames: ours, or DiffDRR's Siddon with its own HU-to-density map (another "
+        "renderer's physics, about a second per 256^2 frame)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of views, noise and gain")
 
 
@@ -90,6 +97,7 @@ def make_bag(
         seed=args.seed,
         pose_source=source,
         storage=storage,
+        renderer=args.renderer,
     )
 
 

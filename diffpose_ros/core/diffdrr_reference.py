@@ -91,3 +91,11 @@ class DiffDRRReference:
         T = T_ct_source.to(self.device)
         out = self.module(k)(self.pose(T))[:, 0]
         return out[0] if single else out
+
+    def render_like(self, T_ct_source: torch.Tensor, k: Intrinsics, ours: torch.Tensor) -> torch.Tensor:
+        """A DiffDRR image of one pose ``(H, W)`` with its own contrast (HU-to-density map, Siddon)
+        scaled so that its mean line integral is that of ``ours`` (our DRR of the same view): the
+        same exposure, another renderer's physics."""
+        with torch.no_grad():
+            theirs = self.render(T_ct_source, k).cpu().double()
+        return (theirs * (ours.double().mean() / theirs.mean())).float()

@@ -121,10 +121,13 @@ def _round_field(valid: np.ndarray, outside: np.ndarray) -> tuple[float, float, 
     the image, and 97 % of the pixels outside it dark.
     """
     h, w = valid.shape
-    v, u = np.nonzero(valid)
-    if len(u) < 100:
+    if valid.sum() < 100:
         return None
-    hull = cv2.convexHull(np.stack([u, v], 1).astype(np.float32))[:, 0].astype(np.float64)
+    # The hull of the valid pixels is the hull of each row's first and last one (a 100th of the points).
+    rows = np.flatnonzero(valid.any(1))
+    first, last = valid[rows].argmax(1), w - 1 - valid[rows, ::-1].argmax(1)
+    ends = np.concatenate([np.stack([first, rows], 1), np.stack([last, rows], 1)])
+    hull = cv2.convexHull(ends.astype(np.float32))[:, 0].astype(np.float64)
     segments = [(a, b) for a, b in zip(hull, np.roll(hull, -1, axis=0))]
     points = np.concatenate(
         [a + np.linspace(0, 1, max(2, int(np.hypot(*(b - a)))), endpoint=False)[:, None] * (b - a) for a, b in segments]

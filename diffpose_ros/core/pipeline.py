@@ -17,8 +17,10 @@ validity mask, from :func:`~.preprocess.prepare_frame`) and returns a :class:`Fr
 4. gate: the pose is accepted only if the refinement converged, the similarity reaches the
    threshold and the pose is plausible. A tracking attempt must also stay near its start and keep
    the similarity of the last tracked frame; when it fails, the full pyramid runs from the same
-   start (``pyramid``), then the CNN (``cold``). A rejected frame ends tracking: the next one starts
-   cold. ``FrameResult.path`` says which paths a frame took.
+   start (``pyramid``), then the CNN (``cold``). A tracking result that moved far from its start is
+   a jump to another view, where the predicted start is no guide: the CNN takes over at once. A
+   rejected frame ends tracking: the next one starts cold. ``FrameResult.path`` says which paths a
+   frame took.
 
 ``Pipeline.render`` and ``Pipeline.overlay`` show the DRR at a pose (the node's ``~/overlay``, the
 tools' pictures).
@@ -60,9 +62,10 @@ class PipelineConfig:
     ``tracking_max_age_s``: a previous accepted pose younger than this (stamp difference) starts
     tracking; ``predict``: move that start on at the velocity of the last two accepted poses;
     ``tracking_levels``: the tracking refinement (one sparse level); a tracking result falls back
-    to the full pyramid when it moved the CT centre by more than ``tracking_max_step_mm`` in the
-    source frame (a jump, outside the sparse level's basin) or its similarity fell more than
-    ``tracking_similarity_drop`` below the last tracked frame's; ``max_source_distance_mm``:
+    to the full pyramid when it fails the gate or its similarity fell more than
+    ``tracking_similarity_drop`` below the last tracked frame's, and to the CNN at once when it moved
+    the CT centre by more than ``tracking_max_step_mm`` in the source frame (a jump to another view,
+    outside the sparse level's basin); ``max_source_distance_mm``:
     largest plausible distance of the source from the CT centre;
     ``polarity``: how the frames show bone (:data:`~.intensity.POLARITIES`; a frame that looks the
     other way is refused) or ``auto`` (each frame registered with the polarity it shows);
@@ -75,7 +78,7 @@ class PipelineConfig:
     polarity: str = "bones_dark"
     linearize: bool = True
     cold: RegistrationConfig = field(default_factory=RegistrationConfig)
-    tracking_levels: tuple[Level, ...] = (Level(128, 1.4, 10, patch=13, sparse=24),)
+    tracking_levels: tuple[Level, ...] = (Level(128, 1.4, 10, patch=15, sparse=32),)
     predict: bool = True
     tracking_max_step_mm: float = 5.0
     tracking_similarity_drop: float = 0.1
@@ -88,14 +91,16 @@ class PipelineConfig:
 @dataclass(frozen=True)
 class Start:
     """Where a refinement starts: ``pose`` (``T_ct_source``, mm), the frame's ``polarity`` (detected,
-    or the configured one), the ``scores`` ``(bones_dark, bones_bright)`` it was judged by, and the
+    or the configured one), the ``scores`` ``(bones_dark, bones_bright)`` it was judged by, the
     ``target`` the refinement compares DRRs with (the frame's line integrals, negated for bones
-    bright, intensity-mapped)."""
+    bright, intensity-mapped), and the 64-pixel-wide ``drr`` at ``pose`` that all this was judged on
+    (it also guides a sparse refinement's choice of patches)."""
 
     pose: torch.Tensor
     polarity: str
     scores: tuple[float, float]
     target: torch.Tensor
+    drr: torch.Tensor
 
 
 @dataclass
@@ -186,9 +191,8 @@ class Pipeline:
             )
         )
 
-    def _tracking_problem(self, start: torch.Tensor, result) -> str:
-        """Why a tracking result must fall back (empty when it need not)."""
-        moved = self._moved_mm(start, result.pose)
+    def _tracking_problem(self, moved: float, result) -> str:
+        """Why a tracking result that moved the CT centre ``moved`` mm must fall back (empty when it need not)."""
         if moved > self.config.tracking_max_step_mm:
             return f"tracking moved the CT centre {moved:.1f} mm (limit {self.config.tracking_max_step_mm:g} mm)"
         last = self._tracked_similarity
@@ -229,7 +233,7 @@ class Pipeline:
         if self.config.linearize:
             target = match_quantiles(target, drrs[index][mask], frame.mask)
         timings["start"] = timings.get("start", 0.0) + time.perf_counter() - t
-        return Start(poses[index].clone(), POLARITIES[index], scores, target)
+        return Start(poses[index].clone(), POLARITIES[index], scores, target, drrs[index])
 
     def _polarity_problem(self, start: Start) -> str:
         """Why a frame's polarity is refused (empty when it is not)."""
@@ -306,9 +310,9 @@ class Pipeline:
             if tracked is not None:
                 attempts += [("tracking", tracked, self.config.tracking_levels), ("pyramid", tracked, None)]
             attempts.append(("cold", None, None))
-        path, start, result = [], None, None
+        path, start, result, jumped = [], None, None, False
         for mode, pose, levels in attempts:
-            if mode == "pyramid" and result is None:  # tracking's start was refused: so would this be
+            if mode == "pyramid" and (result is None or jumped):  # a refused start, or a jump: the CNN's turn
                 continue
             path.append(mode)
             if mode != "pyramid":  # the pyramid starts where tracking did: same polarity and target
@@ -318,9 +322,15 @@ class Pipeline:
                 result = None
                 continue
             t = time.perf_counter()
-            result = self.registrar.register(start.target, frame.intrinsics, start.pose, levels=levels, mask=frame.mask)
+            result = self.registrar.register(
+                start.target, frame.intrinsics, start.pose, levels=levels, mask=frame.mask, guide=start.drr
+            )
             timings["refine"] += time.perf_counter() - t
-            reason = self._gate(result) or (self._tracking_problem(start.pose, result) if mode == "tracking" else "")
+            reason = self._gate(result)
+            if mode == "tracking":
+                moved = self._moved_mm(start.pose, result.pose)
+                jumped = moved > self.config.tracking_max_step_mm
+                reason = reason or self._tracking_problem(moved, result)
             if not reason:
                 break
         timings["total"] = frame.prepare_seconds + time.perf_counter() - t0

@@ -170,6 +170,7 @@ class Registrar:
         init_pose: torch.Tensor,
         levels: tuple[Level, ...] | None = None,
         mask: torch.Tensor | None = None,
+        guide: torch.Tensor | None = None,
     ) -> RegistrationResult:
         """Refine ``init_pose`` (``T_ct_source``, 4x4, mm) against ``image``.
 
@@ -177,7 +178,9 @@ class Registrar:
         fluoroscopy) with ``intrinsics`` describing its pixels; ``ValueError`` for an empty,
         non-finite, constant or wrongly sized image. ``levels`` overrides the pyramid
         (e.g. a short one for tracking); every level's ``voxel_mm`` must be one this ``Registrar``
-        was built with. ``mask``: ``(H, W)`` bool validity (None: every pixel).
+        was built with. ``mask``: ``(H, W)`` bool validity (None: every pixel). ``guide``: a DRR at
+        ``init_pose`` of the same camera at any resolution, which a sparse first level then uses to
+        choose its patches instead of rendering its own preview.
         """
         cfg = self.config
         levels = levels or cfg.levels
@@ -203,8 +206,9 @@ class Registrar:
             outlier_fraction = 0.0
             drr = None
             if level.sparse:  # a half-width preview: enough to see edges and outliers, a quarter of the rays
-                half = k.resized(max(8, k.width // 2))
-                drr = resample_image(renderer.render(pose, half).cpu(), k.width, k.height)
+                if guide is None or li > 0:
+                    guide = renderer.render(pose, k.resized(max(8, k.width // 2)))
+                drr = resample_image(guide.cpu().float(), k.width, k.height)
             elif cfg.outlier_sigma > 0 and li > 0:
                 drr = renderer.render(pose, k).cpu()
             if cfg.outlier_sigma > 0 and drr is not None:

@@ -191,6 +191,27 @@ def test_make_bag_clinical_video(made, tmp_path, capsys):
     assert "unknown clinical factor" in capsys.readouterr().err
 
 
+def test_make_bag_with_another_renderers_physics(made, tmp_path):
+    """--renderer diffdrr: frames from DiffDRR's Siddon with its own HU-to-density map (a foreign run),
+    the same view as our renderer's (NCC > 0.9 of the line integrals) but not the same image."""
+    pytest.importorskip("diffdrr")
+    from diffpose_ros.ros.conversions import camera_info_to_intrinsics, image_to_frame
+
+    d, _, _ = made
+    frames = {}
+    for renderer in ("ours", "diffdrr"):
+        out = tmp_path / renderer
+        args = ["--out", str(out), "--poses", str(d / "poses.json"), "--size", "64", "64", "--pixel-mm", "4.8"]
+        assert make_bag.main([*args, "--renderer", renderer]) == 0
+        topics = ["/carm/image_raw", "/carm/camera_info", "/diffpose/scene"]
+        msgs = {t: decode(raw, mt) for t, mt, _, raw in read_messages(out, topics)}
+        assert json.loads(msgs["/diffpose/scene"].data)["renderer"] == renderer
+        frame = image_to_frame(msgs["/carm/image_raw"], camera_info_to_intrinsics(msgs["/carm/camera_info"]))
+        frames[renderer] = frame.image.flatten().double()
+    similarity = float(ncc(frames["ours"], frames["diffdrr"]))
+    assert 0.9 < similarity < 0.9999, similarity
+
+
 def test_make_bag_refuses_to_overwrite_and_bad_pose_files(made, tmp_path, capsys):
     d, _, _ = made
     assert make_bag.main(["--out", str(d / "bag"), "--views", "1"]) == 2
