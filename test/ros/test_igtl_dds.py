@@ -32,7 +32,8 @@ DIAG_WARN = b"\x01"
 
 def _bridge(args: list[str], env, log: Path) -> NodeProcess:
     command = [str(BRIDGE_EXE)] if BRIDGE_EXE.is_file() else [sys.executable, "-m", "diffpose_ros.ros.igtl"]
-    common = ["-p", f"stale_after_s:={STALE_S}", "-p", "address:=127.0.0.1"]
+    # Reliable images: a best-effort 128 KB frame can be lost on a busy machine, and then no IMAGE goes out.
+    common = ["-p", f"stale_after_s:={STALE_S}", "-p", "address:=127.0.0.1", "-p", "image_qos:=reliable"]
     return NodeProcess(
         [*common, *args, "-r", "image:=/xray/image", "-r", "camera_info:=/xray/camera_info"], env, log, command
     )
@@ -74,7 +75,13 @@ def rig(scene, tmp_path_factory, env_patch):
             60.0,
             "the image and camera_info subscriptions of the node and both bridges",
         )
+        probe.spin_until(  # both bridges follow /tf and ~/status (a TF published before they match is lost to them)
+            lambda: min(probe.node.count_subscribers(t) for t in ("/tf", "/diffpose_node/status")) >= 3,
+            60.0,
+            "the /tf and ~/status subscriptions of both bridges",
+        )
         receiver = Receiver(server_port, timeout=60.0)
+        _prime(probe, receiver, scene)
         yield probe, receiver, statuses, client_port, (node, server, client)
     finally:
         if receiver is not None:
@@ -83,6 +90,22 @@ def rig(scene, tmp_path_factory, env_patch):
         for name, proc in (("bridge (server)", server), ("bridge (client)", client), ("diffpose_node", node)):
             code = proc.stop()
             print(f"{name} exit code {code}\n--- log ---\n{proc.log(2000)}")
+
+
+def _prime(probe, receiver: Receiver, scene, timeout: float = 90.0) -> None:
+    """Frames until the bridge sends a TRANSFORM: DDS matches the node's /tf writer with a bridge's
+    reader some time after each has seen the other, and a pose published before that reaches the
+    probe but never the bridge (which then drops it, with a warning, as it should)."""
+    deadline = time.monotonic() + timeout
+    while not _ok_transforms(receiver):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no TRANSFORM from the bridge in {timeout:.0f} s of frames")
+        image, info = make_frame(scene, 0)
+        probe.send(image, info)
+        settle = time.monotonic() + 3.0
+        while not _ok_transforms(receiver) and time.monotonic() < settle:
+            time.sleep(0.05)
+    time.sleep(1.0)  # the client-mode bridge follows the same topics: let it match too
 
 
 def _ok_transforms(receiver: Receiver) -> list:
