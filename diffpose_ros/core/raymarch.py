@@ -56,7 +56,9 @@ def _slab(o, e, hi, t0, t1):
     return t0, t1
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
+# nogil: a render holds no Python lock, so the node's executor thread takes the next frame off DDS
+# while the worker renders (with the GIL held, frames were lost from the depth-1 reader queue).
+@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _march_numba(vol, P, dirs, h, with_grad, out):
     nb = P.shape[0]
     nr = dirs.shape[0]

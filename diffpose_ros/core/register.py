@@ -222,7 +222,8 @@ class Registrar:
                 centres = feature_patches(drr, level_mask, level.sparse, level.patch)
                 if len(centres):
                     pixels = patch_pixels(k, centres, level.patch)
-                    values = target.cpu()[pixels[:, 1].long(), pixels[:, 0].long()]
+                    rows, cols = (pixels[:, c].long().to(target.device) for c in (1, 0))
+                    values = target[rows, cols]  # on the renderer's device, as the DRR values will be
                     level_cost = PatchCost(cfg.cost, values.reshape(-1, level.patch, level.patch), cfg.global_weight)
             if pixels is None:  # a dense level, or no patch fits in the valid pixels
                 level_cost = make_cost(cfg.cost, target, level_mask, level.patch, cfg.global_weight)

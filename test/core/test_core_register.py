@@ -222,3 +222,17 @@ def test_a_sparse_level_refines_a_near_pose_from_a_few_patches(registrar, truth,
     assert float(metrics.mtre(start, T_true, targets)) > 3.0
     assert sparse.converged and sparse.similarity > 0.99 and errors[0] < 0.2, errors
     assert sparse.residuals < dense.residuals / 3
+
+
+def test_a_sparse_level_runs_on_the_torch_backend_as_on_numba(mu_coarse, truth, detector):
+    """The GPU path (the torch backend, here on the CPU) refines on sparse patches to the pose numba finds."""
+    T_true, iso = truth
+    config = RegistrationConfig(levels=(Level(64, 2.0, 6, patch=9, sparse=8),))
+    k = detector.resized(64)
+    start = perturbed(T_true, iso, seed=4, angle_deg=0.5, shift_mm=1.5)
+    results = []
+    for backend in ("numba", "torch"):
+        registrar = Registrar(mu_coarse, config, backend=backend)
+        results.append(registrar.register(registrar.renderer().render(T_true, k), k, start))
+    assert results[0].residuals == results[1].residuals
+    assert float(metrics.mtre(results[0].pose, results[1].pose, metrics.grid_targets(iso))) < 0.05
