@@ -339,6 +339,8 @@ def test_bags_replay_through_the_node_and_score(scene, dds, tmp_path):
             "autostart:=true",
             "-p",
             "tracking.max_age_s:=30.0",
+            "-p",  # what is tested is replay, record and score: no best-effort frame may be lost on the way
+            "image_qos:=reliable",
             "-r",
             "image:=/xray/image",
             "-r",
