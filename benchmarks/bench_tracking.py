@@ -20,7 +20,7 @@ In process (the node's worker path without DDS: ``image_to_numpy``, ``prepare_fr
 Printed per mode: latency median / p90 (ms, image message in -> pose out, what the node's worker
 spends) and its ratio to ``cold`` measured in the same run, 3D mTRE median / p90 (mm), paths taken.
 
-``--node``: the same bag replayed at its own rate into ``diffpose_node`` in its own process
+``--node`` (run first): the same bag replayed at its own rate into ``diffpose_node`` in its own process
 (``diffpose-demo --bag BAG --rate 1 --no-igtl``; DDS, newest frame only): frames posed, 3D mTRE,
 latency stamp -> TF, paths, from its ``summary.json``.
 
@@ -187,9 +187,9 @@ def main(argv=None) -> int:
     rate = (len(stamps) - 1) / (stamps[-1] - stamps[0])
     print(f"run: {bag} ({len(frames)} frames at {rate:.2f} Hz, {camera.width}x{camera.height}); model {args.model}")
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    run_pipeline(args, frames, stamps, poses, camera, targets)
-    if args.node:
+    if args.node:  # first: right after the in-process runs, the node lost frames before receipt in 2 of 2 runs
         run_node(args, bag)
+    run_pipeline(args, frames, stamps, poses, camera, targets)
     return 0
 
 
