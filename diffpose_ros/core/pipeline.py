@@ -367,10 +367,11 @@ class Pipeline:
 
     def _remember(self, accepted: bool, stamp: float | None, mode: str, result) -> None:
         """Tracking state after a frame: an accepted pose extends the track (a cold or given one starts
-        a new track); a rejected frame ends it."""
-        if not accepted or stamp is None:
-            if not accepted:
-                self.reset_tracking()
+        a new track); a rejected frame ends it; an accepted one without a stamp leaves it as it is."""
+        if not accepted:
+            self.reset_tracking()
+            return
+        if stamp is None:
             return
         if mode in ("cold", "given"):
             self.reset_tracking()
