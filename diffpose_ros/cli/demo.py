@@ -35,7 +35,7 @@ from .common import run_cli
 
 DEFAULT_MODEL = Path("runs/models/cxr.safetensors")
 OUTPUTS = ["/tf", "/tf_static", "/diffpose_node/pose", "/diagnostics"]
-IGTL_SETTLE_S = 1.0
+IGTL_SETTLE_S = 2.0
 """After the replay, how long the navigator still reads what the bridge has in flight (s)."""
 
 
@@ -100,6 +100,7 @@ def _navigator(session, port: int, stale_after_s: float, log: Path) -> Iterator[
         *_program("diffpose-igtl", "diffpose_ros.ros.igtl"),
         "--ros-args",
         *("-p", f"port:={port}", "-p", "address:=127.0.0.1", "-p", f"stale_after_s:={stale_after_s:.3f}"),
+        *("-p", "image_qos:=reliable"),  # the navigator gets the frame of every transform
         *("-r", f"image:={TOPICS['image']}", "-r", f"camera_info:={TOPICS['camera_info']}"),
     ]
     print(f"      diffpose_igtl on OpenIGTLink port {port} (log {log}):\n      {' '.join(command)}", flush=True)
@@ -109,6 +110,9 @@ def _navigator(session, port: int, stale_after_s: float, log: Path) -> Iterator[
     try:
         _wait_for_node(session, process, log, 120.0, STATUS_TOPIC, "diffpose_igtl")
         receiver = Receiver(port, timeout=30.0, unpack_images=False)
+        # The bridge has subscribed, but the node's writers match its readers some time later (DDS
+        # discovery): poses sent before that never reach it (1 run in 4 of the demo's test lost some).
+        time.sleep(IGTL_SETTLE_S)
         yield receiver
         time.sleep(IGTL_SETTLE_S)
     finally:
