@@ -260,9 +260,12 @@ class Pipeline:
 
     def warm_up(self, intrinsics: Intrinsics | None = None) -> float:
         """Run a synthetic frame through every stage, cold and then tracked (JIT compilation,
-        allocations); returns seconds."""
+        allocations, the shapes of the sparse level); returns seconds. The frame is 256 pixels wide
+        on the model's detector, or ``intrinsics``' own: the first real frames then find everything
+        ready (a first tracked frame that had to set up took 0.45 s in the node, and the frames
+        behind it were lost)."""
         start = time.perf_counter()
-        k = (intrinsics or self.model.intrinsics).resized(64)
+        k = intrinsics or self.model.intrinsics.resized(256)
         pose = self.regressor.decode(torch.zeros(1, 9, device=self.device))[0].double().cpu()
         image = self.render(pose, k)
         frame = Frame(image, k, torch.ones(image.shape, dtype=torch.bool))
