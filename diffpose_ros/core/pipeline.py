@@ -43,6 +43,7 @@ from . import se3
 from .bundle import PatientModel, load_patient_model
 from .geometry import Intrinsics
 from .intensity import POLARITIES, match_quantiles, polarity_scores
+from .metrics import mtre
 from .overlay import render_overlay
 from .preprocess import Frame, resample_image, resample_mask, warp_to_camera
 from .register import MIN_SIMILARITY, Level, Registrar, RegistrationConfig
@@ -183,13 +184,8 @@ class Pipeline:
         return T1 @ se3.exp(velocity * (stamp - t1))
 
     def _moved_mm(self, before: torch.Tensor, after: torch.Tensor) -> float:
-        """How far the CT centre moved in the source frame between two poses (mm)."""
-        c = self.model.mu.center.to(torch.float64)
-        return float(
-            torch.linalg.vector_norm(
-                se3.transform_points(se3.inverse(before), c) - se3.transform_points(se3.inverse(after), c)
-            )
-        )
+        """How far the CT centre moved in the source frame between two poses (mm): their 3D mTRE on it."""
+        return float(mtre(before, after, self.model.mu.center[None]))
 
     def _tracking_problem(self, moved: float, result) -> str:
         """Why a tracking result that moved the CT centre ``moved`` mm must fall back (empty when it need not)."""

@@ -97,14 +97,15 @@ def _prime(probe, receiver: Receiver, scene, timeout: float = 90.0) -> None:
     reader some time after each has seen the other, and a pose published before that reaches the
     probe but never the bridge (which then drops it, with a warning, as it should)."""
     deadline = time.monotonic() + timeout
-    while not _ok_transforms(receiver):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no TRANSFORM from the bridge in {timeout:.0f} s of frames")
+    while True:
         image, info = make_frame(scene, 0)
         probe.send(image, info)
-        settle = time.monotonic() + 3.0
-        while not _ok_transforms(receiver) and time.monotonic() < settle:
-            time.sleep(0.05)
+        try:
+            receiver.wait(lambda: _ok_transforms(receiver), 3.0, "a TRANSFORM")
+            break
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no TRANSFORM from the bridge in {timeout:.0f} s of frames") from None
     time.sleep(1.0)  # the client-mode bridge follows the same topics: let it match too
 
 
