@@ -50,7 +50,7 @@ if str(REPO) not in sys.path:
 from bench_node_latency import machine_description  # noqa: E402
 
 from diffpose_ros.core import metrics, se3  # noqa: E402
-from diffpose_ros.core.pipeline import Pipeline, PipelineConfig  # noqa: E402
+from diffpose_ros.core.pipeline import Pipeline, PipelineConfig, set_torch_threads  # noqa: E402
 from diffpose_ros.core.preprocess import prepare_frame, resample_image  # noqa: E402
 from diffpose_ros.core.register import Level  # noqa: E402
 from diffpose_ros.core.similarity import multiscale_ncc  # noqa: E402
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     frames, stamps, poses, camera, targets = read_run(bag)
     rate = (len(stamps) - 1) / (stamps[-1] - stamps[0])
     print(f"run: {bag} ({len(frames)} frames at {rate:.2f} Hz, {camera.width}x{camera.height}); model {args.model}")
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    set_torch_threads("cpu")  # as the node does
     if args.node:  # first: right after the in-process runs, the node lost frames before receipt in 2 of 2 runs
         run_node(args, bag)
     run_pipeline(args, frames, stamps, poses, camera, targets)

@@ -4,8 +4,9 @@ The node runs elsewhere (its own process, as in the OR). This process replays th
 (:class:`~.replay.Player`, original timing divided by the rate) and records the node's outputs plus
 the replayed ``camera_info`` (:class:`~.record.Recorder`, for stamp-independent latency). It prints
 each pose as it arrives, checked against the ground truth, and stops once the node has answered
-every frame (a pose or a frame status on ``/diagnostics`` for each stamp) or ``settle_s`` after the
-last frame went out.
+every frame (a pose or a frame status on ``/diagnostics`` for each stamp) and the frame status of
+each answered frame has come too (the node sends it after the pose; at most ``STATUS_GRACE_S``
+longer), or ``settle_s`` after the last frame went out.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from .replay import Player, ReplayOptions
 from .score import Truth, stamp_from_key, stamp_key, stamp_ns, tf_pose
 
 __all__ = ["LiveResult", "run_live"]
+
+STATUS_GRACE_S = 2.0
+"""After the last answer, how long a run still waits for frame statuses not yet recorded (s)."""
 
 
 @dataclass
@@ -63,6 +67,7 @@ def run_live(
     ct_frame = ct_frame or truth.scene.get("ct_frame", "ct")
     camera_frame = camera_frame or truth.camera_frame
     answered: set[int] = set()
+    with_status: set[int] = set()  # stamps whose frame status on /diagnostics was recorded
     start = time.monotonic()
 
     def on_output(topic: str, t_ns: int, raw: bytes) -> None:
@@ -84,11 +89,12 @@ def run_live(
                 )
         elif topic == "/diagnostics":
             for status in decode(raw, "diagnostic_msgs/msg/DiagnosticArray").status:
-                if not status.name.endswith(": frame") or status.level == 0:
+                if not status.name.endswith(": frame"):
                     continue
                 values = {kv.key: kv.value for kv in status.values}
                 stamp = stamp_from_key(values.get("stamp", "0.0"))
-                if stamp in frames and stamp not in answered:
+                with_status.add(stamp)
+                if status.level != 0 and stamp in frames and stamp not in answered:
                     answered.add(stamp)
                     log(f"  no pose @ {stamp_key(stamp)}: {status.message}  [{len(answered)}/{len(frames)}]")
 
@@ -109,6 +115,9 @@ def run_live(
         deadline = time.monotonic() + settle_s
         while len(answered) < len(frames) and time.monotonic() < deadline and not session.stop.is_set():
             session.wait(0.1)
+        deadline = min(deadline, time.monotonic() + STATUS_GRACE_S)
+        while answered - with_status and time.monotonic() < deadline and not session.stop.is_set():
+            session.wait(0.05)
     finally:
         recorded = recorder.close()
     return LiveResult(recorded, report.summary(), len(answered), len(frames), time.monotonic() - start)

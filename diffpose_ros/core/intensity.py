@@ -16,6 +16,7 @@ negative. A frame shown with the other polarity must never be registered without
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .similarity import ncc
@@ -30,17 +31,26 @@ attenuated, what detectors and most fluoroscopy video deliver) or ``bones_bright
 def match_quantiles(image: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, knots: int = 33) -> torch.Tensor:
     """``image`` ``(H, W)`` through the increasing map that sends its quantiles over ``mask`` (True =
     valid) to the quantiles of ``reference`` (any shape, every value counts) at ``knots`` evenly
-    spaced levels from 1 % to 99 %; linear between knots, constant beyond the end ones."""
-    values = image[mask].float()
-    levels = torch.linspace(0.01, 0.99, knots, dtype=torch.float32)
-    x = torch.quantile(values[:: max(1, values.numel() // 100_000)], levels)
-    y = torch.quantile(reference.flatten().float()[:: max(1, reference.numel() // 100_000)], levels)
+    spaced levels from 1 % to 99 %; linear between knots, constant beyond the end ones. On the CPU
+    in NumPy (a step of every tracked frame: 2 ms for 256² against 5 ms in torch)."""
+    levels = np.linspace(0.01, 0.99, knots)
+    values = image[mask].detach().cpu().float().numpy()
+    x = _quantiles(values[:: max(1, values.size // 100_000)], levels)
+    ref = reference.detach().cpu().flatten().float().numpy()
+    y = _quantiles(ref[:: max(1, ref.size // 100_000)], levels)
     # Equal quantiles (flat histograms, clipped video) would make the map a step: keep x increasing.
-    x = x + torch.arange(knots, dtype=torch.float32) * 1e-6 * (float(x[-1] - x[0]) + 1e-6)
-    index = torch.searchsorted(x, image.float().clamp(float(x[0]), float(x[-1])).contiguous()).clamp(1, knots - 1)
-    x0, x1, y0, y1 = x[index - 1], x[index], y[index - 1], y[index]
-    t = (image.float().clamp(float(x[0]), float(x[-1])) - x0) / (x1 - x0)
-    return y0 + t * (y1 - y0)
+    x = x + np.arange(knots) * 1e-6 * (x[-1] - x[0] + 1e-6)
+    mapped = np.interp(image.detach().cpu().float().numpy(), x.astype(np.float32), y.astype(np.float32))
+    return torch.from_numpy(mapped.astype(np.float32)).to(image.device)
+
+
+def _quantiles(values: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """``np.quantile(values, levels)`` (linear method) from one sort: 13x faster for 33 levels of 65k values."""
+    ordered = np.sort(values).astype(np.float64)
+    position = levels * (ordered.size - 1)
+    low = np.floor(position).astype(np.int64)
+    high = np.minimum(low + 1, ordered.size - 1)
+    return ordered[low] + (position - low) * (ordered[high] - ordered[low])
 
 
 def polarity_scores(frame: torch.Tensor, drrs: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:

@@ -30,11 +30,14 @@ from .igtl_bridge import BRIDGE_PARAMETERS, Bridge, BridgeSettings
 from .igtl_link import IgtlClient, IgtlServer, parse_endpoint
 from .status import status_qos
 
-__all__ = ["IgtlNode", "main"]
+__all__ = ["FOLLOWING", "IgtlNode", "main"]
 
 NODE_NAME = "diffpose_igtl"
 STATUS_TOPIC = "/diffpose_node/status"
 TICK_S = 0.05
+FOLLOWING = "following diffpose_node"
+"""Start of the line logged once ``~/status`` and ``/tf`` each have a matched publisher: from then on
+the node's poses reach the bridge (DDS delivers nothing a writer sent before the match)."""
 
 
 class IgtlNode(Node):
@@ -64,14 +67,30 @@ class IgtlNode(Node):
         static_qos = QoSProfile(
             depth=100, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
         )
-        self.create_subscription(TFMessage, "/tf", self.bridge.on_tf, tf_qos)
         self.create_subscription(TFMessage, "/tf_static", lambda m: self.bridge.on_tf(m, static=True), static_qos)
-        self.create_subscription(String, STATUS_TOPIC, lambda m: self.bridge.on_status(m.data), status_qos())
-        self.create_timer(TICK_S, self.bridge.tick)
+        self._followed = {
+            "/tf": self.create_subscription(TFMessage, "/tf", self.bridge.on_tf, tf_qos),
+            STATUS_TOPIC: self.create_subscription(
+                String, STATUS_TOPIC, lambda m: self.bridge.on_status(m.data), status_qos()
+            ),
+        }
+        self._following = False
+        self.create_timer(TICK_S, self._tick)
         self.get_logger().info(
             f"{self.link.describe()}; devices {settings.transform_device}, {settings.image_device}, "
             f"{settings.status_device}; stale after {settings.stale_after_s:g} s"
         )
+
+    def _tick(self) -> None:
+        self.bridge.tick()
+        following = all(sub.get_publisher_count() > 0 for sub in self._followed.values())
+        if following != self._following:
+            self._following = following
+            topics = " and ".join(self._followed)
+            if following:
+                self.get_logger().info(f"{FOLLOWING}: {topics} matched")
+            else:
+                self.get_logger().warning(f"a publisher of {topics} is gone: waiting for diffpose_node")
 
     def close(self) -> None:
         self.link.close()

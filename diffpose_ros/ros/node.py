@@ -71,7 +71,7 @@ from rclpy.time import Time
 from sensor_msgs.msg import CameraInfo, Image
 
 from ..core.bundle import PatientModelError
-from ..core.pipeline import Pipeline
+from ..core.pipeline import Pipeline, set_torch_threads
 from .camera_info import CameraInfoCache
 from .conversions import (
     CT_TO_CT_RAS,
@@ -168,9 +168,8 @@ class DiffPoseNode(LifecycleNode):
                 return self._configure_failed(
                     "the patient_model parameter is empty: pass -p patient_model:=/path/model.safetensors"
                 )
-            if s.num_threads > 0:
-                torch.set_num_threads(s.num_threads)
             device = resolve_device(s.device)
+            set_torch_threads(device, s.num_threads)
             problems = settings_problems(s)
             if problems:
                 return self._configure_failed("invalid parameters: " + "; ".join(problems))

@@ -78,7 +78,11 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter(
         "device", "auto", "device", "auto (cuda when available, else cpu), cpu, cuda or cuda:N", True
     ),
-    Parameter("num_threads", 0, "num_threads", "torch CPU threads (0: torch's default)", True, bounds=(0, 1024)),
+    Parameter(
+        "num_threads", 0, "num_threads",
+        "torch CPU threads (0: one on the CPU, where the renderer has threads of its own; torch's default on a GPU)",
+        True, bounds=(0, 1024),
+    ),
     Parameter("autostart", False, "autostart", "configure and activate at start", True),
     Parameter("ct_frame", "ct", "ct_frame", "TF frame of the CT (LPS); parent of the published transform", True),
     Parameter("ct_ras_frame", "ct_ras", "ct_ras_frame", "static RAS frame under ct_frame (empty: not published)", True),
@@ -158,7 +162,8 @@ PARAMETERS: tuple[Parameter, ...] = (
     ),
     Parameter(
         "tracking.max_age_s", _GATE.tracking_max_age_s, "tracking_max_age_s",
-        "tracking when the last accepted pose is younger than this (stamps, s)", bounds=(0.0, 3600.0),
+        "tracking when the last accepted pose is younger than this (stamps, s) or twice its frame's processing time",
+        bounds=(0.0, 3600.0),
     ),
     Parameter("overlay.width", 256, "overlay_width", "width (pixels) of ~/overlay", bounds=(8, 4096)),
 )  # fmt: skip

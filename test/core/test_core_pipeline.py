@@ -11,7 +11,7 @@ import torch
 
 from diffpose_ros.core import metrics, se3
 from diffpose_ros.core.geometry import Intrinsics, perturb_pose
-from diffpose_ros.core.pipeline import covariance_in_parent
+from diffpose_ros.core.pipeline import covariance_in_parent, set_torch_threads
 from diffpose_ros.core.preprocess import Frame, prepare_frame, warp_to_camera
 from diffpose_ros.core.simulate import simulate_transmission
 
@@ -54,6 +54,22 @@ def test_cold_then_tracking(pipeline, frames, camera, mu):
     # Too old for tracking: cold again.
     third = pipeline.process(images[2], stamp=20.0)
     assert third.mode == "cold" and third.accepted
+
+
+def test_a_frame_after_a_slow_one_still_tracks(pipeline, frames, monkeypatch):
+    """A node that fell behind: the newest frame after one that took ``t`` s is about ``t`` s newer.
+    It tracks while younger than twice the time the last accepted frame took, even past
+    ``tracking_max_age_s``; older than both, it starts cold."""
+    images, _ = frames
+    monkeypatch.setattr(pipeline, "config", dataclasses.replace(pipeline.config, tracking_max_age_s=1e-3))
+    pipeline.reset_tracking()
+    first = pipeline.process(images[0], stamp=50.0)
+    took = first.timings["total"]
+    assert first.accepted and first.mode == "cold" and took > 0.01
+    second = pipeline.process(images[1], stamp=50.0 + 1.5 * took)
+    assert second.accepted and second.path == "tracking", second.path
+    third = pipeline.process(images[2], stamp=50.0 + 1.5 * took + 2.5 * second.timings["total"])
+    assert third.path == "cold"
 
 
 def test_covariance_is_positive_definite_and_grows_with_less_information(pipeline, frames, camera):
@@ -207,3 +223,15 @@ def test_tracking_falls_back_after_a_jump_and_starts_cold_after_a_rejected_frame
     assert not rejected.accepted and rejected.path == "tracking>pyramid>cold"
     after = pipeline.process(images[5], stamp=300.0 + 5 * dt)
     assert after.accepted and after.path == "cold"
+
+
+def test_torch_threads_for_a_pipeline():
+    """One torch thread on the CPU unless asked for more (the renderer has threads of its own);
+    torch's own choice left alone for a GPU."""
+    before = torch.get_num_threads()
+    try:
+        assert set_torch_threads("cpu") == 1
+        assert set_torch_threads(torch.device("cpu"), 3) == 3
+        assert set_torch_threads("cuda") == 3 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
