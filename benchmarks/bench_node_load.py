@@ -12,7 +12,7 @@ the end; stamp -> TF-arrival latency (median, p90) in the first and the last 10 
 published poses; and the backlog check: how many TFs arrive after the last frame was sent, and how
 late the last one is (a node that queued frames would keep publishing for a long time).
 
-Run: ``.venv/bin/python benchmarks/bench_node_load.py [--seconds 60] [--rate 30]``
+Run: ``.venv/bin/python benchmarks/bench_node_load.py [--seconds 60] [--rate 30] [-p NAME:=VALUE ...]``
 """
 
 from __future__ import annotations
@@ -66,6 +66,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rate", type=float, default=30.0, help="frames per second")
     parser.add_argument("--unique", type=int, default=40, help="rendered views per sweep period")
     parser.add_argument("--voxel-mm", type=float, default=0.0, help="coarsen the model's CT (0: full resolution)")
+    parser.add_argument(
+        "-p", "--node-parameter", action="append", default=[], metavar="NAME:=VALUE", help="a parameter of the node"
+    )
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         print(f"(ignoring arguments for other benchmarks: {' '.join(unknown)})")
@@ -109,7 +112,10 @@ def main(argv=None) -> int:
         log_path = Path(tmp) / "node.log"
         log = log_path.open("wb")
         proc = subprocess.Popen(
-            [str(NODE_EXE), "--ros-args", "-p", f"patient_model:={model_path}", "-p", "autostart:=true"],
+            [
+                *(str(NODE_EXE), "--ros-args", "-p", f"patient_model:={model_path}", "-p", "autostart:=true"),
+                *(item for value in args.node_parameter for item in ("-p", value)),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **env},

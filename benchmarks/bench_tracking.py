@@ -182,11 +182,11 @@ def main(argv=None) -> int:
     if args.bag is None and not bag.exists():
         make_foreign_bag(bag)
     capability = os.environ.get("ATEN_CPU_CAPABILITY"), os.environ.get("NUMBA_CPU_NAME")
+    set_torch_threads("cpu")  # as the node does
     print("bench_tracking:", machine_description(), "| forced code paths (torch, numba):", capability)
     frames, stamps, poses, camera, targets = read_run(bag)
     rate = (len(stamps) - 1) / (stamps[-1] - stamps[0])
     print(f"run: {bag} ({len(frames)} frames at {rate:.2f} Hz, {camera.width}x{camera.height}); model {args.model}")
-    set_torch_threads("cpu")  # as the node does
     if args.node:  # first: right after the in-process runs, the node lost frames before receipt in 2 of 2 runs
         run_node(args, bag)
     run_pipeline(args, frames, stamps, poses, camera, targets)

@@ -68,10 +68,8 @@ class PipelineConfig:
     """Gate thresholds, tracking rule and refinement pyramids.
 
     ``min_similarity``: smallest accepted final similarity (the cost's, in [-1, 1]);
-    ``tracking_max_age_s``: a previous accepted pose younger than this (stamp difference), or than
-    twice the time its frame took (a node that fell behind on a slow cold start then still tracks
-    the newest frame after it), starts tracking; ``predict``: move that start on at the velocity of
-    the last two accepted poses;
+    ``tracking_max_age_s``: a previous accepted pose younger than this (stamp difference) starts
+    tracking; ``predict``: move that start on at the velocity of the last two accepted poses;
     ``tracking_levels``: the tracking refinement (one sparse level); a tracking result falls back
     to the full pyramid when it fails the gate or its similarity fell more than
     ``tracking_similarity_drop`` below the last tracked frame's, and to the CNN at once when it moved
@@ -185,7 +183,6 @@ class Pipeline:
         self._coarse_voxel_mm = min(self.config.cold.levels, key=lambda level: abs(level.width - 64)).voxel_mm
         self._tracked: list[tuple[float, torch.Tensor]] = []  # the last (at most 2) accepted (stamp, pose)
         self._tracked_similarity: float | None = None  # of the last frame accepted by the tracking path
-        self._tracked_seconds = 0.0  # how long the last accepted frame took
 
     @classmethod
     def from_file(cls, path, device: str | torch.device = "cpu", config: PipelineConfig | None = None) -> Pipeline:
@@ -196,15 +193,12 @@ class Pipeline:
         """Forget the last accepted poses: the next frame starts cold."""
         self._tracked = []
         self._tracked_similarity = None
-        self._tracked_seconds = 0.0
 
     def predicted_pose(self, stamp: float) -> torch.Tensor | None:
         """Where tracking starts for a frame at ``stamp`` (s): the last accepted pose when it is younger
-        than ``tracking_max_age_s`` or twice the time its frame took, moved on at the velocity (se(3),
-        source frame) between the last two accepted poses when ``predict``; None when there is nothing
-        to track from."""
-        max_age = max(self.config.tracking_max_age_s, 2.0 * self._tracked_seconds)
-        if not self._tracked or not 0 < stamp - self._tracked[-1][0] <= max_age:
+        than ``tracking_max_age_s``, moved on at the velocity (se(3), source frame) between the last
+        two accepted poses when ``predict``; None when there is nothing to track from."""
+        if not self._tracked or not 0 < stamp - self._tracked[-1][0] <= self.config.tracking_max_age_s:
             return None
         t1, T1 = self._tracked[-1]
         if not self.config.predict or len(self._tracked) < 2:
@@ -364,7 +358,7 @@ class Pipeline:
                 break
         timings["total"] = frame.prepare_seconds + time.perf_counter() - t0
         accepted = not reason
-        self._remember(accepted, stamp, mode, result, timings["total"])
+        self._remember(accepted, stamp, mode, result)
         common = dict(
             accepted=accepted,
             reason=reason,
@@ -394,10 +388,9 @@ class Pipeline:
             **common,
         )
 
-    def _remember(self, accepted: bool, stamp: float | None, mode: str, result, seconds: float) -> None:
-        """Tracking state after a frame that took ``seconds``: an accepted pose extends the track (a
-        cold or given one starts a new track); a rejected frame ends it; an accepted one without a
-        stamp leaves it as it is."""
+    def _remember(self, accepted: bool, stamp: float | None, mode: str, result) -> None:
+        """Tracking state after a frame: an accepted pose extends the track (a cold or given one starts
+        a new track); a rejected frame ends it; an accepted one without a stamp leaves it as it is."""
         if not accepted:
             self.reset_tracking()
             return
@@ -406,6 +399,5 @@ class Pipeline:
         if mode in ("cold", "given"):
             self.reset_tracking()
         self._tracked = [*self._tracked, (stamp, result.pose)][-2:]
-        self._tracked_seconds = seconds
         if mode == "tracking":
             self._tracked_similarity = result.similarity

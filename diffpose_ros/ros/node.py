@@ -53,6 +53,7 @@ Outputs, stamped with the image's stamp, only for strictly newer stamps:
 from __future__ import annotations
 
 import gc
+import sys
 import time
 import traceback
 
@@ -389,8 +390,18 @@ class DiffPoseNode(LifecycleNode):
         return self._status.flag_stale(summary, self._settings.stale_after_s)
 
 
+GIL_SWITCH_INTERVAL_S = 0.0005
+"""The process's GIL switch interval (Python's default: 5 ms). The worker gives the GIL up for every
+tensor operation and every render; when an executor thread (frames arriving at 30 Hz) takes it
+meanwhile, the worker waits up to this long to get it back, hundreds of times per frame. With the
+default, a 30 Hz stream from a publisher on the same 2 cores stretched cold starts to 1-11 s and
+the node posed 0.5-1.6 frames per second; with 0.5 ms it tracked throughout at 6.2 frames per second
+(``benchmarks/bench_node_load.py``, ``docs/benchmarks.md``)."""
+
+
 def main(args=None) -> int:
     """Entry point of ``diffpose_node`` (``ros2 run diffpose_ros diffpose_node``)."""
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     rclpy.init(args=args)  # installs SIGINT/SIGTERM handlers that shut the context down
     node = None
     executor = MultiThreadedExecutor(num_threads=4)

@@ -162,8 +162,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     ),
     Parameter(
         "tracking.max_age_s", _GATE.tracking_max_age_s, "tracking_max_age_s",
-        "tracking when the last accepted pose is younger than this (stamps, s) or twice its frame's processing time",
-        bounds=(0.0, 3600.0),
+        "tracking when the last accepted pose is younger than this (stamps, s)", bounds=(0.0, 3600.0),
     ),
     Parameter("overlay.width", 256, "overlay_width", "width (pixels) of ~/overlay", bounds=(8, 4096)),
 )  # fmt: skip
