@@ -36,7 +36,8 @@ from .common import run_cli
 DEFAULT_MODEL = Path("runs/models/cxr.safetensors")
 OUTPUTS = ["/tf", "/tf_static", "/diffpose_node/pose", "/diagnostics"]
 IGTL_SETTLE_S = 2.0
-"""After the replay, how long the navigator still reads what the bridge has in flight (s)."""
+"""How long the navigator waits once the bridge follows the node (for the writers' side of the DDS
+match) before the replay, and after the replay still reads what the bridge has in flight (s)."""
 
 
 def _program(script: str, module: str) -> list[str]:

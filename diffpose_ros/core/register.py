@@ -282,10 +282,11 @@ def feature_patches(drr: torch.Tensor, valid: torch.Tensor | None, count: int, s
     score = _window_sums(magnitude.double().numpy(), size)  # window with top-left (i, j)
     if valid is not None:
         score[_window_sums((~valid.cpu().numpy()).astype(np.float64), size) > 0.5] = 0.0
+    floor = 1e-9 * float(score.max())  # what the tables' rounding leaves of a window without edges
     chosen = []
     for _ in range(count):
         i, j = np.unravel_index(int(score.argmax()), score.shape)
-        if not score[i, j] > 0:
+        if not score[i, j] > floor:
             break
         chosen.append((j + size // 2, i + size // 2))
         score[max(0, i - size + 1) : i + size, max(0, j - size + 1) : j + size] = 0.0

@@ -395,7 +395,7 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 tensor operation and every render; when an executor thread (frames arriving at 30 Hz) takes it
 meanwhile, the worker waits up to this long to get it back, hundreds of times per frame. With the
 default, a 30 Hz stream from a publisher on the same 2 cores stretched cold starts to 1-11 s and
-the node posed 0.5-1.6 frames per second; with 0.5 ms it tracked throughout at 6.2 frames per second
+the node posed 0.5-1.6 frames per second; with 0.5 ms it tracked throughout at 6.9 frames per second
 (``benchmarks/bench_node_load.py``, ``docs/benchmarks.md``)."""
 
 
