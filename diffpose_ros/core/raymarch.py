@@ -74,9 +74,12 @@ def _march_numba(vol, P, dirs, h, with_grad, out):
         t0, t1 = _slab(ox, ex, nx - 1.0, 0.0, 1e30)
         t0, t1 = _slab(oy, ey, ny - 1.0, t0, t1)
         t0, t1 = _slab(oz, ez, nz - 1.0, t0, t1)
-        acc = 0.0
-        g0 = g1 = g2 = 0.0
-        s0 = s1 = s2 = 0.0
+        # Each ray is set up in float64 (entry, exit, step count), its samples are taken in float32:
+        # 1.3x faster, and the same registrations (docs/benchmarks.md); the float32 accumulators of
+        # a few hundred samples keep ~1e-5 of their value.
+        acc = np.float32(0.0)
+        g0 = g1 = g2 = np.float32(0.0)
+        s0 = s1 = s2 = np.float32(0.0)
         if t1 > t0:
             dt = h / math.sqrt(dx * dx + dy * dy + dz * dz)
             # The midpoint samples t_k = t0 + (k + 1/2) dt that lie in [t0, t1], so every one is in
@@ -84,22 +87,25 @@ def _march_numba(vol, P, dirs, h, with_grad, out):
             # sample that cost ~20 % of a forward render).
             steps = int((t1 - t0) / dt + 0.5)
             ts = t0 + 0.5 * dt
-            x0 = ox + ts * ex
-            y0 = oy + ts * ey
-            z0 = oz + ts * ez
-            sx = dt * ex
-            sy = dt * ey
-            sz = dt * ez
+            x0 = np.float32(ox + ts * ex)
+            y0 = np.float32(oy + ts * ey)
+            z0 = np.float32(oz + ts * ez)
+            sx = np.float32(dt * ex)
+            sy = np.float32(dt * ey)
+            sz = np.float32(dt * ez)
+            ts32 = np.float32(ts)
+            dt32 = np.float32(dt)
             for k in range(steps):
-                x = x0 + k * sx
-                y = y0 + k * sy
-                z = z0 + k * sz
+                kf = np.float32(k)
+                x = x0 + kf * sx
+                y = y0 + kf * sy
+                z = z0 + kf * sz
                 i = min(max(int(x), 0), nx - 2)
                 j = min(max(int(y), 0), ny - 2)
                 m = min(max(int(z), 0), nz - 2)
-                fx = x - i
-                fy = y - j
-                fz = z - m
+                fx = x - np.float32(i)
+                fy = y - np.float32(j)
+                fz = z - np.float32(m)
                 c000 = vol[m, j, i]
                 c100 = vol[m, j, i + 1]
                 c010 = vol[m, j + 1, i]
@@ -117,7 +123,7 @@ def _march_numba(vol, P, dirs, h, with_grad, out):
                 c1 = c01 + fy * (c11 - c01)
                 acc += c0 + fz * (c1 - c0)
                 if with_grad:
-                    t = ts + k * dt
+                    t = ts32 + kf * dt32
                     d00 = c100 - c000
                     d10 = c110 - c010
                     d01 = c101 - c001
