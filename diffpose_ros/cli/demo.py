@@ -172,7 +172,8 @@ def _main(argv: list[str] | None) -> int:
     shutil.rmtree(estimate, ignore_errors=True)
     if args.bag:
         bag = Path(args.bag)
-        frames = read_truth(bag).frames
+        truth = read_truth(bag)
+        frames = truth.frames
         fps = (len(frames) - 1) / ((frames[-1] - frames[0]) * 1e-9) if len(frames) > 1 else 1.0
         print(f"[2/5] fluoroscopy sequence: {bag} ({len(frames)} frames at {fps:.3g} Hz)", flush=True)
     else:
@@ -186,6 +187,7 @@ def _main(argv: list[str] | None) -> int:
             f"{args.size[0]}x{args.size[1]} {args.encoding}, I0 {args.i0:g} photons/pixel",
             flush=True,
         )
+        truth = read_truth(bag)
     from ..ros.runtime import RosSession, use_large_frame_profile
 
     use_large_frame_profile()
@@ -196,7 +198,6 @@ def _main(argv: list[str] | None) -> int:
     with node_log.open("wb") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
     try:
-        truth = read_truth(bag)
         targets, _ = targets_for(truth, None)
         with RosSession("diffpose_demo") as session, contextlib.ExitStack() as stack:
             active = _subscribed(session, TOPICS["image"])

@@ -153,16 +153,21 @@ def _ransac_circle(
     a, b, c = points[triples[:, 0]], points[triples[:, 1]], points[triples[:, 2]]
     cx, cy, r = _circles_through(a, b, c)  # all tries at once: (tries,) each, NaN where degenerate
     sample = points[:: max(1, -(-len(points) // scored))]
-    off = np.abs(np.hypot(sample[None, :, 0] - cx[:, None], sample[None, :, 1] - cy[:, None]) - r[:, None])
-    counts = (off <= tolerance).sum(1)  # (tries,); NaN compares False
+    counts = (_off_circle(sample[None], cx[:, None], cy[:, None], r[:, None]) <= tolerance).sum(1)  # NaN: False
     i = int(np.argmax(counts))  # the first of the largest, as a loop keeping strict gains
-    best = np.abs(np.hypot(points[:, 0] - cx[i], points[:, 1] - cy[i]) - r[i]) <= tolerance
+    best = _off_circle(points, cx[i], cy[i], r[i]) <= tolerance
     if counts[i] < 0.5 * len(sample) or best.sum() < 0.5 * len(points):
         return None
     x, y = points[best, 0], points[best, 1]
     (p, q, c), *_ = np.linalg.lstsq(np.stack([x, y, np.ones_like(x)], 1), x * x + y * y, rcond=None)
     cx, cy = p / 2, q / 2
     return cx, cy, math.sqrt(max(c + cx * cx + cy * cy, 0.0))
+
+
+def _off_circle(points: np.ndarray, cx, cy, r) -> np.ndarray:
+    """Distances (px) of ``points`` ``(..., 2)`` from the circle(s) of centre ``(cx, cy)`` and radius ``r``
+    (broadcast against the points' leading axes)."""
+    return np.abs(np.hypot(points[..., 0] - cx, points[..., 1] - cy) - r)
 
 
 def _circles_through(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
