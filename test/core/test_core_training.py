@@ -136,11 +136,13 @@ def test_regressor_zero_head_predicts_the_reference_and_decodes_rigid_poses():
     with torch.no_grad():
         T = net(PoseRegressor.prepare(torch.rand(2, 32, 32)))
     torch.testing.assert_close(T.double(), ref.expand(2, 4, 4), atol=1e-3, rtol=0)
-    out = torch.randn(5, 9)
+    out = torch.randn(5, 9, generator=torch.Generator().manual_seed(0))
     T = net.decode(out)
     R = T[:, :3, :3]
-    torch.testing.assert_close(R @ R.transpose(1, 2), torch.eye(3).expand(5, 3, 3), atol=1e-5, rtol=0)
-    assert torch.allclose(torch.det(R), torch.ones(5), atol=1e-5)
+    # float32 rotations: orthonormal to a few hundred ulps (1.0e-5 was seen on one CPU); a
+    # decoder that were not rigid would be off by the head's outputs, order 1.
+    torch.testing.assert_close(R @ R.transpose(1, 2), torch.eye(3).expand(5, 3, 3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.det(R), torch.ones(5), atol=1e-4, rtol=0)
 
 
 @pytest.fixture(scope="module")
