@@ -4,7 +4,9 @@ Times (median of ``--repeats`` after one warm-up call; ours' forward and forward
 timed before and after DiffDRR and pooled) of our numba renderer (forward, forward +
 backward, forward + 6-column Jacobian, sparse pixel sets), our torch backend, and DiffDRR's Siddon
 (and optionally trilinear) renderer on the same view and the same attenuation volume, with the
-ratio DiffDRR / ours measured in the same run, and the NCC between the two images.
+ratio DiffDRR / ours measured in the same run, and the NCC between the two images. Each side runs
+as it is used: ours with the torch threads a pipeline sets (one on the CPU, beside numba's own
+threads on every core), DiffDRR with torch's default.
 
 Run: ``cd /work/main && PYTHONPATH=. .venv/bin/python benchmarks/bench_render.py [--sizes 128 256]``
 """
@@ -25,6 +27,7 @@ import torch
 from diffpose_ros.core import se3
 from diffpose_ros.core.diffdrr_reference import DiffDRRReference
 from diffpose_ros.core.geometry import Intrinsics, carm_pose
+from diffpose_ros.core.pipeline import set_torch_threads
 from diffpose_ros.core.render import Renderer, patch_pixels
 from diffpose_ros.core.similarity import ncc
 from diffpose_ros.core.volume import default_ct_path, hu_to_mu, load_ct
@@ -44,19 +47,28 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def timeit(fn, repeats: int, sync=None) -> dict:
-    """Median wall time (s) of ``fn()`` over ``repeats`` calls after one warm-up call."""
-    fn()
-    if sync:
-        sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def timeit(fn, repeats: int, sync=None, threads: int = 0) -> dict:
+    """Median wall time (s) of ``fn()`` over ``repeats`` calls after one warm-up call.
+
+    ``threads``: torch intra-op threads during the calls (0: leave them as they are).
+    """
+    before = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
         fn()
         if sync:
             sync()
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            if sync:
+                sync()
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times, "torch_threads": threads or before}
 
 
 def clinical_pose(center: torch.Tensor) -> torch.Tensor:
@@ -100,6 +112,9 @@ def ours_from_params(rot, trans) -> torch.Tensor:
 def bench_size(size, args, mu, ct_path, T, T_fixed, ours, ours_torch, rows, checks):
     K = DETECTOR.resized(size)
     rep, rep_d = args.repeats, args.repeats_diffdrr
+
+    def ours_timeit(fn):  # our numba renderer as a pipeline runs it (set_torch_threads)
+        return timeit(fn, rep, threads=args.ours_threads)
     with torch.no_grad():
         fixed = ours.render(T_fixed, K)
         img_ours = ours.render(T, K)
@@ -123,9 +138,9 @@ def bench_size(size, args, mu, ct_path, T, T_fixed, ours, ours_torch, rows, chec
     def jac():
         ours.render_jacobian(T, K)
 
-    add("ours fwd", timeit(fwd, rep))
-    add("ours fwd+bwd", timeit(fwdbwd, rep))
-    add("ours fwd+jacobian(6)", timeit(jac, rep))
+    add("ours fwd", ours_timeit(fwd))
+    add("ours fwd+bwd", ours_timeit(fwdbwd))
+    add("ours fwd+jacobian(6)", ours_timeit(jac))
 
     # ---- ours, sparse pixels (fixed random sets, NCC against the fixed image's values)
     g = torch.Generator().manual_seed(size)
@@ -149,12 +164,12 @@ def bench_size(size, args, mu, ct_path, T, T_fixed, ours, ours_torch, rows, chec
 
         return run
 
-    add("ours sparse 1024 px fwd+bwd", timeit(sparse(rand_px, 1), rep))
-    add("ours sparse 32x13x13 fwd+bwd", timeit(sparse(patch_px, 32), rep))
-    add("ours sparse 1024 px fwd+jacobian(6)", timeit(lambda: ours.render_jacobian(T, K, rand_px), rep))
+    add("ours sparse 1024 px fwd+bwd", ours_timeit(sparse(rand_px, 1)))
+    add("ours sparse 32x13x13 fwd+bwd", ours_timeit(sparse(patch_px, 32)))
+    add("ours sparse 1024 px fwd+jacobian(6)", ours_timeit(lambda: ours.render_jacobian(T, K, rand_px)))
     add(
         "ours sparse 32x15x15 fwd+jacobian(6)",
-        timeit(lambda: ours.render_jacobian(T, K, patch_pixels(K, centres, 15)), rep),
+        ours_timeit(lambda: ours.render_jacobian(T, K, patch_pixels(K, centres, 15))),
     )
 
     # ---- ours, torch backend
@@ -237,7 +252,7 @@ def bench_size(size, args, mu, ct_path, T, T_fixed, ours, ours_torch, rows, chec
     # shared machine weighs on both sides of the ratio alike.
     for op, fn in (("ours fwd", fwd), ("ours fwd+bwd", fwdbwd)):
         row = next(r for r in rows if r["op"] == op and r["size"] == size and r["device"] == "cpu")
-        row["times_s"] = row["times_s"] + timeit(fn, rep)["times_s"]
+        row["times_s"] = row["times_s"] + ours_timeit(fn)["times_s"]
         row["median_s"], row["min_s"] = statistics.median(row["times_s"]), min(row["times_s"])
         print(f"  {op + ' (pooled, 2 blocks)':<34s} {size:4d}  {row['median_s']:9.4f} s", flush=True)
 
@@ -333,8 +348,20 @@ def main():
     ap.add_argument("--trilinear-points", type=int, default=500)
     ap.add_argument("--no-torch-backend", action="store_true", help="skip our torch backend on the CPU")
     ap.add_argument("--no-cuda", action="store_true")
+    ap.add_argument(
+        "--ours-torch-threads",
+        dest="ours_threads",
+        type=int,
+        default=0,
+        help="torch threads while our numba renderer is timed (0: as a pipeline sets them, one on the CPU;"
+        " DiffDRR and our torch backend keep torch's default)",
+    )
     ap.add_argument("--json", metavar="OUT", help="write the figures to this JSON file")
     args = ap.parse_args()
+    if args.ours_threads <= 0:
+        default = torch.get_num_threads()
+        args.ours_threads = set_torch_threads("cpu")
+        torch.set_num_threads(default)
 
     import diffdrr
 
@@ -343,6 +370,7 @@ def main():
         "numba": numba.__version__,
         "diffdrr": getattr(diffdrr, "__version__", "?"),
         "torch_threads": torch.get_num_threads(),
+        "torch_threads_ours": args.ours_threads,
         "numba_threads": numba.get_num_threads(),
         "os_cpu_count": os.cpu_count(),
         "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,

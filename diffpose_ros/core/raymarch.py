@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["march_numba", "march_torch", "gradient_channels", "ray_segments"]
+__all__ = ["march_numba", "march_torch", "gradient_channels", "ray_segments", "tile_order"]
 
 # numba's OpenMP pool and PyTorch's (a different libgomp) spin against each other on the same
 # cores: measured here, a training step became 6x slower. TBB (thread-safe) or numba's own
@@ -59,13 +59,13 @@ def _slab(o, e, hi, t0, t1):
 # nogil: a render holds no Python lock, so the node's executor thread takes the next frame off DDS
 # while the worker renders (with the GIL held, frames were lost from the depth-1 reader queue).
 @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _march_numba(vol, P, dirs, h, with_grad, out):
+def _march_numba(vol, P, dirs, order, h, with_grad, out):
     nb = P.shape[0]
     nr = dirs.shape[0]
     nz, ny, nx = vol.shape
     for r in numba.prange(nb * nr):
         b = r // nr
-        n = r - b * nr
+        n = order[r - b * nr]
         dx, dy, dz = dirs[n, 0], dirs[n, 1], dirs[n, 2]
         ox, oy, oz = P[b, 0, 3], P[b, 1, 3], P[b, 2, 3]
         ex = P[b, 0, 0] * dx + P[b, 0, 1] * dy + P[b, 0, 2] * dz
@@ -149,18 +149,40 @@ def _march_numba(vol, P, dirs, h, with_grad, out):
             out[b, n, 6] = s2 * h
 
 
-def march_numba(vol: np.ndarray, P: torch.Tensor, dirs: torch.Tensor, step_mm: float, with_grad: bool) -> torch.Tensor:
+def march_numba(
+    vol: np.ndarray,
+    P: torch.Tensor,
+    dirs: torch.Tensor,
+    step_mm: float,
+    with_grad: bool,
+    order: np.ndarray | None = None,
+) -> torch.Tensor:
     """Accumulators ``(B, N, 1)`` (``L``) or ``(B, N, 7)`` (``L, G, H``) on the CPU.
 
     ``vol``: zero-padded ``(D, H, W)`` float32 attenuation (1/mm), C-contiguous; ``P``: ``(B, 3, 4)``
     source -> padded index maps; ``dirs``: ``(N, 3)`` source-frame directions with z = 1;
-    ``step_mm``: sampling step along the ray (mm).
+    ``step_mm``: sampling step along the ray (mm); ``order``: the order in which the rays are
+    marched, a permutation of ``range(N)`` (see :func:`tile_order`); results are in ``dirs``' order.
     """
     P64 = np.ascontiguousarray(P.detach().cpu().numpy(), dtype=np.float64)
     d64 = np.ascontiguousarray(dirs.detach().cpu().numpy(), dtype=np.float64)
+    if order is None:
+        order = np.arange(d64.shape[0], dtype=np.int64)
     out = np.empty((P64.shape[0], d64.shape[0], 7 if with_grad else 1), dtype=np.float32)
-    _march_numba(vol, P64, d64, float(step_mm), bool(with_grad), out)
+    _march_numba(vol, P64, d64, order, float(step_mm), bool(with_grad), out)
     return torch.from_numpy(out)
+
+
+def tile_order(width: int, height: int, tile: int = 4) -> np.ndarray:
+    """Row-major pixel indices of a ``width`` x ``height`` image, visited tile by tile (``tile`` x ``tile``).
+
+    Neighbouring rays read the same cache lines of the volume; marched tile by tile instead of row by
+    row, a dense 128² render took 0.93-0.95x the time (Xeon, bundled CT; ``docs/benchmarks.md``).
+    """
+    v, u = np.divmod(np.arange(width * height, dtype=np.int64), width)
+    tiles_per_row = -(-width // tile)
+    key = ((v // tile) * tiles_per_row + u // tile) * tile * tile + (v % tile) * tile + u % tile
+    return np.argsort(key, kind="stable")
 
 
 def gradient_channels(vol: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import Intrinsics
-from .raymarch import gradient_channels, march_numba, march_torch
+from .raymarch import gradient_channels, march_numba, march_torch, tile_order
 from .volume import Volume
 
 __all__ = ["Renderer", "patch_pixels"]
@@ -30,6 +30,12 @@ __all__ = ["Renderer", "patch_pixels"]
 def _rays(intrinsics: Intrinsics) -> torch.Tensor:
     """Dense source-frame ray directions of a camera (cached: every registration step reuses them)."""
     return intrinsics.rays()
+
+
+@functools.lru_cache(maxsize=16)
+def _dense_order(width: int, height: int) -> np.ndarray:
+    """The order in which the numba kernel marches a dense image's rays (cached)."""
+    return tile_order(width, height)
 
 
 def _pose_derivatives(acc: torch.Tensor, P: torch.Tensor, dirs: torch.Tensor):
@@ -55,9 +61,9 @@ class _LineIntegrals(torch.autograd.Function):
     """Line integrals ``(B, N)`` as a function of poses ``(B, 4, 4)``; backward uses the accumulators."""
 
     @staticmethod
-    def forward(ctx, pose, renderer, dirs):
+    def forward(ctx, pose, renderer, dirs, order):
         P = renderer.source_to_index(pose.detach())
-        acc = renderer.march(P, dirs, with_grad=ctx.needs_input_grad[0])
+        acc = renderer.march(P, dirs, with_grad=ctx.needs_input_grad[0], order=order)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(acc, P, dirs, renderer.ct_to_index)
             ctx.pose_dtype = pose.dtype
@@ -74,7 +80,7 @@ class _LineIntegrals(torch.autograd.Function):
         grad = torch.zeros(g.shape[0], 4, 4, dtype=torch.float64, device=G.device)
         grad[:, :3, :3] = M3.T @ grad_P3
         grad[:, :3, 3] = grad_Pt @ M3
-        return grad.to(grad_out.device, ctx.pose_dtype), None, None
+        return grad.to(grad_out.device, ctx.pose_dtype), None, None, None
 
 
 class Renderer:
@@ -109,11 +115,23 @@ class Renderer:
         """``(B, 3, 4)`` float64 maps from the source frame (mm) to padded index space for poses ``(B, 4, 4)``."""
         return (self.ct_to_index @ pose.to(torch.float64).cpu())[:, :3]
 
-    def march(self, P: torch.Tensor, dirs: torch.Tensor, with_grad: bool) -> torch.Tensor:
-        """Per-ray accumulators (see :mod:`.raymarch`): ``(B, N, 1)`` or ``(B, N, 7)`` float32 on :attr:`device`."""
+    def march(
+        self, P: torch.Tensor, dirs: torch.Tensor, with_grad: bool, order: np.ndarray | None = None
+    ) -> torch.Tensor:
+        """Per-ray accumulators (see :mod:`.raymarch`): ``(B, N, 1)`` or ``(B, N, 7)`` float32 on :attr:`device`.
+
+        ``order``: the numba kernel's marching order of the rays (results stay in ``dirs``' order).
+        """
         if self.backend == "numba":
-            return march_numba(self._vol, P, dirs, self.step_mm, with_grad).to(self.device)
+            return march_numba(self._vol, P, dirs, self.step_mm, with_grad, order).to(self.device)
         return march_torch(self._vol, P, dirs, self.step_mm, with_grad)
+
+    @staticmethod
+    def _directions(intrinsics: Intrinsics, pixels: torch.Tensor | None) -> tuple[torch.Tensor, np.ndarray | None]:
+        """Ray directions ``(N, 3)`` (all pixels, row-major, when ``pixels`` is None) and their marching order."""
+        if pixels is None:
+            return _rays(intrinsics), _dense_order(intrinsics.width, intrinsics.height)
+        return intrinsics.rays(pixels), None
 
     @staticmethod
     def _batch(pose: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -130,8 +148,8 @@ class Renderer:
         Differentiable with respect to ``pose``.
         """
         poses, single = self._batch(pose)
-        dirs = _rays(intrinsics) if pixels is None else intrinsics.rays(pixels)
-        out = _LineIntegrals.apply(poses, self, dirs)
+        dirs, order = self._directions(intrinsics, pixels)
+        out = _LineIntegrals.apply(poses, self, dirs, order)
         if pixels is None:
             out = out.reshape(-1, intrinsics.height, intrinsics.width)
         return out[0] if single else out
@@ -145,9 +163,9 @@ class Renderer:
         Pixels are row-major when ``pixels`` is None. Float32, on :attr:`device`.
         """
         poses, _ = self._batch(pose.detach())
-        dirs = _rays(intrinsics) if pixels is None else intrinsics.rays(pixels)
+        dirs, order = self._directions(intrinsics, pixels)
         P = self.source_to_index(poses)
-        L, G, H = _pose_derivatives(self.march(P, dirs, with_grad=True), P, dirs)
+        L, G, H = _pose_derivatives(self.march(P, dirs, with_grad=True, order=order), P, dirs)
         P3 = P[:, :, :3].to(G)
         j_rho = G @ P3  # (P3^T G)^T
         j_phi = torch.linalg.cross(dirs.to(G).expand_as(j_rho), H @ P3)
