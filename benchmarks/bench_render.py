@@ -68,7 +68,12 @@ def timeit(fn, repeats: int, sync=None, threads: int = 0) -> dict:
             times.append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(before)
-    return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times, "torch_threads": threads or before}
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "times_s": times,
+        "torch_threads": threads or before,
+    }
 
 
 def clinical_pose(center: torch.Tensor) -> torch.Tensor:
@@ -115,6 +120,7 @@ def bench_size(size, args, mu, ct_path, T, T_fixed, ours, ours_torch, rows, chec
 
     def ours_timeit(fn):  # our numba renderer as a pipeline runs it (set_torch_threads)
         return timeit(fn, rep, threads=args.ours_threads)
+
     with torch.no_grad():
         fixed = ours.render(T_fixed, K)
         img_ours = ours.render(T, K)
