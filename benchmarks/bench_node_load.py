@@ -243,9 +243,9 @@ def main(argv=None) -> int:
         print(
             f"node: received {received}, processed {processed}, TF published {len(rows)} "
             f"(node count {final.get('frames_published')}), rejected {final.get('frames_rejected')}, "
-            f"dropped in the 1-slot mailboxes {dropped}, dropped before the callback (depth-1 reader queue, "
+            f"dropped in the 1-slot mailbox {dropped}, dropped before the callback (depth-1 reader queue, "
             f"from sequence gaps) {before}; published - received = {published - received}; "
-            f"processed + mailbox drops = {processed + dropped} (received less the up to 2 frames in flight)"
+            f"processed + mailbox drops = {processed + dropped} (received - 1 if a frame was in flight)"
         )
         print(
             "node RSS (MB): "
@@ -271,13 +271,12 @@ def main(argv=None) -> int:
             if vals:
                 med = {
                     key: statistics.median(float(v.get(key, "nan")) for v in vals)
-                    for key in ("t_in_mailbox_s", "t_camera_info_wait_s", "t_ready_wait_s", "t_total_s")
+                    for key in ("t_in_mailbox_s", "t_camera_info_wait_s", "t_total_s")
                 }
                 modes = sum(v.get("mode") == "tracking" for v in vals)
                 parts.append(
                     f"{w0}-{w0 + 10}s mailbox {med['t_in_mailbox_s'] * 1e3:.0f} / camera_info wait "
-                    f"{med['t_camera_info_wait_s'] * 1e3:.0f} / prepared, waiting {med['t_ready_wait_s'] * 1e3:.0f}"
-                    f" / processing {med['t_total_s'] * 1e3:.0f}"
+                    f"{med['t_camera_info_wait_s'] * 1e3:.0f} / processing {med['t_total_s'] * 1e3:.0f}"
                     f" ({modes}/{len(vals)} tracking)"
                 )
         print("node-side medians per window (ms): " + "; ".join(parts))

@@ -18,12 +18,11 @@ also receives from reliable publishers), or ``image_qos: reliable``; depth 1. ca
 reliability, depth 10. A frame's intrinsics: the camera_info with its stamp (waiting up to
 ``camera_info_wait_s``), else the ``intrinsics.*`` parameters, else an ERROR (:mod:`.camera_info`).
 
-Newest frame only: the image callback puts the message in a one-slot mailbox; one thread
-(:mod:`.worker`) takes the newest frame and prepares it (the core's ``prepare_frame``) while another
-runs the :class:`~diffpose_ros.core.pipeline.Pipeline` on the newest prepared one (CNN + refinement,
-tracking when the last accepted pose is recent); the node publishes what it made of it.
-``frames_dropped`` counts frames replaced in the depth-1 DDS reader queue
-(``frames_dropped_before_receipt``) and in the two one-slot mailboxes (``frames_dropped_mailbox``).
+Newest frame only: the image callback puts the message in a one-slot mailbox; one worker thread
+(:mod:`.worker`) takes the newest frame, prepares it (the core's ``prepare_frame``) and runs the
+:class:`~diffpose_ros.core.pipeline.Pipeline` (CNN + refinement, tracking when the last accepted
+pose is recent); the node publishes what it made of it. ``frames_dropped`` counts frames replaced in
+the depth-1 DDS reader queue (``frames_dropped_before_receipt``) and in the mailbox.
 
 Outputs, stamped with the image's stamp, only for strictly newer stamps:
 
@@ -387,7 +386,7 @@ class DiffPoseNode(LifecycleNode):
             values["cuda_allocated_mb"] = torch.cuda.memory_allocated() / 2**20
         worker = self._worker
         config_error = self._config_error if worker is None else ""
-        dropped = worker.dropped if worker is not None else 0
+        dropped = worker.mailbox.dropped if worker is not None else 0
         summary = self._stats.summary(self._diag_name, self._device, self._state, config_error, dropped, values)
         return self._status.flag_stale(summary, self._settings.stale_after_s)
 

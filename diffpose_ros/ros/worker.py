@@ -1,19 +1,11 @@
-"""``diffpose_node``'s worker: the newest frame in, a pose or a stated reason out, in two threads.
+"""``diffpose_node``'s worker: the newest frame in, a pose or a stated reason out, in its own thread.
 
 The image callback only puts each message into a one-slot :class:`Mailbox` (a frame still waiting
-there is replaced and counted as dropped), so there is never a backlog. Two stages follow, each in
-a thread of its own and joined by a second one-slot mailbox, so that the next frame is made ready
-while the current one is registered:
-
-- ``diffpose_prepare`` takes the newest message, converts it, finds its intrinsics
-  (:func:`~.camera_info.choose_intrinsics`, waiting for its camera_info if one is coming) and
-  prepares it with the core's one preparation step (:func:`~diffpose_ros.core.preprocess.prepare_frame`);
-- ``diffpose_worker`` takes the newest prepared frame, runs the pipeline and hands an
-  :class:`Outcome` to the node, which publishes it.
-
-A frame that is refused while being prepared reaches the node the same way, as a rejected
-outcome. Poses go out only for stamps strictly newer than the last published one. No rclpy here:
-tests drive a worker with plain messages.
+there is replaced and counted as dropped), so there is never a backlog. The worker takes the newest
+frame, finds its intrinsics (:func:`~.camera_info.choose_intrinsics`), prepares it with the core's
+one preparation step (:func:`~diffpose_ros.core.preprocess.prepare_frame`), runs the pipeline and hands an
+:class:`Outcome` to the node, which publishes it. Poses go out only for stamps strictly newer than
+the last published one. No rclpy here: tests drive a worker with plain messages.
 """
 
 from __future__ import annotations
@@ -33,7 +25,7 @@ from .camera_info import CameraInfoCache, choose_intrinsics, stamp_text
 from .conversions import camera_info_to_intrinsics, frame_kind, image_to_numpy
 from .settings import Settings
 
-__all__ = ["FrameWorker", "Mailbox", "Outcome", "Prepared", "Received"]
+__all__ = ["FrameWorker", "Mailbox", "Outcome", "Received"]
 
 
 @dataclass
@@ -45,21 +37,21 @@ class Received:
 
 
 class Mailbox:
-    """One slot holding the newest item; ``dropped`` counts the replaced ones."""
+    """One slot holding the newest :class:`Received`; ``dropped`` counts the replaced ones."""
 
     def __init__(self):
         self._cond = threading.Condition()
-        self._item: Any = None
+        self._item: Received | None = None
         self.dropped = 0
 
-    def put(self, item: Any) -> None:
+    def put(self, item: Received) -> None:
         with self._cond:
             if self._item is not None:
                 self.dropped += 1
             self._item = item
             self._cond.notify_all()
 
-    def take(self, timeout: float) -> Any:
+    def take(self, timeout: float) -> Received | None:
         """The waiting item (emptying the slot), after up to ``timeout`` s; None if none came."""
         with self._cond:
             self._cond.wait_for(lambda: self._item is not None, timeout)
@@ -86,21 +78,8 @@ class Outcome:
     frame: Frame | None = None
 
 
-@dataclass
-class Prepared:
-    """A :class:`Received` frame after preparation: the ``frame`` for the pipeline, or the
-    ``outcome`` that refused it; the frame status's ``values`` so far; ``wall``: ``time.monotonic()``
-    when it was ready."""
-
-    item: Received
-    values: dict
-    wall: float
-    frame: Frame | None = None
-    outcome: Outcome | None = None
-
-
 class FrameWorker:
-    """Prepares the newest frame of :attr:`mailbox` and processes it with ``pipeline``, in two threads.
+    """Processes the newest frame of :attr:`mailbox` with ``pipeline`` in a thread of its own.
 
     ``settings``: the node's current :class:`~.settings.Settings`; ``infos``: the camera_info cache;
     ``camera_info_matched``: whether a camera_info publisher is matched (worth waiting for one);
@@ -120,63 +99,32 @@ class FrameWorker:
         self.mailbox = Mailbox()
         self._settings, self._infos, self._matched = settings, infos, camera_info_matched
         self._report, self._logger = report, logger
-        self._ready = Mailbox()  # prepared frames, the worker's input
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._thread: threading.Thread | None = None
         self._last_stamp_ns: int | None = None
 
-    @property
-    def dropped(self) -> int:
-        """Frames replaced by newer ones in either one-slot mailbox before they were processed."""
-        return self.mailbox.dropped + self._ready.dropped
-
     def start(self, keep_running: Callable[[], bool] = lambda: True) -> None:
-        """Start both threads; they end at :meth:`stop` or when ``keep_running()`` turns false."""
+        """Start the thread; it ends at :meth:`stop` or when ``keep_running()`` turns false."""
         self._stop.clear()
         self.mailbox.clear()
-        self._ready.clear()
-        self._threads = [
-            threading.Thread(target=loop, args=(keep_running,), name=name, daemon=True)
-            for loop, name in ((self._prepare_loop, "diffpose_prepare"), (self._process_loop, "diffpose_worker"))
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._thread = threading.Thread(target=self._loop, args=(keep_running,), name="diffpose_worker", daemon=True)
+        self._thread.start()
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Stop both threads (waiting up to ``timeout`` s for the frame in hand) and drop any waiting frame."""
+        """Stop the thread (waiting up to ``timeout`` s for the frame in hand) and drop any waiting frame."""
         self._stop.set()
-        threads, self._threads = self._threads, []
-        deadline = time.monotonic() + timeout
-        for thread in threads:
-            if thread is not threading.current_thread():
-                thread.join(max(0.0, deadline - time.monotonic()))
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
         self.mailbox.clear()
-        self._ready.clear()
 
-    def _prepare_loop(self, keep_running: Callable[[], bool]) -> None:
+    def _loop(self, keep_running: Callable[[], bool]) -> None:
         while not self._stop.is_set() and keep_running():
             item = self.mailbox.take(0.1)
             if item is None or self._stop.is_set():
                 continue
             try:
-                prepared = self.prepare(item)
-            except Exception as err:
-                self._logger.error(f"frame preparation failed: {err!r}\n{traceback.format_exc()}")
-                message = f"internal error: {type(err).__name__}: {err}"
-                prepared = Prepared(
-                    item, {}, time.monotonic(), outcome=Outcome("failed", DiagnosticStatus.ERROR, message)
-                )
-            if not self._stop.is_set():
-                self._ready.put(prepared)
-
-    def _process_loop(self, keep_running: Callable[[], bool]) -> None:
-        while not self._stop.is_set() and keep_running():
-            prepared = self._ready.take(0.1)
-            if prepared is None or self._stop.is_set():
-                continue
-            item = prepared.item
-            try:
-                outcome = self.process(prepared)
+                outcome = self.handle(item)
                 if outcome is not None and not self._stop.is_set():
                     self._report(item, outcome)
                     if outcome.kind == "published":
@@ -186,40 +134,30 @@ class FrameWorker:
                 message = f"internal error: {type(err).__name__}: {err}"
                 self._report(item, Outcome("failed", DiagnosticStatus.ERROR, message))
 
-    def prepare(self, item: Received) -> Prepared:
-        """Convert one message and prepare its frame; a refused frame gets a rejected ``outcome``."""
+    def handle(self, item: Received) -> Outcome | None:
+        """The :class:`Outcome` of one frame (None when the worker was stopped meanwhile)."""
         msg, s = item.msg, self._settings()
+        stamp_ns = _stamp_ns(msg)
         values = {"encoding": msg.encoding, "size": f"{msg.width}x{msg.height}"}
         values["t_in_mailbox_s"] = time.monotonic() - item.wall
+        if self._last_stamp_ns is not None and stamp_ns <= self._last_stamp_ns:
+            message = "stamp not newer than the last published pose: frame skipped"
+            return Outcome("skipped", DiagnosticStatus.WARN, message, values)
         try:
             pixels = image_to_numpy(msg)  # a malformed message is refused before any waiting
             t0 = time.perf_counter()
             k, values["intrinsics_source"] = self._intrinsics(msg, s)
             values["t_camera_info_wait_s"] = time.perf_counter() - t0
             frame = prepare_frame(pixels, frame_kind(msg.encoding, s.input_kind), k, s.mirror, s.field())
+            values["t_convert_s"] = frame.prepare_seconds
+            values["valid_fraction"] = frame.valid_fraction
+            if self._stop.is_set():
+                return None
+            result = self.pipeline.process(frame, stamp=stamp_ns * 1e-9, track=s.tracking_enabled)
         except ValueError as err:
-            return Prepared(item, values, time.monotonic(), outcome=self._refused(msg, err, values))
-        values["t_convert_s"] = frame.prepare_seconds
-        values["valid_fraction"] = frame.valid_fraction
-        return Prepared(item, values, time.monotonic(), frame=frame)
-
-    def process(self, prepared: Prepared) -> Outcome | None:
-        """The :class:`Outcome` of one prepared frame (None when the worker was stopped meanwhile)."""
-        msg, values = prepared.item.msg, prepared.values
-        values["t_ready_wait_s"] = time.monotonic() - prepared.wall
-        stamp_ns = _stamp_ns(msg)
-        if self._last_stamp_ns is not None and stamp_ns <= self._last_stamp_ns:
-            message = "stamp not newer than the last published pose: frame skipped"
-            return Outcome("skipped", DiagnosticStatus.WARN, message, values)
-        if prepared.outcome is not None:
-            return prepared.outcome
-        if self._stop.is_set():
-            return None
-        frame = prepared.frame
-        try:
-            result = self.pipeline.process(frame, stamp=stamp_ns * 1e-9, track=self._settings().tracking_enabled)
-        except ValueError as err:
-            return self._refused(msg, err, values)
+            stamp = stamp_text((msg.header.stamp.sec, msg.header.stamp.nanosec))
+            self._logger.warning(f"frame {stamp} refused: {err}", throttle_duration_sec=1.0)
+            return Outcome("rejected", DiagnosticStatus.ERROR, f"bad frame: {err}", values)
         values.update(
             mode=result.mode,
             path=result.path,
@@ -235,11 +173,6 @@ class FrameWorker:
             message = f"rejected by the gate: {result.reason}"
             return Outcome("rejected", DiagnosticStatus.ERROR, message, values, result, frame)
         return Outcome("published", DiagnosticStatus.OK, "pose published", values, result, frame)
-
-    def _refused(self, msg, err: ValueError, values: dict) -> Outcome:
-        stamp = stamp_text((msg.header.stamp.sec, msg.header.stamp.nanosec))
-        self._logger.warning(f"frame {stamp} refused: {err}", throttle_duration_sec=1.0)
-        return Outcome("rejected", DiagnosticStatus.ERROR, f"bad frame: {err}", values)
 
     def _intrinsics(self, msg, s: Settings):
         stamp = (int(msg.header.stamp.sec), int(msg.header.stamp.nanosec))

@@ -155,33 +155,28 @@ def _frame(scene, index, sec, info_cache=None, **image_kw):
     return Received(msg, time.monotonic())
 
 
-def _handle(worker, item):
-    """Both of the worker's stages for one frame, in this thread."""
-    return worker.process(worker.prepare(item))
-
-
 def test_worker_outcomes_without_dds(worker_case, scene):
     from diffpose_ros.core import metrics
 
     worker, infos, settings = worker_case
-    good = _handle(worker, _frame(scene, 0, 100, infos))
+    good = worker.handle(_frame(scene, 0, 100, infos))
     assert good.kind == "published" and good.level == DiagnosticStatus.OK, good.message
     assert good.values["intrinsics_source"] == "camera_info" and good.values["mode"] == "cold"
     assert float(metrics.mtre(good.result.pose, scene.poses[0], scene.targets)) < 2.0
     assert good.frame.intrinsics == scene.detector
 
-    missing = _handle(worker, _frame(scene, 1, 101))  # no camera_info, no parameters
+    missing = worker.handle(_frame(scene, 1, 101))  # no camera_info, no parameters
     assert missing.kind == "rejected" and "missing camera_info" not in missing.message
     assert "no camera_info with the image's stamp 101.000000000" in missing.message
 
     broken = _frame(scene, 1, 102, infos)
     broken.msg.data = broken.msg.data[:-10]
-    refused = _handle(worker, broken)
+    refused = worker.handle(broken)
     assert refused.kind == "rejected" and refused.message.startswith("bad frame: image data is")
 
     settings["value"] = dataclasses.replace(settings["value"], sdd_mm=1020.0, pixel_spacing_mm=1.2)
     try:
-        by_parameters = _handle(worker, _frame(scene, 2, 103))
+        by_parameters = worker.handle(_frame(scene, 2, 103))
     finally:
         settings["value"] = dataclasses.replace(settings["value"], sdd_mm=0.0, pixel_spacing_mm=0.0)
     assert by_parameters.kind == "published" and by_parameters.values["intrinsics_source"] == "parameters"
@@ -211,42 +206,3 @@ def test_worker_thread_reports_and_skips_old_stamps(scene):
     finally:
         worker.stop()
     assert reports == [(200, "published"), (199, "skipped")]
-
-
-def test_the_next_frame_is_prepared_while_the_current_one_is_registered(scene):
-    pipeline = Pipeline.from_file(scene.model_path)
-    registering, release = threading.Event(), threading.Event()
-
-    class HeldAtFirstFrame:
-        """The real pipeline, held at its first frame until released."""
-
-        def process(self, frame, **kw):
-            registering.set()
-            assert release.wait(60)
-            return pipeline.process(frame, **kw)
-
-    infos = CameraInfoCache()
-    reports = []
-    settings = Settings.from_parameters({})
-    worker = FrameWorker(
-        HeldAtFirstFrame(), lambda: settings, infos, lambda: False, lambda *r: reports.append(r), _Log()
-    )
-    worker.start()
-    try:
-        worker.mailbox.put(_frame(scene, 0, 300, infos))
-        assert registering.wait(60)
-        worker.mailbox.put(_frame(scene, 1, 301, infos))
-        time.sleep(1.0)  # frame 301 is prepared meanwhile, then waits for the worker
-        release.set()
-        deadline = time.monotonic() + 60
-        while len(reports) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        worker.stop()
-    assert [(item.msg.header.stamp.sec, outcome.kind) for item, outcome in reports] == [
-        (300, "published"),
-        (301, "published"),
-    ]
-    second = reports[1][1].values
-    assert second["t_in_mailbox_s"] < 0.5 and second["t_ready_wait_s"] > 0.5, second
-    assert worker.dropped == 0
