@@ -26,6 +26,19 @@ def _similarity(cost, values, jac):
     return cost.similarity(0.5 * float(r.square().sum()))
 
 
+def test_sobel_equals_the_kernels_as_a_correlation():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 17, 12, generator=g, dtype=torch.float64)
+    k = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], dtype=torch.float64)
+    reference = torch.nn.functional.conv2d(x.reshape(-1, 1, 17, 12), torch.stack([k, k.T])[:, None])
+    got = sobel(x)
+    assert got.shape == (3, 4, 2, 15, 10)
+    torch.testing.assert_close(got.reshape(-1, 2, 15, 10), reference, atol=1e-12, rtol=0)
+    ramp = torch.arange(12.0)[None].expand(17, 12)  # grows to the right: horizontal kernel gives -8 per step
+    torch.testing.assert_close(sobel(ramp)[0], torch.full((15, 10), -8.0))
+    torch.testing.assert_close(sobel(ramp)[1], torch.zeros(15, 10))
+
+
 def test_ncc_cost_is_the_multiscale_ncc(pair):
     values, jac, target = pair
     cost = make_cost("ncc", target, None, 8, 0.5)
