@@ -18,7 +18,10 @@ The volume carries one voxel of zeros on every face, so the integrand vanishes w
 leave the box: moving the entry/exit points adds no boundary term, and the trilinear ramp into the
 zero layer integrates to the same half voxel a Siddon box ends with.
 
-- ``march_numba``: CPU, numba, exact derivative of the trilinear interpolant.
+- ``march_numba``: CPU, numba, exact derivative of the trilinear interpolant. With ``jacobian``,
+  each ray ends by turning its accumulators into the six columns of ``dL/dxi`` for ``T exp(xi)``
+  (see :func:`twist_jacobian`, the same formula on tensors): the tracking path's renders then leave
+  the kernel ready for Gauss-Newton, without a dozen small tensor operations per call.
 - ``march_torch``: any torch device (the GPU path), ``grid_sample`` on the volume and its forward
   differences (exact derivative of the trilinear interpolant as well).
 """
@@ -33,7 +36,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["march_numba", "march_torch", "gradient_channels", "ray_segments", "tile_order"]
+__all__ = [
+    "gradient_channels",
+    "march_numba",
+    "march_torch",
+    "pose_derivatives",
+    "ray_segments",
+    "tile_order",
+    "twist_jacobian",
+]
 
 # numba's OpenMP pool and PyTorch's (a different libgomp) spin against each other on the same
 # cores: measured here, a training step became 6x slower. TBB (thread-safe) or numba's own
@@ -59,7 +70,7 @@ def _slab(o, e, hi, t0, t1):
 # nogil: a render holds no Python lock, so the node's executor thread takes the next frame off DDS
 # while the worker renders (with the GIL held, frames were lost from the depth-1 reader queue).
 @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _march_numba(vol, P, dirs, order, h, with_grad, out):
+def _march_numba(vol, P, dirs, order, h, with_grad, jacobian, out):
     nb = P.shape[0]
     nr = dirs.shape[0]
     nz, ny, nx = vol.shape
@@ -140,13 +151,35 @@ def _march_numba(vol, P, dirs, order, h, with_grad, out):
                     s1 += t * gy
                     s2 += t * gz
         out[b, n, 0] = acc * h
-        if with_grad:
+        if jacobian:
+            _twist_columns(P[b], dx, dy, dz, ex, ey, ez, acc * h, g0 * h, g1 * h, g2 * h, s0 * h, s1 * h, s2 * h, out[b, n])
+        elif with_grad:
             out[b, n, 1] = g0 * h
             out[b, n, 2] = g1 * h
             out[b, n, 3] = g2 * h
             out[b, n, 4] = s0 * h
             out[b, n, 5] = s1 * h
             out[b, n, 6] = s2 * h
+
+
+@numba.njit(inline="always", fastmath=True)
+def _twist_columns(P, dx, dy, dz, ex, ey, ez, L, G0, G1, G2, H0, H1, H2, out):
+    """``out[1:7]``: ``dL/dxi`` of one ray from its accumulators (:func:`twist_jacobian`, per ray)."""
+    norm = math.sqrt(ex * ex + ey * ey + ez * ez)
+    ux, uy, uz = ex / norm, ey / norm, ez / norm
+    gu = G0 * ux + G1 * uy + G2 * uz
+    hu = H0 * ux + H1 * uy + H2 * uz + L / norm
+    G0, G1, G2 = G0 - gu * ux, G1 - gu * uy, G2 - gu * uz
+    H0, H1, H2 = H0 - hu * ux, H1 - hu * uy, H2 - hu * uz
+    out[1] = G0 * P[0, 0] + G1 * P[1, 0] + G2 * P[2, 0]
+    out[2] = G0 * P[0, 1] + G1 * P[1, 1] + G2 * P[2, 1]
+    out[3] = G0 * P[0, 2] + G1 * P[1, 2] + G2 * P[2, 2]
+    w0 = H0 * P[0, 0] + H1 * P[1, 0] + H2 * P[2, 0]
+    w1 = H0 * P[0, 1] + H1 * P[1, 1] + H2 * P[2, 1]
+    w2 = H0 * P[0, 2] + H1 * P[1, 2] + H2 * P[2, 2]
+    out[4] = dy * w2 - dz * w1
+    out[5] = dz * w0 - dx * w2
+    out[6] = dx * w1 - dy * w0
 
 
 def march_numba(
@@ -156,6 +189,7 @@ def march_numba(
     step_mm: float,
     with_grad: bool,
     order: np.ndarray | None = None,
+    jacobian: bool = False,
 ) -> torch.Tensor:
     """Accumulators ``(B, N, 1)`` (``L``) or ``(B, N, 7)`` (``L, G, H``) on the CPU.
 
@@ -163,13 +197,14 @@ def march_numba(
     source -> padded index maps; ``dirs``: ``(N, 3)`` source-frame directions with z = 1;
     ``step_mm``: sampling step along the ray (mm); ``order``: the order in which the rays are
     marched, a permutation of ``range(N)`` (see :func:`tile_order`); results are in ``dirs``' order.
+    ``jacobian``: ``(B, N, 7)`` is ``L`` and the six columns of :func:`twist_jacobian` instead.
     """
     P64 = np.ascontiguousarray(P.detach().cpu().numpy(), dtype=np.float64)
     d64 = np.ascontiguousarray(dirs.detach().cpu().numpy(), dtype=np.float64)
     if order is None:
         order = np.arange(d64.shape[0], dtype=np.int64)
-    out = np.empty((P64.shape[0], d64.shape[0], 7 if with_grad else 1), dtype=np.float32)
-    _march_numba(vol, P64, d64, order, float(step_mm), bool(with_grad), out)
+    out = np.empty((P64.shape[0], d64.shape[0], 7 if with_grad or jacobian else 1), dtype=np.float32)
+    _march_numba(vol, P64, d64, order, float(step_mm), bool(with_grad or jacobian), bool(jacobian), out)
     return torch.from_numpy(out)
 
 
@@ -184,6 +219,39 @@ def tile_order(width: int, height: int, tile: int = 4) -> np.ndarray:
     tiles_per_row = -(-width // tile)
     key = ((v // tile) * tiles_per_row + u // tile) * tile * tile + (v % tile) * tile + u % tile
     return np.argsort(key, kind="stable")
+
+
+def pose_derivatives(acc: torch.Tensor, P: torch.Tensor, dirs: torch.Tensor):
+    """Line integrals ``L (B, N)`` and vectors ``G, H (B, N, 3)`` with ``dL/dP[:, 3] = G``, ``dL/dP[:, :3] = H d^T``.
+
+    ``acc``: a kernel's accumulators ``(B, N, 7)``. The marched sums differentiate every sample,
+    including their slide along the ray when the pose moves, which is sampling noise (the sawtooth of
+    a Riemann sum). The along-ray part of the motion is therefore integrated by parts exactly instead
+    (the integrand is zero at both ends): it contributes nothing for a shift and ``-L / |e|`` along
+    the ray for a stretch, leaving the derivative of the continuous integral.
+    """
+    acc = acc.float()
+    L, G, H = acc[..., 0], acc[..., 1:4], acc[..., 4:7]
+    e = dirs.to(acc) @ P[:, :, :3].to(acc).transpose(1, 2)
+    norm = torch.linalg.vector_norm(e, dim=-1, keepdim=True)
+    u = e / norm
+    G = G - (G * u).sum(-1, keepdim=True) * u
+    H = H - (H * u).sum(-1, keepdim=True) * u - u * (L[..., None] / norm)
+    return L, G, H
+
+
+def twist_jacobian(acc: torch.Tensor, P: torch.Tensor, dirs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Line integrals ``(B, N)`` and their Jacobian ``(B, N, 6)`` w.r.t. ``xi`` in ``T exp(xi)`` at 0.
+
+    From the accumulators ``acc (B, N, 7)`` of the rays ``dirs (N, 3)`` under the maps ``P (B, 3, 4)``
+    (:func:`pose_derivatives`); columns: translation (per mm) along source x, y, z, then rotation
+    (per rad) about them. ``march_numba(..., jacobian=True)`` evaluates the same per ray in the kernel.
+    """
+    L, G, H = pose_derivatives(acc, P, dirs)
+    P3 = P[:, :, :3].to(G)
+    j_rho = G @ P3  # (P3^T G)^T
+    j_phi = torch.linalg.cross(dirs.to(G).expand_as(j_rho), H @ P3)
+    return L, torch.cat([j_rho, j_phi], -1)
 
 
 def gradient_channels(vol: torch.Tensor) -> torch.Tensor:

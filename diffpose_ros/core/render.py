@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import Intrinsics
-from .raymarch import gradient_channels, march_numba, march_torch, tile_order
+from .raymarch import gradient_channels, march_numba, march_torch, pose_derivatives, tile_order, twist_jacobian
 from .volume import Volume
 
 __all__ = ["Renderer", "patch_pixels"]
@@ -38,25 +38,6 @@ def _dense_order(width: int, height: int) -> np.ndarray:
     return tile_order(width, height)
 
 
-def _pose_derivatives(acc: torch.Tensor, P: torch.Tensor, dirs: torch.Tensor):
-    """Line integrals ``L (B, N)`` and vectors ``G, H (B, N, 3)`` with ``dL/dP[:, 3] = G``, ``dL/dP[:, :3] = H d^T``.
-
-    The marched sums differentiate every sample, including their slide along the ray when the pose
-    moves, which is sampling noise (the sawtooth of a Riemann sum). The along-ray part of the motion is
-    therefore integrated by parts exactly instead (the integrand is zero at both ends): it contributes
-    nothing for a shift and ``-L / |e|`` along the ray for a stretch, leaving the derivative of the
-    continuous integral.
-    """
-    acc = acc.float()
-    L, G, H = acc[..., 0], acc[..., 1:4], acc[..., 4:7]
-    e = dirs.to(acc) @ P[:, :, :3].to(acc).transpose(1, 2)
-    norm = torch.linalg.vector_norm(e, dim=-1, keepdim=True)
-    u = e / norm
-    G = G - (G * u).sum(-1, keepdim=True) * u
-    H = H - (H * u).sum(-1, keepdim=True) * u - u * (L[..., None] / norm)
-    return L, G, H
-
-
 class _LineIntegrals(torch.autograd.Function):
     """Line integrals ``(B, N)`` as a function of poses ``(B, 4, 4)``; backward uses the accumulators."""
 
@@ -72,7 +53,7 @@ class _LineIntegrals(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         acc, P, dirs, M = ctx.saved_tensors
-        _, G, H = _pose_derivatives(acc, P, dirs)
+        _, G, H = pose_derivatives(acc, P, dirs)
         g = grad_out.to(G)
         grad_P3 = torch.einsum("bn,bni,nj->bij", g, H, dirs.to(G)).double()
         grad_Pt = torch.einsum("bn,bni->bi", g, G).double()
@@ -165,11 +146,10 @@ class Renderer:
         poses, _ = self._batch(pose.detach())
         dirs, order = self._directions(intrinsics, pixels)
         P = self.source_to_index(poses)
-        L, G, H = _pose_derivatives(self.march(P, dirs, with_grad=True, order=order), P, dirs)
-        P3 = P[:, :, :3].to(G)
-        j_rho = G @ P3  # (P3^T G)^T
-        j_phi = torch.linalg.cross(dirs.to(G).expand_as(j_rho), H @ P3)
-        return L, torch.cat([j_rho, j_phi], -1)
+        if self.backend == "numba":  # the kernel finishes each ray's columns itself
+            out = march_numba(self._vol, P, dirs, self.step_mm, True, order, jacobian=True).to(self.device)
+            return out[..., 0], out[..., 1:]
+        return twist_jacobian(self.march(P, dirs, with_grad=True), P, dirs)
 
 
 def patch_pixels(intrinsics: Intrinsics, centers: torch.Tensor, size: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 
 from diffpose_ros.core import se3
 from diffpose_ros.core.geometry import Intrinsics, carm_pose
-from diffpose_ros.core.raymarch import march_numba, tile_order
+from diffpose_ros.core.raymarch import march_numba, tile_order, twist_jacobian
 from diffpose_ros.core.render import Renderer, patch_pixels
 from diffpose_ros.core.volume import Volume
 
@@ -221,6 +221,21 @@ def test_tiled_marching_order_gives_the_row_major_image(renderer, clinical_pose)
         rows = march_numba(renderer._vol, P, dirs, renderer.step_mm, with_grad)
         assert torch.equal(tiled, rows)  # each ray is marched alone: only the order changes
     assert float(rows[..., 0].max()) > 1.0  # the rays cross the patient
+
+
+def test_kernel_jacobian_equals_the_tensor_formula(renderer, poses, k64):
+    """The kernel's per-ray Jacobian (the numba path of render_jacobian) is twist_jacobian of its accumulators."""
+    P = renderer.source_to_index(poses)
+    dirs = k64.rays()
+    acc = march_numba(renderer._vol, P, dirs, renderer.step_mm, True)
+    L, J = twist_jacobian(acc, P, dirs)
+    fused = march_numba(renderer._vol, P, dirs, renderer.step_mm, True, jacobian=True)
+    assert torch.equal(fused[..., 0], L)
+    scale = J.abs().amax(dim=(0, 1))  # per column: mm and rad columns differ by orders of magnitude
+    assert bool((scale > 0).all())
+    torch.testing.assert_close(fused[..., 1:] / scale, J / scale, atol=1e-6, rtol=0)
+    Lr, Jr = renderer.render_jacobian(poses, k64)
+    assert torch.equal(Lr, L) and torch.equal(Jr, fused[..., 1:])
 
 
 def test_render_rejects_bad_inputs(mu_coarse, renderer, k64):
