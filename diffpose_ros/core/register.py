@@ -71,6 +71,9 @@ class RegistrationConfig:
     scaled by ``radius_mm``) or changes the similarity by less than ``cost_tolerance``,
     accepted or not: near the optimum the cost of a trial step differs from the current one by the
     renderer's interpolation noise, so a rejected step of that size means the level has converged.
+    It also ends, without rendering the step, when the Gauss-Newton model predicts that the step
+    improves the cost by less than ``cost_tolerance`` (one render fewer per tracked frame, at the
+    same accuracy: ``docs/benchmarks.md``).
     ``outlier_sigma``: from the second level on, pixels whose standardised difference from the DRR
     at the level's start exceeds this many robust standard deviations (1.4826 MAD), and their
     neighbours, leave the cost for that level: instruments, wires and anything else that is not in
@@ -242,6 +245,9 @@ class Registrar:
                 A = (J.T @ J).double().cpu()  # the 6x6 step is solved on the CPU, next to the pose
                 g = (J.T @ r).double().cpu()
                 step = -torch.linalg.solve(A + lam * torch.diag(torch.diag(A)) + 1e-12 * torch.eye(6, dtype=A.dtype), g)
+                if float(-(g @ step) - 0.5 * (step @ A @ step)) < cfg.cost_tolerance:
+                    level_converged = True  # the model's improvement is negligible: not worth a render
+                    break
                 trial = pose @ se3.exp(step)
                 t_cost, t_r, t_J = evaluate(trial)
                 iterations += 1

@@ -123,23 +123,27 @@ def test_resample_image():
 
 
 def test_a_level_at_its_noise_floor_converges(mu, registrar, truth, detector):
-    # At the optimum of a noisy frame, a trial step's cost differs from the current one by the
-    # renderer's interpolation noise and may be rejected. A rejected step that changes the cost by
-    # less than cost_tolerance ends the level as converged (else a good registration that meets its
-    # iteration cap there would be refused). The step tolerance is set too small to end it here.
+    # At the optimum of a noisy frame, the Gauss-Newton model predicts an improvement below
+    # cost_tolerance, so the level ends as converged without rendering the step; a trial step that is
+    # rendered changes the cost by the renderer's interpolation noise and may be rejected, and one that
+    # changes it by less than cost_tolerance ends the level as converged too (else a good registration
+    # that meets its iteration cap there would be refused). The step tolerance is set too small to end
+    # it here.
     T_true, _ = truth
     drr = registrar.renderer().render(T_true, detector).reshape(256, 256)
     finest = Level(128, 1.4, 1, patch=13)
     strict = Registrar(mu, RegistrationConfig(levels=(finest,), step_tolerance_mm=1e-4), backend="numba")
-    rejected = 0
+    skipped = 0
     for seed in range(6):
         frame = simulate_transmission(drr, rng=np.random.default_rng(seed))
         image = line_integrals_from_transmission(frame)
         optimum = registrar.register(image, detector, T_true, levels=(Level(128, 1.4, 6, patch=13),)).pose
         res = strict.register(image, detector, optimum)
-        assert res.iterations == 1 and res.converged, res.history
-        rejected += not res.history[0]["accepted"]
-    assert rejected > 0  # the case this test is about occurred
+        assert res.converged and res.iterations <= 1, res.history
+        if res.iterations == 0:
+            skipped += 1
+            assert torch.equal(res.pose, optimum) and not res.failure()
+    assert skipped > 0  # the case this test is about occurred
 
 
 def test_cost_is_chosen_by_name(mu, truth, target, k128, hu):
