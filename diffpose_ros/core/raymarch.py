@@ -7,7 +7,7 @@ volume once and, in the same pass, accumulates the six numbers from which the ex
 derivative follows (forward-mode, so Gauss-Newton gets the full per-pixel Jacobian at the cost of
 one render).
 
-Both backends produce the same *accumulators* per ray, in padded voxel-index space ``q``:
+Every kernel produces the same *accumulators* per ray, in padded voxel-index space ``q``:
 
 - ``L = h * sum_k mu(q_k)``: the line integral (dimensionless; ``mu`` in 1/mm, step ``h`` in mm),
 - ``G = h * sum_k grad_q mu(q_k)`` and ``H = h * sum_k t_k grad_q mu(q_k)``,
@@ -22,8 +22,10 @@ zero layer integrates to the same half voxel a Siddon box ends with.
   each ray ends by turning its accumulators into the six columns of ``dL/dxi`` for ``T exp(xi)``
   (see :func:`twist_jacobian`, the same formula on tensors): the tracking path's renders then leave
   the kernel ready for Gauss-Newton, without a dozen small tensor operations per call.
-- ``march_torch``: any torch device (the GPU path), ``grid_sample`` on the volume and its forward
-  differences (exact derivative of the trilinear interpolant as well).
+- ``march_cuda``: the same per-ray march compiled by numba's CUDA target, one GPU thread per ray
+  (:mod:`.raymarch_cuda`; one source with the CPU kernel, :func:`_ray_function`).
+- ``march_torch``: any torch device, ``grid_sample`` on the volume and its forward differences
+  (exact derivative of the trilinear interpolant as well).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "gradient_channels",
+    "march_cuda",
     "march_numba",
     "march_torch",
     "pose_derivatives",
@@ -53,7 +56,6 @@ if not any(k.startswith("NUMBA_THREADING_LAYER") for k in os.environ):
     numba.config.THREADING_LAYER_PRIORITY = ["tbb", "workqueue", "omp"]
 
 
-@numba.njit(inline="always", fastmath=True)
 def _slab(o, e, hi, t0, t1):
     """Narrow ``[t0, t1]`` to where ``o + t e`` lies in ``[0, hi]`` on one axis (empty: t0 >= t1)."""
     if e != 0.0:
@@ -61,30 +63,56 @@ def _slab(o, e, hi, t0, t1):
         tb = (hi - o) / e
         if ta > tb:
             ta, tb = tb, ta
-        return max(t0, ta), min(t1, tb)
+        return (ta if ta > t0 else t0), (tb if tb < t1 else t1)
     if o < 0.0 or o > hi:
         return 1.0, 0.0
     return t0, t1
 
 
-# nogil: a render holds no Python lock, so the node's executor thread takes the next frame off DDS
-# while the worker renders (with the GIL held, frames were lost from the depth-1 reader queue).
-@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _march_numba(vol, P, dirs, order, h, with_grad, jacobian, out):
-    nb = P.shape[0]
-    nr = dirs.shape[0]
-    nz, ny, nx = vol.shape
-    for r in numba.prange(nb * nr):
-        b = r // nr
-        n = order[r - b * nr]
+def _clamp(i, hi):
+    """``i`` clamped to ``[0, hi]`` (written out: numba's CUDA target did not type ``min``/``max`` here)."""
+    return 0 if i < 0 else (hi if i > hi else i)
+
+
+def _twist_columns(P, b, dx, dy, dz, ex, ey, ez, L, G0, G1, G2, H0, H1, H2, out, n):
+    """``out[b, n, 1:7]``: ``dL/dxi`` of one ray from its accumulators (:func:`twist_jacobian`, per ray)."""
+    norm = math.sqrt(ex * ex + ey * ey + ez * ez)
+    ux, uy, uz = ex / norm, ey / norm, ez / norm
+    gu = G0 * ux + G1 * uy + G2 * uz
+    hu = H0 * ux + H1 * uy + H2 * uz + L / norm
+    G0, G1, G2 = G0 - gu * ux, G1 - gu * uy, G2 - gu * uz
+    H0, H1, H2 = H0 - hu * ux, H1 - hu * uy, H2 - hu * uz
+    out[b, n, 1] = G0 * P[b, 0, 0] + G1 * P[b, 1, 0] + G2 * P[b, 2, 0]
+    out[b, n, 2] = G0 * P[b, 0, 1] + G1 * P[b, 1, 1] + G2 * P[b, 2, 1]
+    out[b, n, 3] = G0 * P[b, 0, 2] + G1 * P[b, 1, 2] + G2 * P[b, 2, 2]
+    w0 = H0 * P[b, 0, 0] + H1 * P[b, 1, 0] + H2 * P[b, 2, 0]
+    w1 = H0 * P[b, 0, 1] + H1 * P[b, 1, 1] + H2 * P[b, 2, 1]
+    w2 = H0 * P[b, 0, 2] + H1 * P[b, 1, 2] + H2 * P[b, 2, 2]
+    out[b, n, 4] = dy * w2 - dz * w1
+    out[b, n, 5] = dz * w0 - dx * w2
+    out[b, n, 6] = dx * w1 - dy * w0
+
+
+def _ray_function(compile_function):
+    """The march of one ray, compiled by ``compile_function`` (numba's CPU ``njit``, or a CUDA device
+    ``jit``): one source for the CPU kernel and the CUDA kernel.
+
+    The ray ``n`` of pose ``b`` writes ``out[b, n]``: ``L``, then ``G, H`` (``with_grad``) or the six
+    Jacobian columns (``jacobian``).
+    """
+    slab = compile_function(_slab)
+    clamp = compile_function(_clamp)
+    twist_columns = compile_function(_twist_columns)
+
+    def march_ray(vol, nz, ny, nx, P, dirs, b, n, h, with_grad, jacobian, out):
         dx, dy, dz = dirs[n, 0], dirs[n, 1], dirs[n, 2]
         ox, oy, oz = P[b, 0, 3], P[b, 1, 3], P[b, 2, 3]
         ex = P[b, 0, 0] * dx + P[b, 0, 1] * dy + P[b, 0, 2] * dz
         ey = P[b, 1, 0] * dx + P[b, 1, 1] * dy + P[b, 1, 2] * dz
         ez = P[b, 2, 0] * dx + P[b, 2, 1] * dy + P[b, 2, 2] * dz
-        t0, t1 = _slab(ox, ex, nx - 1.0, 0.0, 1e30)
-        t0, t1 = _slab(oy, ey, ny - 1.0, t0, t1)
-        t0, t1 = _slab(oz, ez, nz - 1.0, t0, t1)
+        t0, t1 = slab(ox, ex, nx - 1.0, 0.0, 1e30)
+        t0, t1 = slab(oy, ey, ny - 1.0, t0, t1)
+        t0, t1 = slab(oz, ez, nz - 1.0, t0, t1)
         # Each ray is set up in float64 (entry, exit, step count) and its samples are taken in
         # float32: the kernel is 1.7x faster on the tracking level's rays and the registrations are
         # the same (docs/benchmarks.md); a float32 sum of a few hundred samples is good to ~1e-5.
@@ -111,9 +139,9 @@ def _march_numba(vol, P, dirs, order, h, with_grad, jacobian, out):
                 x = x0 + kf * sx
                 y = y0 + kf * sy
                 z = z0 + kf * sz
-                i = min(max(int(x), 0), nx - 2)
-                j = min(max(int(y), 0), ny - 2)
-                m = min(max(int(z), 0), nz - 2)
+                i = clamp(int(x), nx - 2)
+                j = clamp(int(y), ny - 2)
+                m = clamp(int(z), nz - 2)
                 fx = x - np.float32(i)
                 fy = y - np.float32(j)
                 fz = z - np.float32(m)
@@ -152,7 +180,7 @@ def _march_numba(vol, P, dirs, order, h, with_grad, jacobian, out):
                     s2 += t * gz
         out[b, n, 0] = acc * h
         if jacobian:
-            _twist_columns(P[b], dx, dy, dz, ex, ey, ez, acc * h, g0 * h, g1 * h, g2 * h, s0 * h, s1 * h, s2 * h, out[b, n])
+            twist_columns(P, b, dx, dy, dz, ex, ey, ez, acc * h, g0 * h, g1 * h, g2 * h, s0 * h, s1 * h, s2 * h, out, n)
         elif with_grad:
             out[b, n, 1] = g0 * h
             out[b, n, 2] = g1 * h
@@ -161,25 +189,21 @@ def _march_numba(vol, P, dirs, order, h, with_grad, jacobian, out):
             out[b, n, 5] = s1 * h
             out[b, n, 6] = s2 * h
 
+    return compile_function(march_ray)
 
-@numba.njit(inline="always", fastmath=True)
-def _twist_columns(P, dx, dy, dz, ex, ey, ez, L, G0, G1, G2, H0, H1, H2, out):
-    """``out[1:7]``: ``dL/dxi`` of one ray from its accumulators (:func:`twist_jacobian`, per ray)."""
-    norm = math.sqrt(ex * ex + ey * ey + ez * ez)
-    ux, uy, uz = ex / norm, ey / norm, ez / norm
-    gu = G0 * ux + G1 * uy + G2 * uz
-    hu = H0 * ux + H1 * uy + H2 * uz + L / norm
-    G0, G1, G2 = G0 - gu * ux, G1 - gu * uy, G2 - gu * uz
-    H0, H1, H2 = H0 - hu * ux, H1 - hu * uy, H2 - hu * uz
-    out[1] = G0 * P[0, 0] + G1 * P[1, 0] + G2 * P[2, 0]
-    out[2] = G0 * P[0, 1] + G1 * P[1, 1] + G2 * P[2, 1]
-    out[3] = G0 * P[0, 2] + G1 * P[1, 2] + G2 * P[2, 2]
-    w0 = H0 * P[0, 0] + H1 * P[1, 0] + H2 * P[2, 0]
-    w1 = H0 * P[0, 1] + H1 * P[1, 1] + H2 * P[2, 1]
-    w2 = H0 * P[0, 2] + H1 * P[1, 2] + H2 * P[2, 2]
-    out[4] = dy * w2 - dz * w1
-    out[5] = dz * w0 - dx * w2
-    out[6] = dx * w1 - dy * w0
+
+_march_ray = _ray_function(numba.njit(inline="always", fastmath=True))
+
+
+# nogil: a render holds no Python lock, so the node's executor thread takes the next frame off DDS
+# while the worker renders (with the GIL held, frames were lost from the depth-1 reader queue).
+@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _march_numba(vol, P, dirs, order, h, with_grad, jacobian, out):
+    nr = dirs.shape[0]
+    nz, ny, nx = vol.shape
+    for r in numba.prange(P.shape[0] * nr):
+        b = r // nr
+        _march_ray(vol, nz, ny, nx, P, dirs, b, order[r - b * nr], h, with_grad, jacobian, out)
 
 
 def march_numba(
@@ -206,6 +230,40 @@ def march_numba(
     out = np.empty((P64.shape[0], d64.shape[0], 7 if with_grad or jacobian else 1), dtype=np.float32)
     _march_numba(vol, P64, d64, order, float(step_mm), bool(with_grad or jacobian), bool(jacobian), out)
     return torch.from_numpy(out)
+
+
+def march_cuda(
+    vol: torch.Tensor, P: torch.Tensor, dirs: torch.Tensor, step_mm: float, with_grad: bool, jacobian: bool = False
+) -> torch.Tensor:
+    """What :func:`march_numba` computes, by numba's CUDA target on ``vol``'s GPU: ``(B, N, 1 | 7)`` float32 there.
+
+    ``vol``: the zero-padded ``(D, H, W)`` float32 attenuation (1/mm) on a CUDA device, contiguous;
+    the rays are marched in ``dirs``' order on PyTorch's current stream, so the result is ready for
+    the tensor operations queued after it. (With ``NUMBA_ENABLE_CUDASIM=1``, numba's simulator runs
+    the kernel on CPU tensors: how the tests check it on machines without a GPU.)
+    """
+    from numba import cuda
+
+    from .raymarch_cuda import THREADS_PER_BLOCK, march_kernel
+
+    device = vol.device
+    P64 = P.detach().to(device=device, dtype=torch.float64).contiguous()
+    d64 = dirs.detach().to(device=device, dtype=torch.float64).contiguous()
+    channels = 7 if with_grad or jacobian else 1
+    out = torch.empty(P64.shape[0], d64.shape[0], channels, dtype=torch.float32, device=device)
+    rays = P64.shape[0] * d64.shape[0]
+    if rays == 0:
+        return out
+    blocks = -(-rays // THREADS_PER_BLOCK)
+    args = (float(step_mm), bool(with_grad or jacobian), bool(jacobian))
+    if device.type != "cuda":  # the simulator: host arrays
+        march_kernel[blocks, THREADS_PER_BLOCK](vol.numpy(), P64.numpy(), d64.numpy(), *args, out.numpy())
+        return out
+    with cuda.gpus[device.index if device.index is not None else torch.cuda.current_device()]:
+        stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
+        arrays = [cuda.as_cuda_array(t) for t in (vol, P64, d64, out)]
+        march_kernel[blocks, THREADS_PER_BLOCK, stream](*arrays[:3], *args, arrays[3])
+    return out
 
 
 def tile_order(width: int, height: int, tile: int = 4) -> np.ndarray:

@@ -15,15 +15,27 @@ from __future__ import annotations
 
 import functools
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .geometry import Intrinsics
-from .raymarch import gradient_channels, march_numba, march_torch, pose_derivatives, tile_order, twist_jacobian
+from .raymarch import (
+    gradient_channels,
+    march_cuda,
+    march_numba,
+    march_torch,
+    pose_derivatives,
+    tile_order,
+    twist_jacobian,
+)
 from .volume import Volume
 
-__all__ = ["Renderer", "patch_pixels"]
+__all__ = ["BACKENDS", "Renderer", "patch_pixels"]
+
+BACKENDS = ("numba", "cuda", "torch")
+"""Renderer backends by name (see :class:`Renderer`)."""
 
 
 @functools.lru_cache(maxsize=16)
@@ -68,17 +80,20 @@ class Renderer:
     """DRR renderer for one attenuation volume.
 
     ``mu``: linear attenuation (1/mm) in ``ct``; ``step_mm``: sampling step along rays (default: the
-    smallest voxel edge); ``backend``: ``"numba"`` (CPU), ``"torch"`` (``grid_sample``; any device),
-    or ``"auto"`` (torch on CUDA devices, numba otherwise); ``device``: where the torch backend keeps
-    the volume and where outputs go.
+    smallest voxel edge); ``backend``: ``"numba"`` (CPU), ``"cuda"`` (the numba kernel's per-ray
+    march compiled for the GPU: same samples, one thread per ray), ``"torch"`` (``grid_sample``; any
+    device), or ``"auto"`` (torch on CUDA devices, numba otherwise: the CUDA kernel has not yet been
+    timed on a GPU); ``device``: where the GPU backends keep the volume and where outputs go.
     """
 
     def __init__(self, mu: Volume, step_mm: float | None = None, backend: str = "auto", device=None):
         self.device = torch.device(device or "cpu")
         if backend == "auto":
             backend = "torch" if self.device.type == "cuda" else "numba"
-        if backend not in ("numba", "torch"):
-            raise ValueError(f"unknown renderer backend {backend!r} (numba, torch or auto)")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown renderer backend {backend!r} ({', '.join(BACKENDS)} or auto)")
+        if backend == "cuda" and self.device.type != "cuda" and not numba.config.ENABLE_CUDASIM:
+            raise ValueError(f"the cuda renderer backend needs a CUDA device, not {self.device}")
         self.backend = backend
         self.volume = mu
         self.step_mm = float(step_mm if step_mm is not None else mu.spacing.min())
@@ -89,6 +104,8 @@ class Renderer:
         """4x4 map from ``ct`` (mm) to padded voxel-index space ``(i, j, k)``."""
         if backend == "numba":
             self._vol = np.ascontiguousarray(padded.numpy())
+        elif backend == "cuda":
+            self._vol = padded.to(self.device).contiguous()
         else:
             self._vol = gradient_channels(padded).to(self.device)
 
@@ -105,6 +122,8 @@ class Renderer:
         """
         if self.backend == "numba":
             return march_numba(self._vol, P, dirs, self.step_mm, with_grad, order).to(self.device)
+        if self.backend == "cuda":
+            return march_cuda(self._vol, P, dirs, self.step_mm, with_grad)
         return march_torch(self._vol, P, dirs, self.step_mm, with_grad)
 
     @staticmethod
@@ -146,8 +165,11 @@ class Renderer:
         poses, _ = self._batch(pose.detach())
         dirs, order = self._directions(intrinsics, pixels)
         P = self.source_to_index(poses)
-        if self.backend == "numba":  # the kernel finishes each ray's columns itself
-            out = march_numba(self._vol, P, dirs, self.step_mm, True, order, jacobian=True).to(self.device)
+        if self.backend != "torch":  # the kernel finishes each ray's columns itself
+            if self.backend == "numba":
+                out = march_numba(self._vol, P, dirs, self.step_mm, True, order, jacobian=True).to(self.device)
+            else:
+                out = march_cuda(self._vol, P, dirs, self.step_mm, True, jacobian=True)
             return out[..., 0], out[..., 1:]
         return twist_jacobian(self.march(P, dirs, with_grad=True), P, dirs)
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -236,6 +240,56 @@ def test_kernel_jacobian_equals_the_tensor_formula(renderer, poses, k64):
     torch.testing.assert_close(fused[..., 1:] / scale, J / scale, atol=1e-6, rtol=0)
     Lr, Jr = renderer.render_jacobian(poses, k64)
     assert torch.equal(Lr, L) and torch.equal(Jr, fused[..., 1:])
+
+
+CUDA_SIMULATOR_CHECK = textwrap.dedent(
+    """
+    import torch
+    from diffpose_ros.core.geometry import Intrinsics, carm_pose
+    from diffpose_ros.core.render import Renderer, patch_pixels
+    from diffpose_ros.core.volume import Volume
+
+    data = torch.rand(10, 12, 14, generator=torch.Generator().manual_seed(0)) * 0.02
+    mu = Volume(data, torch.diag(torch.tensor([9.0, 8.0, 11.0, 1.0], dtype=torch.float64)))
+    cpu, gpu = Renderer(mu, backend="numba"), Renderer(mu, backend="cuda")
+    K = Intrinsics.from_detector(1020.0, 7, 5, 60.0)  # the outer columns miss the volume
+    poses = carm_pose(
+        torch.tensor([0.2, 1.1]), torch.tensor([0.1, -0.3]), torch.tensor([0.0, 0.4]), 500.0, mu.center
+    )
+    pixels = patch_pixels(K, torch.tensor([[2, 2], [4, 2]]), 3)
+    for p in (None, pixels):
+        a, b = cpu.render(poses, K, p), gpu.render(poses, K, p)
+        assert float(a.max()) > 1.0 and (p is not None or bool((a == 0).any()))
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        (La, Ja), (Lb, Jb) = cpu.render_jacobian(poses, K, p), gpu.render_jacobian(poses, K, p)
+        torch.testing.assert_close(Lb, La, rtol=1e-5, atol=1e-6)
+        scale = Ja.abs().amax(dim=(0, 1))
+        torch.testing.assert_close(Jb / scale, Ja / scale, rtol=0, atol=1e-5)
+    grads = []
+    for r in (cpu, gpu):
+        pose = poses[1].clone().requires_grad_(True)
+        r.render(pose, K).square().sum().backward()
+        grads.append(pose.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    print("cuda kernel agrees")
+    """
+)
+
+
+def test_cuda_backend_equals_the_cpu_kernel_in_numbas_simulator():
+    """The CUDA kernel (the CPU kernel's per-ray march, compiled for the GPU) run by numba's CUDA
+    simulator on the CPU: the same images, Jacobians and pose gradients as the CPU kernel. The
+    simulator must be chosen before numba's CUDA target loads, hence a process of its own."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", CUDA_SIMULATOR_CHECK], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0 and "cuda kernel agrees" in run.stdout, run.stderr[-3000:]
+
+
+def test_cuda_backend_needs_a_cuda_device(mu_coarse):
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        Renderer(mu_coarse, backend="cuda", device="cpu")
 
 
 def test_render_rejects_bad_inputs(mu_coarse, renderer, k64):
