@@ -47,6 +47,7 @@ from .metrics import mtre
 from .overlay import render_overlay
 from .preprocess import Frame, resample_image, resample_mask, warp_to_camera
 from .register import MIN_SIMILARITY, Level, Registrar, RegistrationConfig
+from .render import BACKENDS
 
 __all__ = [
     "POLARITY_MARGIN",
@@ -78,7 +79,9 @@ class PipelineConfig:
     largest plausible distance of the source from the CT centre;
     ``polarity``: how the frames show bone (:data:`~.intensity.POLARITIES`; a frame that looks the
     other way is refused) or ``auto`` (each frame registered with the polarity it shows);
-    ``linearize``: map the frame's grey values onto the DRR's (:func:`~.intensity.match_quantiles`).
+    ``linearize``: map the frame's grey values onto the DRR's (:func:`~.intensity.match_quantiles`);
+    ``renderer``: the renderer backend (:data:`~.render.BACKENDS` or ``auto``, see
+    :class:`~.render.Renderer`).
     """
 
     min_similarity: float = MIN_SIMILARITY
@@ -91,10 +94,13 @@ class PipelineConfig:
     predict: bool = True
     tracking_max_step_mm: float = 5.0
     tracking_similarity_drop: float = 0.1
+    renderer: str = "auto"
 
     def __post_init__(self) -> None:
         if self.polarity not in (*POLARITIES, "auto"):
             raise ValueError(f"unknown polarity {self.polarity!r}: one of {', '.join(POLARITIES)}, auto")
+        if self.renderer not in (*BACKENDS, "auto"):
+            raise ValueError(f"unknown renderer backend {self.renderer!r}: one of {', '.join(BACKENDS)}, auto")
 
 
 @dataclass(frozen=True)
@@ -178,7 +184,7 @@ class Pipeline:
         self.device = torch.device(device)
         self.config = config or PipelineConfig()
         self.regressor = model.regressor.to(self.device).eval()
-        self.registrar = Registrar(model.mu, self.config.cold, device=self.device)
+        self.registrar = Registrar(model.mu, self.config.cold, backend=self.config.renderer, device=self.device)
         # Polarity and the intensity map look at 64-pixel DRRs: the volume of a pyramid level of that size.
         self._coarse_voxel_mm = min(self.config.cold.levels, key=lambda level: abs(level.width - 64)).voxel_mm
         self._tracked: list[tuple[float, torch.Tensor]] = []  # the last (at most 2) accepted (stamp, pose)

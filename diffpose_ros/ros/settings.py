@@ -25,6 +25,7 @@ from ..core.geometry import Intrinsics
 from ..core.intensity import POLARITIES
 from ..core.pipeline import PipelineConfig
 from ..core.preprocess import FRAME_KINDS
+from ..core.render import BACKENDS
 
 __all__ = [
     "IMAGE_QOS",
@@ -77,6 +78,11 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("patient_model", "", "patient_model", "path of the patient model file (.safetensors)", True),
     Parameter(
         "device", "auto", "device", "auto (cuda when available, else cpu), cpu, cuda or cuda:N", True
+    ),
+    Parameter(
+        "renderer", "auto", "renderer",
+        "ray-marching backend: auto (numba on the CPU, torch on a GPU), numba, cuda (numba's CUDA kernel) or torch",
+        True, ("auto", *BACKENDS),
     ),
     Parameter(
         "num_threads", 0, "num_threads",
@@ -174,6 +180,7 @@ class Settings:
 
     patient_model: str
     device: str
+    renderer: str
     num_threads: int
     autostart: bool
     ct_frame: str
@@ -238,7 +245,7 @@ def settings_problems(s: Settings) -> list[str]:
 
 
 def pipeline_config(s: Settings, base: PipelineConfig | None = None) -> PipelineConfig:
-    """``base`` (default :class:`PipelineConfig`) with the gate, polarity, tracking and cost of ``s``."""
+    """``base`` (default :class:`PipelineConfig`) with the gate, polarity, tracking, cost and renderer of ``s``."""
     base = base or PipelineConfig()
     return dataclasses.replace(
         base,
@@ -247,6 +254,7 @@ def pipeline_config(s: Settings, base: PipelineConfig | None = None) -> Pipeline
         predict=bool(s.tracking_predict),
         max_source_distance_mm=float(s.max_source_distance_mm),
         polarity=s.polarity,
+        renderer=s.renderer,
         cold=dataclasses.replace(base.cold, cost=s.cost),
     )
 

@@ -11,7 +11,7 @@ import torch
 
 from diffpose_ros.core import metrics, se3
 from diffpose_ros.core.geometry import Intrinsics, perturb_pose
-from diffpose_ros.core.pipeline import covariance_in_parent, set_torch_threads
+from diffpose_ros.core.pipeline import Pipeline, PipelineConfig, covariance_in_parent, set_torch_threads
 from diffpose_ros.core.preprocess import Frame, prepare_frame, warp_to_camera
 from diffpose_ros.core.simulate import simulate_transmission
 
@@ -219,3 +219,13 @@ def test_torch_threads_for_a_pipeline():
         assert set_torch_threads("cuda") == 3 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_renderer_backend_is_a_choice_of_the_config(pipeline):
+    assert pipeline.registrar.renderer().backend == "numba"  # auto, on the CPU
+    chosen = Pipeline(pipeline.model, config=PipelineConfig(renderer="torch"))
+    assert {chosen.registrar.renderer(level.voxel_mm).backend for level in chosen.config.cold.levels} == {"torch"}
+    with pytest.raises(ValueError, match="unknown renderer backend"):
+        PipelineConfig(renderer="opengl")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        Pipeline(pipeline.model, config=PipelineConfig(renderer="cuda"))

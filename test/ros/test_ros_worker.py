@@ -49,19 +49,25 @@ def test_one_table_gives_settings_and_the_yaml():
 
 def test_out_of_range_and_unknown_values_are_named():
     s = Settings.from_parameters(
-        {"gate.min_similarity": 1.5, "input_kind": "jpeg", "registration.cost": "ssd", "overlay.width": 4}
+        {
+            "gate.min_similarity": 1.5,
+            "input_kind": "jpeg",
+            "registration.cost": "ssd",
+            "overlay.width": 4,
+            "renderer": "opengl",
+        }
     )
     problems = "; ".join(settings_problems(s))
-    for name in ("gate.min_similarity", "input_kind", "registration.cost", "overlay.width"):
+    for name in ("gate.min_similarity", "input_kind", "registration.cost", "overlay.width", "renderer"):
         assert name in problems
     bad_point = Settings.from_parameters({"intrinsics.principal_point": [1.0, 2.0, 3.0]})
     assert "principal_point" in settings_problems(bad_point)[0]
 
 
 def test_pipeline_config_takes_gate_tracking_and_cost():
-    s = Settings.from_parameters({"gate.min_similarity": 0.7, "registration.cost": "gradient_ncc"})
+    s = Settings.from_parameters({"gate.min_similarity": 0.7, "registration.cost": "gradient_ncc", "renderer": "torch"})
     config = pipeline_config(s)
-    assert config.min_similarity == 0.7 and config.cold.cost == "gradient_ncc"
+    assert config.min_similarity == 0.7 and config.cold.cost == "gradient_ncc" and config.renderer == "torch"
     assert config.tracking_max_age_s == s.tracking_max_age_s
 
 
