@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
@@ -98,9 +97,14 @@ class Volume:
         return self.downsampled(tuple(factors))
 
 
-def _read_image(path: Path) -> sitk.Image:
+def _read_image(path: Path, what: str) -> tuple[np.ndarray, torch.Tensor]:
+    """The voxel array ``(k, j, i)`` and the index -> ``ct`` affine of a 3D scalar image (a file, or a
+    folder holding a DICOM series). SimpleITK is imported here only: the renderer, the registration
+    and the node work without it (a GPU image that lacks it, say) once the volume is in memory."""
+    import SimpleITK as sitk
+
     if not path.exists():
-        raise FileNotFoundError(f"CT not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     try:
         if path.is_dir():
             names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path))
@@ -108,19 +112,22 @@ def _read_image(path: Path) -> sitk.Image:
                 raise ValueError("the folder holds no DICOM series")
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(names)
-            return reader.Execute()
-        return sitk.ReadImage(str(path))
+            image = reader.Execute()
+        else:
+            image = sitk.ReadImage(str(path))
     except RuntimeError as err:  # SimpleITK reports unreadable files as RuntimeError
         first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown error"
-        raise ValueError(f"cannot read CT {path}: {first}") from err
-
-
-def _affine(image: sitk.Image) -> torch.Tensor:
+        raise ValueError(f"cannot read {what} {path}: {first}") from err
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(
+            f"{what} {path} must be a 3D scalar image, got {image.GetDimension()}D with "
+            f"{image.GetNumberOfComponentsPerPixel()} components"
+        )
     direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     affine = np.eye(4)
     affine[:3, :3] = direction * np.array(image.GetSpacing(), dtype=np.float64)
     affine[:3, 3] = image.GetOrigin()
-    return torch.from_numpy(affine)
+    return sitk.GetArrayFromImage(image), torch.from_numpy(affine)
 
 
 def load_ct(path: str | Path) -> Volume:
@@ -129,22 +136,14 @@ def load_ct(path: str | Path) -> Volume:
     Raises ``FileNotFoundError`` for a missing path and ``ValueError`` for an unreadable or
     non-3D image.
     """
-    path = Path(path)
-    image = _read_image(path)
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(
-            f"CT {path} must be a 3D scalar image, got {image.GetDimension()}D with "
-            f"{image.GetNumberOfComponentsPerPixel()} components"
-        )
-    hu = torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float32))
-    return Volume(hu, _affine(image), str(path))
+    array, affine = _read_image(Path(path), "CT")
+    return Volume(torch.from_numpy(array.astype(np.float32)), affine, str(path))
 
 
 def load_labels(path: str | Path, like: Volume) -> Volume:
     """Read a label map (integer classes) and check that it lies on the grid of ``like``."""
-    path = Path(path)
-    image = _read_image(path)
-    labels = Volume(torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.int16)), _affine(image), str(path))
+    array, affine = _read_image(Path(path), "label map")
+    labels = Volume(torch.from_numpy(array.astype(np.int16)), affine, str(path))
     if labels.data.shape != like.data.shape or not torch.allclose(labels.index_to_ct, like.index_to_ct, atol=1e-3):
         raise ValueError(f"label map {path} is not on the CT's grid {tuple(like.data.shape)}")
     return labels
