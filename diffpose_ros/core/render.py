@@ -39,9 +39,10 @@ BACKENDS = ("numba", "cuda", "torch")
 
 
 @functools.lru_cache(maxsize=16)
-def _rays(intrinsics: Intrinsics) -> torch.Tensor:
-    """Dense source-frame ray directions of a camera (cached: every registration step reuses them)."""
-    return intrinsics.rays()
+def _rays(intrinsics: Intrinsics, device: torch.device) -> torch.Tensor:
+    """Dense source-frame ray directions of a camera on ``device`` (cached: every registration step
+    reuses them, and a GPU backend gets them without a copy per render)."""
+    return intrinsics.rays().to(device)
 
 
 @functools.lru_cache(maxsize=16)
@@ -114,23 +115,36 @@ class Renderer:
         return (self.ct_to_index @ pose.to(torch.float64).cpu())[:, :3]
 
     def march(
-        self, P: torch.Tensor, dirs: torch.Tensor, with_grad: bool, order: np.ndarray | None = None
+        self,
+        P: torch.Tensor,
+        dirs: torch.Tensor,
+        with_grad: bool,
+        order: np.ndarray | None = None,
+        jacobian: bool = False,
     ) -> torch.Tensor:
         """Per-ray accumulators (see :mod:`.raymarch`): ``(B, N, 1)`` or ``(B, N, 7)`` float32 on :attr:`device`.
 
-        ``order``: the numba kernel's marching order of the rays (results stay in ``dirs``' order).
+        ``order``: the numba kernel's marching order of the rays (results stay in ``dirs``' order);
+        ``jacobian``: ``(B, N, 7)`` holds ``L`` and its six twist columns instead
+        (:func:`~.raymarch.twist_jacobian`; the numba and CUDA kernels finish them per ray).
         """
         if self.backend == "numba":
-            return march_numba(self._vol, P, dirs, self.step_mm, with_grad, order).to(self.device)
+            return march_numba(self._vol, P, dirs, self.step_mm, with_grad, order, jacobian).to(self.device)
         if self.backend == "cuda":
-            return march_cuda(self._vol, P, dirs, self.step_mm, with_grad)
-        return march_torch(self._vol, P, dirs, self.step_mm, with_grad)
+            return march_cuda(self._vol, P, dirs, self.step_mm, with_grad, jacobian)
+        acc = march_torch(self._vol, P, dirs, self.step_mm, with_grad or jacobian)
+        if not jacobian:
+            return acc
+        L, J = twist_jacobian(acc, P, dirs)
+        return torch.cat([L[..., None], J], -1)
 
-    @staticmethod
-    def _directions(intrinsics: Intrinsics, pixels: torch.Tensor | None) -> tuple[torch.Tensor, np.ndarray | None]:
+    def _directions(
+        self, intrinsics: Intrinsics, pixels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, np.ndarray | None]:
         """Ray directions ``(N, 3)`` (all pixels, row-major, when ``pixels`` is None) and their marching order."""
         if pixels is None:
-            return _rays(intrinsics), _dense_order(intrinsics.width, intrinsics.height)
+            device = self.device if self.backend != "numba" else torch.device("cpu")
+            return _rays(intrinsics, device), _dense_order(intrinsics.width, intrinsics.height)
         return intrinsics.rays(pixels), None
 
     @staticmethod
@@ -165,13 +179,8 @@ class Renderer:
         poses, _ = self._batch(pose.detach())
         dirs, order = self._directions(intrinsics, pixels)
         P = self.source_to_index(poses)
-        if self.backend != "torch":  # the kernel finishes each ray's columns itself
-            if self.backend == "numba":
-                out = march_numba(self._vol, P, dirs, self.step_mm, True, order, jacobian=True).to(self.device)
-            else:
-                out = march_cuda(self._vol, P, dirs, self.step_mm, True, jacobian=True)
-            return out[..., 0], out[..., 1:]
-        return twist_jacobian(self.march(P, dirs, with_grad=True), P, dirs)
+        out = self.march(P, dirs, with_grad=True, order=order, jacobian=True)
+        return out[..., 0], out[..., 1:]
 
 
 def patch_pixels(intrinsics: Intrinsics, centers: torch.Tensor, size: int) -> torch.Tensor:
