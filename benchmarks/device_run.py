@@ -49,7 +49,7 @@ from diffpose_ros.core.bundle import PatientModel  # noqa: E402
 from diffpose_ros.core.geometry import Intrinsics, carm_pose  # noqa: E402
 from diffpose_ros.core.pipeline import Pipeline, PipelineConfig, set_torch_threads  # noqa: E402
 from diffpose_ros.core.preprocess import prepare_frame  # noqa: E402
-from diffpose_ros.core.render import patch_pixels  # noqa: E402
+from diffpose_ros.core.render import Renderer, patch_pixels  # noqa: E402
 from diffpose_ros.core.train import TrainConfig, Trainer  # noqa: E402
 from diffpose_ros.core.volume import Volume, hu_to_mu  # noqa: E402
 
@@ -122,7 +122,7 @@ def bench_renderers(model: PatientModel, backends: list[str], device: str, sync,
     camera = model.intrinsics
     rows, outputs = {}, {}
     for backend in backends:
-        renderer = Pipeline(model, device, PipelineConfig(renderer=backend)).registrar.renderer(1.4)
+        renderer = Renderer(model.mu.coarsened_to(1.4), backend=backend, device=device)
         cases = {f"dense {s}": (camera.resized(s), None) for s in (128, 256)}
         k = camera.resized(128)
         centres = torch.stack(torch.meshgrid(torch.arange(8, 128, 16), torch.arange(12, 128, 32), indexing="xy"), -1)
