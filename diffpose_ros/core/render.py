@@ -93,8 +93,16 @@ class Renderer:
             backend = "torch" if self.device.type == "cuda" else "numba"
         if backend not in BACKENDS:
             raise ValueError(f"unknown renderer backend {backend!r} ({', '.join(BACKENDS)} or auto)")
-        if backend == "cuda" and self.device.type != "cuda" and not numba.config.ENABLE_CUDASIM:
-            raise ValueError(f"the cuda renderer backend needs a CUDA device, not {self.device}")
+        if backend == "cuda" and not numba.config.ENABLE_CUDASIM:
+            if self.device.type != "cuda":
+                raise ValueError(f"the cuda renderer backend needs a CUDA device, not {self.device}")
+            from numba import cuda
+
+            if not cuda.is_available():
+                raise ValueError(
+                    "the cuda renderer backend needs numba's CUDA target (numba-cuda, and a driver it can load); "
+                    "the torch backend runs on any CUDA device"
+                )
         self.backend = backend
         self.volume = mu
         self.step_mm = float(step_mm if step_mm is not None else mu.spacing.min())

@@ -287,9 +287,14 @@ def test_cuda_backend_equals_the_cpu_kernel_in_numbas_simulator():
     assert run.returncode == 0 and "cuda kernel agrees" in run.stdout, run.stderr[-3000:]
 
 
-def test_cuda_backend_needs_a_cuda_device(mu_coarse):
+def test_cuda_backend_needs_a_cuda_device_and_numbas_cuda_target(mu_coarse):
     with pytest.raises(ValueError, match="needs a CUDA device"):
         Renderer(mu_coarse, backend="cuda", device="cpu")
+    from numba import cuda
+
+    if not cuda.is_available():  # refused when built, not at the first render
+        with pytest.raises(ValueError, match="needs numba's CUDA target"):
+            Renderer(mu_coarse, backend="cuda", device="cuda")
 
 
 def test_render_rejects_bad_inputs(mu_coarse, renderer, k64):
