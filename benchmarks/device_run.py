@@ -41,8 +41,11 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for folder in (REPO, REPO / "benchmarks"):  # the package, and bench_render's timing helper
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+from bench_render import timeit  # noqa: E402
 
 from diffpose_ros.core import metrics  # noqa: E402
 from diffpose_ros.core.bundle import PatientModel  # noqa: E402
@@ -101,20 +104,6 @@ def prepare(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- run
-def timed(fn, sync, repeats: int) -> float:
-    """Median seconds of ``fn`` over ``repeats`` calls after two warm-ups, the device synchronised."""
-    for _ in range(2):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def bench_renderers(model: PatientModel, backends: list[str], device: str, sync, repeats: int) -> dict:
     """Renderer timings per backend (1.4 mm volume, a clinical view) and the backends' agreement."""
     iso = model.mu.center + torch.tensor([6.0, -8.0, 10.0], dtype=torch.float64)
@@ -129,8 +118,8 @@ def bench_renderers(model: PatientModel, backends: list[str], device: str, sync,
         cases["32 patches of 15 px"] = (k, patch_pixels(k, centres.reshape(-1, 2)[:32], 15))
         for name, (k, pixels) in cases.items():
             with torch.no_grad():
-                forward = timed(lambda: renderer.render(pose, k, pixels), sync, repeats)
-            jacobian = timed(lambda: renderer.render_jacobian(pose, k, pixels), sync, repeats)
+                forward = timeit(lambda: renderer.render(pose, k, pixels), repeats, sync)["median_s"]
+            jacobian = timeit(lambda: renderer.render_jacobian(pose, k, pixels), repeats, sync)["median_s"]
             rows[f"{backend}: {name}"] = {"forward_ms": forward * 1e3, "jacobian_ms": jacobian * 1e3}
             print(f"  {backend:6s} {name:22s} forward {forward * 1e3:8.3f} ms   + Jacobian {jacobian * 1e3:8.3f} ms")
         outputs[backend] = [t.cpu() for t in renderer.render_jacobian(pose, camera.resized(128))]
