@@ -9,6 +9,7 @@ In process (the node's worker path without DDS: ``image_to_numpy``, ``prepare_fr
 ``Pipeline.process``), every frame of the run, per mode:
 
 - ``cold``: CNN + full pyramid on every frame (``track=False``);
+- ``cold, finest 256``: the same with the pyramid ending at 256 px (``registration.finest_width``);
 - ``tracking``: the default, from the last accepted pose moved on at constant velocity, one level
   on sparse feature patches, falling back to the pyramid and the CNN;
 - ``no prediction``: the same from the last pose as it was;
@@ -52,12 +53,13 @@ from bench_node_latency import machine_description  # noqa: E402
 from diffpose_ros.core import metrics, se3  # noqa: E402
 from diffpose_ros.core.pipeline import Pipeline, PipelineConfig, set_torch_threads  # noqa: E402
 from diffpose_ros.core.preprocess import prepare_frame, resample_image  # noqa: E402
-from diffpose_ros.core.register import Level  # noqa: E402
+from diffpose_ros.core.register import Level, RegistrationConfig, pyramid  # noqa: E402
 from diffpose_ros.core.similarity import multiscale_ncc  # noqa: E402
 
 DEFAULT_BAG = REPO / "runs/bench/foreign_7.5hz"
 MODES = {
     "cold": (PipelineConfig(), False),
+    "cold, finest 256": (PipelineConfig(cold=RegistrationConfig(levels=pyramid(256))), False),
     "tracking": (PipelineConfig(), True),
     "no prediction": (PipelineConfig(predict=False), True),
     "dense tracking": (

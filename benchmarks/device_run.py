@@ -18,7 +18,8 @@ It trains the patient model for ``--train-minutes`` (2: enough on a GPU for the 
 - the renderer: forward and forward + 6-column Jacobian, dense at 128² and 256² and on the tracking
   level's 32 patches of 15² (1.4 mm volume), medians with the device synchronised, and how far the
   backends' images and Jacobians are apart;
-- ``Pipeline.process`` on the run, cold (CNN + pyramid on every frame) and tracking, on the 256²
+- ``Pipeline.process`` on the run, cold (CNN + pyramid on every frame), tracking, and cold with the
+  pyramid ending at 256 px (``registration.finest_width``), on the 256²
   frames and on the same frames upsampled to 512²: latency median / p90 (frame array in, pose out),
   3D mTRE, paths.
 
@@ -52,6 +53,7 @@ from diffpose_ros.core.bundle import PatientModel  # noqa: E402
 from diffpose_ros.core.geometry import Intrinsics, carm_pose  # noqa: E402
 from diffpose_ros.core.pipeline import Pipeline, PipelineConfig, set_torch_threads  # noqa: E402
 from diffpose_ros.core.preprocess import prepare_frame  # noqa: E402
+from diffpose_ros.core.register import FINEST_WIDTHS, RegistrationConfig, pyramid  # noqa: E402
 from diffpose_ros.core.render import Renderer, patch_pixels  # noqa: E402
 from diffpose_ros.core.train import TrainConfig, Trainer  # noqa: E402
 from diffpose_ros.core.volume import Volume, hu_to_mu  # noqa: E402
@@ -144,9 +146,16 @@ def bench_pipelines(model, backends, device, sync, run) -> dict:
         for size in (256, 512):
             k = camera.resized(size)
             frames = [cv2.resize(f, (k.width, k.height), interpolation=cv2.INTER_LINEAR) for f in run["frames"]]
-            pipeline = Pipeline(model, device, PipelineConfig(renderer=backend))
-            pipeline.warm_up(k)
-            for mode, track in (("cold", False), ("tracking", True)):
+            pipelines = {
+                width: Pipeline(
+                    model, device, PipelineConfig(renderer=backend, cold=RegistrationConfig(levels=pyramid(width)))
+                )
+                for width in FINEST_WIDTHS
+            }
+            for pipeline in pipelines.values():
+                pipeline.warm_up(k)
+            for mode, track, width in (("cold", False, 128), ("tracking", True, 128), ("cold-256", False, 256)):
+                pipeline = pipelines[width]
                 pipeline.reset_tracking()
                 latencies, errors, paths = [], [], []
                 for f, stamp, T in zip(frames, run["stamps"], run["poses"]):

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..core import metrics
+from ..core.register import FINEST_WIDTHS, RegistrationConfig, pyramid
 from ..core.simulate import ClinicalFactors
 from ..core.volume import Volume, default_ct_path, default_labels_path, hu_to_mu, label_centroids, load_ct, load_labels
 
@@ -42,6 +43,23 @@ def clinical_factors(args: argparse.Namespace) -> ClinicalFactors:
     if args.burned_in_text:
         factors = dataclasses.replace(factors, text=True)
     return factors
+
+
+def add_pyramid_argument(parser: argparse.ArgumentParser) -> None:
+    """``--finest-width`` (see :func:`registration_config`)."""
+    parser.add_argument(
+        "--finest-width",
+        type=int,
+        choices=FINEST_WIDTHS,
+        default=FINEST_WIDTHS[0],
+        help="width (pixels) of the refinement pyramid's finest level: 256 gives a better 3D pose on clinical "
+        "frames at about 2.5x the time on a CPU (default %(default)s, as the node's registration.finest_width)",
+    )
+
+
+def registration_config(args: argparse.Namespace) -> RegistrationConfig:
+    """The registration settings of ``--finest-width``, the rest at their defaults."""
+    return RegistrationConfig(levels=pyramid(args.finest_width))
 
 
 def add_ct_arguments(parser: argparse.ArgumentParser) -> None:

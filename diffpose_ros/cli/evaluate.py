@@ -30,7 +30,14 @@ from ..core.render import Renderer
 from ..core.sampling import CLINICAL_RANGE, sample_views
 from ..core.simulate import simulate_transmission
 from ..core.volume import hu_to_mu
-from .common import add_clinical_arguments, clinical_factors, load_ct_and_targets, run_cli
+from .common import (
+    add_clinical_arguments,
+    add_pyramid_argument,
+    clinical_factors,
+    load_ct_and_targets,
+    registration_config,
+    run_cli,
+)
 
 
 def summarize(frames: list[dict]) -> dict:
@@ -102,6 +109,7 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument(
         "--polarity", choices=(*POLARITIES, "auto"), default="bones_dark", help="the pipeline's polarity setting"
     )
+    add_pyramid_argument(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="runs/evaluate", help="output folder")
     args = parser.parse_args(argv)
@@ -109,7 +117,8 @@ def _main(argv: list[str] | None) -> int:
     factors = clinical_factors(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pipeline = Pipeline.from_file(args.model, device=args.device, config=PipelineConfig(polarity=args.polarity))
+    config = PipelineConfig(polarity=args.polarity, cold=registration_config(args))
+    pipeline = Pipeline.from_file(args.model, device=args.device, config=config)
     ct_path, hu, targets, _ = load_ct_and_targets(args.ct, args.mask)
     camera = Intrinsics.from_detector(CONTRACT_SDD_MM, 256, 256, CONTRACT_PIXEL_MM)
     poses = sample_views(CLINICAL_RANGE, args.views, hu.center, torch.Generator().manual_seed(args.seed))[0]
@@ -172,6 +181,7 @@ def _main(argv: list[str] | None) -> int:
         "i0": args.i0,
         "clinical": dataclasses.asdict(factors),
         "polarity": args.polarity,
+        "finest_width": args.finest_width,
         "device": args.device,
         "wall_seconds": time.perf_counter() - start,
         **summarize(frames),

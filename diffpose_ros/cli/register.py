@@ -19,7 +19,7 @@ from ..core.overlay import render_overlay
 from ..core.pipeline import Pipeline, PipelineConfig
 from ..core.preprocess import prepare_frame
 from ..core.register import Registrar
-from .common import add_ct_arguments, load_attenuation, run_cli
+from .common import add_ct_arguments, add_pyramid_argument, load_attenuation, registration_config, run_cli
 
 
 def _main(argv: list[str] | None) -> int:
@@ -49,6 +49,7 @@ def _main(argv: list[str] | None) -> int:
         action="store_true",
         help="the device shows the image from the detector side: the image and --camera-info are flipped back",
     )
+    add_pyramid_argument(parser)
     parser.add_argument("--overlay", help="write a PNG of the image with the DRR's edges at the result")
     parser.add_argument("--field-radius", type=float, default=0.0, help="known round field radius (pixels; 0: detect)")
     parser.add_argument(
@@ -74,7 +75,8 @@ def _main(argv: list[str] | None) -> int:
     except ValueError as err:
         raise ValueError(f"{args.image}: {err}") from err
     if args.model:
-        pipeline = Pipeline.from_file(args.model, config=PipelineConfig(polarity=args.polarity))
+        config = PipelineConfig(polarity=args.polarity, cold=registration_config(args))
+        pipeline = Pipeline.from_file(args.model, config=config)
         renderer = pipeline.registrar.renderer()
         outcome = pipeline.process(frame, track=False, initial_pose=load_pose(args.init) if args.init else None)
         pose, failure = outcome.pose, outcome.reason
@@ -93,7 +95,7 @@ def _main(argv: list[str] | None) -> int:
             "T_ct_source_init": outcome.initial_pose.tolist(),
         }
     else:
-        registrar = Registrar(load_attenuation(args))
+        registrar = Registrar(load_attenuation(args), registration_config(args))
         renderer = registrar.renderer()
         result = registrar.register(frame.image, frame.intrinsics, load_pose(args.init), mask=frame.mask)
         pose, failure = result.pose, result.failure()

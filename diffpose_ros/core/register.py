@@ -35,7 +35,15 @@ from .render import Renderer, patch_pixels
 from .similarity import sobel, standardize
 from .volume import Volume
 
-__all__ = ["Level", "RegistrationConfig", "RegistrationResult", "Registrar", "feature_patches"]
+__all__ = [
+    "FINEST_WIDTHS",
+    "Level",
+    "RegistrationConfig",
+    "RegistrationResult",
+    "Registrar",
+    "feature_patches",
+    "pyramid",
+]
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,26 @@ class Level:
             raise ValueError("a sparse level needs a patch size of at least 3 and at least one patch")
 
 
+FINEST_WIDTHS = (128, 256)
+"""Widths (pixels) that :func:`pyramid` can end at."""
+
+
+def pyramid(finest_width: int = 128) -> tuple[Level, ...]:
+    """The cold-start pyramid: 32 px on a 4 mm volume, 64 px on 2 mm, 128 px on 1.4 mm and, for a
+    ``finest_width`` of 256, a last level of 256 px on the same 1.4 mm volume.
+
+    The 256-pixel level (1.2 mm pixels on the contract's detector, against 2.4 mm) constrains the
+    source's depth better, which is what the 3D error of one view is mostly made of: on 200 clinical
+    frames (every factor) the median 3D error fell from 0.69 to 0.47 mm and frames over 2 mm from 6 % to
+    2 %, for about 4 more renders of 65k rays, 2.5x the cold start's time on the CPU
+    (``docs/benchmarks.md``). ``ValueError`` for another width.
+    """
+    if finest_width not in FINEST_WIDTHS:
+        raise ValueError(f"finest pyramid width must be one of {FINEST_WIDTHS} (got {finest_width!r})")
+    levels = (Level(32, 4.0, 15), Level(64, 2.0, 10, patch=8), Level(128, 1.4, 10, patch=13))
+    return levels + ((Level(256, 1.4, 10, patch=16),) if finest_width == 256 else ())
+
+
 MIN_SIMILARITY = 0.6
 """Smallest final similarity (of the default cost: ``0.5 NCC + 0.5 patch NCC``) of a trusted
 registration: the default of :meth:`RegistrationResult.failure` and of the node's gate
@@ -65,8 +93,9 @@ registration: the default of :meth:`RegistrationResult.failure` and of the node'
 class RegistrationConfig:
     """Cost, pyramid and stopping rules.
 
-    ``cost``: the registration cost by name (:data:`~.cost.COSTS`); ``global_weight``: weight of
-    the whole-image term of ``ncc`` (the rest goes to the patch term where a level has patches).
+    ``levels``: the pyramid, coarse to fine (:func:`pyramid`); ``cost``: the registration cost by
+    name (:data:`~.cost.COSTS`); ``global_weight``: weight of the whole-image term of ``ncc`` (the
+    rest goes to the patch term where a level has patches).
     A level ends when a step moves every point by less than ``step_tolerance_mm`` (rotation
     scaled by ``radius_mm``) or changes the similarity by less than ``cost_tolerance``,
     accepted or not: near the optimum the cost of a trial step differs from the current one by the
@@ -82,14 +111,11 @@ class RegistrationConfig:
     ``docs/benchmarks.md``).
     The finest level renders a 1.4 mm volume (the bundled CT's 0.7 mm in-plane voxels, 2x2
     coarsened): at 128 px (about 1.9 mm pixels at the isocentre) the full-resolution volume gave the
-    same accuracy at twice the cost (``benchmarks/bench_node_latency.py``).
+    same accuracy at twice the cost (``benchmarks/bench_node_latency.py``); a 256 px level on the
+    full-resolution volume after it gained 0.05 mm over one on the 1.4 mm volume, at 1.6x the time.
     """
 
-    levels: tuple[Level, ...] = (
-        Level(32, 4.0, 15),
-        Level(64, 2.0, 10, patch=8),
-        Level(128, 1.4, 10, patch=13),
-    )
+    levels: tuple[Level, ...] = pyramid()
     cost: str = "mixed"
     global_weight: float = 0.5
     step_tolerance_mm: float = 0.02

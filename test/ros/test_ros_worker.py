@@ -64,11 +64,16 @@ def test_out_of_range_and_unknown_values_are_named():
     assert "principal_point" in settings_problems(bad_point)[0]
 
 
-def test_pipeline_config_takes_gate_tracking_and_cost():
+def test_pipeline_config_takes_gate_tracking_cost_and_pyramid():
     s = Settings.from_parameters({"gate.min_similarity": 0.7, "registration.cost": "gradient_ncc", "renderer": "torch"})
     config = pipeline_config(s)
     assert config.min_similarity == 0.7 and config.cold.cost == "gradient_ncc" and config.renderer == "torch"
     assert config.tracking_max_age_s == s.tracking_max_age_s
+    assert [level.width for level in config.cold.levels] == [32, 64, 128]
+    fine = pipeline_config(Settings.from_parameters({"registration.finest_width": 256}))
+    assert [level.width for level in fine.cold.levels] == [32, 64, 128, 256]
+    odd = Settings.from_parameters({"registration.finest_width": 200})
+    assert settings_problems(odd) == ["registration.finest_width must be one of: 128, 256 (got 200)"]
 
 
 # ---------------------------------------------------------------------------- intrinsics policy
