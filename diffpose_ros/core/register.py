@@ -73,8 +73,8 @@ def pyramid(finest_width: int = 128) -> tuple[Level, ...]:
 
     The 256-pixel level (1.2 mm pixels on the contract's detector, against 2.4 mm) constrains the
     source's depth better, which is what the 3D error of one view is mostly made of: on 200 clinical
-    frames (every factor) the median 3D error fell from 0.69 to 0.47 mm and frames over 2 mm from 6 % to
-    2 %, for about 4 more renders of 65k rays, 2.5x the cold start's time on the CPU
+    frames (every factor) the median 3D error fell from 0.69 to 0.47 mm and frames over 2 mm from 6.5 %
+    to 2 %, for about 4 more renders of 65k rays, 2.5x the cold start's time on the CPU
     (``docs/benchmarks.md``). ``ValueError`` for another width.
     """
     if finest_width not in FINEST_WIDTHS:
