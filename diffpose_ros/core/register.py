@@ -234,13 +234,14 @@ class Registrar:
             target = resample_image(image, k.width, k.height).to(renderer.device)
             level_mask = None if mask is None else resample_mask(mask, k.width, k.height)
             outlier_fraction = 0.0
-            drr = None
+            drr = rendered = None
             if level.sparse:  # a half-width preview: enough to see edges and outliers, a quarter of the rays
                 if guide is None or li > 0:
                     guide = renderer.render(pose, k.resized(max(8, k.width // 2)))
                 drr = resample_image(guide.cpu().float(), k.width, k.height)
-            elif cfg.outlier_sigma > 0 and li > 0:
-                drr = renderer.render(pose, k).cpu()
+            elif cfg.outlier_sigma > 0 and li > 0:  # the level's first render: its image is the outliers' DRR
+                rendered = renderer.render_jacobian(pose, k)
+                drr = rendered[0][0].reshape(k.height, k.width).cpu()
             if cfg.outlier_sigma > 0 and drr is not None:
                 valid = torch.ones(target.shape, dtype=torch.bool) if level_mask is None else level_mask
                 outliers = _outliers(drr, target.cpu(), valid, cfg.outlier_sigma)
@@ -259,12 +260,12 @@ class Registrar:
                 level_cost = make_cost(cfg.cost, target, level_mask, level.patch, cfg.global_weight)
             scale = torch.tensor([1.0] * 3 + [cfg.radius_mm] * 3, dtype=torch.float64)
 
-            def evaluate(T):
-                values, jac = renderer.render_jacobian(T, k, pixels)
+            def evaluate(T, rendered=None):
+                values, jac = renderer.render_jacobian(T, k, pixels) if rendered is None else rendered
                 r, J = level_cost.residuals(values[0], jac[0])
                 return 0.5 * float(r.double().square().sum()), r, J
 
-            cost, r, J = evaluate(pose)
+            cost, r, J = evaluate(pose, rendered)
             lam = cfg.damping
             level_converged = False
             for _ in range(level.max_iterations):

@@ -105,6 +105,26 @@ def test_a_256_pixel_level_pins_the_pose_down_better_on_scattered_frames(registr
     assert max(errors[256]) < 0.3, errors
 
 
+def test_a_dense_level_renders_each_pose_once(registrar, truth, target, k128, monkeypatch):
+    """The outlier check's DRR at a level's start is the image of the level's first render with its
+    Jacobian, not a render of its own: one render per level and one per tried step, nothing else."""
+    from diffpose_ros.core.render import Renderer
+
+    T_true, iso = truth
+    calls = {"render": 0, "render_jacobian": 0}
+    for name in calls:
+        original = getattr(Renderer, name)
+
+        def counted(self, *args, _original=original, _name=name, **kw):
+            calls[_name] += 1
+            return _original(self, *args, **kw)
+
+        monkeypatch.setattr(Renderer, name, counted)
+    result = registrar.register(target, k128, perturbed(T_true, iso, seed=5, angle_deg=2.0, shift_mm=5.0))
+    assert result.converged and registrar.config.outlier_sigma > 0
+    assert calls == {"render": 0, "render_jacobian": len(registrar.config.levels) + result.iterations}
+
+
 def test_recovers_pose_from_a_diffdrr_image(registrar, truth, k128, hu, diffdrr_render):
     # Cross-renderer: the target comes from DiffDRR's Siddon (same attenuation), not our own renderer.
     T_true, iso = truth
