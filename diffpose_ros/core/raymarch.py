@@ -45,6 +45,7 @@ __all__ = [
     "march_torch",
     "pose_derivatives",
     "ray_segments",
+    "set_renderer_threads",
     "tile_order",
     "twist_jacobian",
 ]
@@ -54,6 +55,20 @@ __all__ = [
 # workqueue avoid that; an explicit NUMBA_THREADING_LAYER* setting still wins.
 if not any(k.startswith("NUMBA_THREADING_LAYER") for k in os.environ):
     numba.config.THREADING_LAYER_PRIORITY = ["tbb", "workqueue", "omp"]
+
+
+def set_renderer_threads(requested: int = 0) -> int:
+    """Threads of the numba kernel for renders made *by the calling thread* (numba keeps the count per
+    thread), and their number: ``requested`` when positive (at most numba's pool), else the whole pool
+    (one per core).
+
+    On 2 cores shared with other processes (a bag replay, a recorder), one renderer thread posed more
+    frames of a 30 Hz stream than two: a parallel render waits for its slowest thread, and a thread
+    that loses its core stalls the render (``docs/benchmarks.md``).
+    """
+    pool = numba.config.NUMBA_NUM_THREADS
+    numba.set_num_threads(min(requested, pool) if requested > 0 else pool)
+    return numba.get_num_threads()
 
 
 def _slab(o, e, hi, t0, t1):

@@ -385,6 +385,8 @@ class DiffPoseNode(LifecycleNode):
         if self._device.startswith("cuda"):  # pragma: no cover - GPU machines
             values["cuda_allocated_mb"] = torch.cuda.memory_allocated() / 2**20
         worker = self._worker
+        if worker is not None:
+            values["renderer_threads"] = worker.renderer_threads
         config_error = self._config_error if worker is None else ""
         dropped = worker.mailbox.dropped if worker is not None else 0
         summary = self._stats.summary(self._diag_name, self._device, self._state, config_error, dropped, values)

@@ -90,6 +90,11 @@ PARAMETERS: tuple[Parameter, ...] = (
         "torch CPU threads (0: one on the CPU, where the renderer has threads of its own; torch's default on a GPU)",
         True, bounds=(0, 1024),
     ),
+    Parameter(
+        "renderer_threads", 0, "renderer_threads",
+        "CPU renderer threads (0: one per core); 1 can pose more frames where other processes share the cores",
+        True, bounds=(0, 1024),
+    ),
     Parameter("autostart", False, "autostart", "configure and activate at start", True),
     Parameter("ct_frame", "ct", "ct_frame", "TF frame of the CT (LPS); parent of the published transform", True),
     Parameter("ct_ras_frame", "ct_ras", "ct_ras_frame", "static RAS frame under ct_frame (empty: not published)", True),
@@ -188,6 +193,7 @@ class Settings:
     device: str
     renderer: str
     num_threads: int
+    renderer_threads: int
     autostart: bool
     ct_frame: str
     ct_ras_frame: str

@@ -21,6 +21,7 @@ from diagnostic_msgs.msg import DiagnosticStatus
 
 from ..core.pipeline import FrameResult, Pipeline
 from ..core.preprocess import Frame, prepare_frame
+from ..core.raymarch import set_renderer_threads
 from .camera_info import CameraInfoCache, choose_intrinsics, stamp_text
 from .conversions import camera_info_to_intrinsics, frame_kind, image_to_numpy
 from .settings import Settings
@@ -84,6 +85,8 @@ class FrameWorker:
     ``settings``: the node's current :class:`~.settings.Settings`; ``infos``: the camera_info cache;
     ``camera_info_matched``: whether a camera_info publisher is matched (worth waiting for one);
     ``report``: the node's publisher of an :class:`Outcome`; ``logger``: rclpy-style logger.
+    :attr:`renderer_threads`: the CPU renderer's threads in the worker thread (``renderer_threads``
+    parameter; 0 until the thread has started).
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class FrameWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_stamp_ns: int | None = None
+        self.renderer_threads = 0
 
     def start(self, keep_running: Callable[[], bool] = lambda: True) -> None:
         """Start the thread; it ends at :meth:`stop` or when ``keep_running()`` turns false."""
@@ -119,6 +123,7 @@ class FrameWorker:
         self.mailbox.clear()
 
     def _loop(self, keep_running: Callable[[], bool]) -> None:
+        self.renderer_threads = set_renderer_threads(self._settings().renderer_threads)
         while not self._stop.is_set() and keep_running():
             item = self.mailbox.take(0.1)
             if item is None or self._stop.is_set():

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import torch
 
 from diffpose_ros.core import se3
 from diffpose_ros.core.geometry import Intrinsics, carm_pose
-from diffpose_ros.core.raymarch import march_numba, tile_order, twist_jacobian
+from diffpose_ros.core.raymarch import march_numba, set_renderer_threads, tile_order, twist_jacobian
 from diffpose_ros.core.render import Renderer, patch_pixels
 from diffpose_ros.core.volume import Volume
 
@@ -225,6 +226,29 @@ def test_tiled_marching_order_gives_the_row_major_image(renderer, clinical_pose)
         rows = march_numba(renderer._vol, P, dirs, renderer.step_mm, with_grad)
         assert torch.equal(tiled, rows)  # each ray is marched alone: only the order changes
     assert float(rows[..., 0].max()) > 1.0  # the rays cross the patient
+
+
+def test_renderer_threads_are_set_per_thread_and_change_no_pixel(renderer, clinical_pose, k64):
+    import numba
+
+    pool = numba.config.NUMBA_NUM_THREADS
+    before = numba.get_num_threads()
+    expected = renderer.render_jacobian(clinical_pose, k64)
+    seen = {}
+
+    def one_thread():
+        seen["one"] = set_renderer_threads(1)
+        seen["renders"] = renderer.render_jacobian(clinical_pose, k64)
+        seen["huge"] = set_renderer_threads(10_000)
+        seen["default"] = set_renderer_threads(0)
+
+    thread = threading.Thread(target=one_thread)
+    thread.start()
+    thread.join()
+    assert (seen["one"], seen["huge"], seen["default"]) == (1, pool, pool)
+    assert numba.get_num_threads() == before  # the calling thread's count only
+    for got, want in zip(seen["renders"], expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_kernel_jacobian_equals_the_tensor_formula(renderer, poses, k64):

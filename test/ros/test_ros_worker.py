@@ -204,8 +204,9 @@ def test_worker_thread_reports_and_skips_old_stamps(scene):
         if len(reports) == 2:
             done.set()
 
-    settings = Settings.from_parameters({})
+    settings = Settings.from_parameters({"renderer_threads": 1})
     worker = FrameWorker(pipeline, lambda: settings, infos, lambda: False, report, _Log())
+    assert worker.renderer_threads == 0
     worker.start()
     try:
         worker.mailbox.put(_frame(scene, 0, 200, infos))
@@ -217,3 +218,4 @@ def test_worker_thread_reports_and_skips_old_stamps(scene):
     finally:
         worker.stop()
     assert reports == [(200, "published"), (199, "skipped")]
+    assert worker.renderer_threads == 1  # the renderer_threads parameter, applied in the worker thread
