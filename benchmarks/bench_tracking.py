@@ -12,6 +12,9 @@ In process (the node's worker path without DDS: ``image_to_numpy``, ``prepare_fr
 - ``cold, finest 256``: the same with the pyramid ending at 256 px (``registration.finest_width``);
 - ``tracking``: the default, from the last accepted pose moved on at constant velocity, one level
   on sparse feature patches, falling back to the pyramid and the CNN;
+- ``tracking, 30 Hz budget``: the same with the deadline that the node's default
+  ``tracking.frame_budget`` sets on a 30 Hz stream (0.8 of 33 ms from the frame's arrival): the
+  refinement stops stepping there once its pose has settled;
 - ``no prediction``: the same from the last pose as it was;
 - ``dense tracking``: the previous release's tracking (64 -> 128 px dense pyramid, no prediction);
 - ``DiffPose loop`` (the anchor; ``--reference-frames`` frames): Adam on ``xi`` in ``T exp(xi)``
@@ -57,14 +60,19 @@ from diffpose_ros.core.register import Level, RegistrationConfig, pyramid  # noq
 from diffpose_ros.core.similarity import multiscale_ncc  # noqa: E402
 
 DEFAULT_BAG = REPO / "runs/bench/foreign_7.5hz"
-MODES = {
-    "cold": (PipelineConfig(), False),
-    "cold, finest 256": (PipelineConfig(cold=RegistrationConfig(levels=pyramid(256))), False),
-    "tracking": (PipelineConfig(), True),
-    "no prediction": (PipelineConfig(predict=False), True),
+BUDGET_30HZ_S = 0.8 / 30
+"""The node's default ``tracking.frame_budget`` (0.8 of the frame interval) on a 30 Hz stream (s)."""
+
+MODES = {  # name: (config, track, seconds a frame may take before its tracking stops stepping)
+    "cold": (PipelineConfig(), False, None),
+    "cold, finest 256": (PipelineConfig(cold=RegistrationConfig(levels=pyramid(256))), False, None),
+    "tracking": (PipelineConfig(), True, None),
+    "tracking, 30 Hz budget": (PipelineConfig(), True, BUDGET_30HZ_S),
+    "no prediction": (PipelineConfig(predict=False), True, None),
     "dense tracking": (
         PipelineConfig(predict=False, tracking_levels=(Level(64, 2.0, 6, patch=8), Level(128, 1.4, 6, patch=13))),
         True,
+        None,
     ),
 }
 
@@ -115,14 +123,14 @@ def run_pipeline(args, frames, stamps, poses, camera, targets) -> None:
     from diffpose_ros.ros.conversions import image_to_numpy
 
     rows = {}
-    for name, (config, track) in MODES.items():
+    for name, (config, track, budget) in MODES.items():
         pipeline = Pipeline.from_file(args.model, config=config)
         pipeline.warm_up(camera)
         latencies, errors, paths = [], [], []
         for msg, stamp, T in zip(frames, stamps, poses):
             t = time.perf_counter()
             frame = prepare_frame(image_to_numpy(msg), "transmission", camera)
-            result = pipeline.process(frame, stamp=stamp, track=track)
+            result = pipeline.process(frame, stamp=stamp, track=track, deadline=budget and t + budget)
             latencies.append(time.perf_counter() - t)
             errors.append(float(metrics.mtre(result.pose, T, targets)) if result.accepted else float("inf"))
             paths.append(result.path)

@@ -46,7 +46,7 @@ def _program(script: str, module: str) -> list[str]:
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", module]
 
 
-def _node_command(model: Path, threads: int, renderer_threads: int) -> list[str]:
+def _node_command(model: Path, threads: int, parameters: list[str]) -> list[str]:
     return [
         *_program("diffpose_node", "diffpose_ros.ros.node"),
         "--ros-args",
@@ -56,8 +56,7 @@ def _node_command(model: Path, threads: int, renderer_threads: int) -> list[str]
         "autostart:=true",
         "-p",
         f"num_threads:={threads}",
-        "-p",
-        f"renderer_threads:={renderer_threads}",
+        *[arg for parameter in parameters for arg in ("-p", parameter)],
         "-r",
         f"image:={TOPICS['image']}",
         "-r",
@@ -142,7 +141,11 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--rate", type=float, default=1.0, help="replay speed factor (default 1: the bag's own rate)")
     parser.add_argument("--node-threads", type=int, default=0, help="torch threads of the node (0: its default)")
     parser.add_argument(
-        "--renderer-threads", type=int, default=0, help="CPU renderer threads of the node (0: one per core)"
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME:=VALUE",
+        help="a node parameter, as ros2 run's -p takes it (repeatable), e.g. renderer_threads:=1",
     )
     parser.add_argument("--igtl-port", type=int, default=0, help="OpenIGTLink port of the bridge (0: any free one)")
     parser.add_argument("--no-igtl", action="store_true", help="without the OpenIGTLink bridge and navigator")
@@ -198,7 +201,10 @@ def _main(argv: list[str] | None) -> int:
     use_large_frame_profile()
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     node_log = out / "node.log"
-    command = _node_command(model, args.node_threads, args.renderer_threads)
+    bad = [p for p in args.param if ":=" not in p]
+    if bad:
+        parser.error(f"--param takes NAME:=VALUE, not {bad[0]!r}")
+    command = _node_command(model, args.node_threads, args.param)
     print(f"[3/5] diffpose_node in its own process (log {node_log}):\n      {' '.join(command)}", flush=True)
     with node_log.open("wb") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)

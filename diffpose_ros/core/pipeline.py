@@ -14,13 +14,14 @@ validity mask, from :func:`~.preprocess.prepare_frame`) and returns a :class:`Fr
    valid pixels (the unknown display chain's monotone map);
 3. refinement: Levenberg-Marquardt on the registration cost (NCC by default, :mod:`.cost`) through
    the differentiable renderer (:mod:`.register`), on the frame's valid pixels;
-4. gate: the pose is accepted only if the refinement converged, the similarity reaches the
-   threshold and the pose is plausible. A tracking attempt must also stay near its start and keep
-   the similarity of the last tracked frame; when it fails, the full pyramid runs from the same
-   start (``pyramid``), then the CNN (``cold``). A tracking result that moved far from its start is
-   a jump to another view, where the predicted start is no guide: the CNN takes over at once. A
-   rejected frame ends tracking: the next one starts cold. ``FrameResult.path`` says which paths a
-   frame took.
+4. gate: the pose is accepted only if the refinement converged (or a tracking refinement reached
+   the caller's deadline after an accepted step: the node's ``tracking.frame_budget``, so that it
+   keeps up with the stream), the similarity reaches the threshold and the pose is plausible. A
+   tracking attempt must also stay near its start and keep the similarity of the last tracked frame;
+   when it fails, the full pyramid runs from the same start (``pyramid``), then the CNN (``cold``).
+   A tracking result that moved far from its start is a jump to another view, where the predicted
+   start is no guide: the CNN takes over at once. A rejected frame ends tracking: the next one
+   starts cold. ``FrameResult.path`` says which paths a frame took.
 
 ``Pipeline.render`` and ``Pipeline.overlay`` show the DRR at a pose (the node's ``~/overlay``, the
 tools' pictures).
@@ -131,7 +132,8 @@ class FrameResult:
     ``timings``: seconds per stage (``preprocess``, ``cnn``, ``start``: polarity and intensity map,
     ``refine``, ``total``); ``polarity``:
     how the frame showed bone; ``polarity_scores``: ``(bones_dark, bones_bright)``;
-    ``outlier_fraction``: share of the valid pixels the refinement left out as outliers (instruments).
+    ``outlier_fraction``: share of the valid pixels the refinement left out as outliers (instruments);
+    ``out_of_time``: the refinement stopped at the frame's deadline (see :meth:`Pipeline.process`).
     """
 
     pose: torch.Tensor
@@ -148,6 +150,7 @@ class FrameResult:
     polarity_scores: tuple[float, float] = (float("nan"), float("nan"))
     outlier_fraction: float = 0.0
     path: str = ""
+    out_of_time: bool = False
 
 
 def set_torch_threads(device: str | torch.device, requested: int = 0) -> int:
@@ -322,10 +325,17 @@ class Pipeline:
             return torch.full((6, 6), float("inf"), dtype=torch.float64)
 
     def process(
-        self, frame: Frame, stamp: float | None = None, track: bool = True, initial_pose: torch.Tensor | None = None
+        self,
+        frame: Frame,
+        stamp: float | None = None,
+        track: bool = True,
+        initial_pose: torch.Tensor | None = None,
+        deadline: float | None = None,
     ) -> FrameResult:
         """Register one :class:`~.preprocess.Frame` taken at ``stamp`` (s; None: no tracking), from
         ``initial_pose`` (``T_ct_source``, mm) when given instead of the CNN or tracking.
+        ``deadline`` (a ``time.perf_counter()`` value): when the tracking refinement stops stepping
+        (:meth:`~.register.Registrar.register`); the pyramid and cold starts take what they need.
 
         Every outcome is a :class:`FrameResult` (bad input was refused when the frame was prepared).
         """
@@ -352,7 +362,13 @@ class Pipeline:
                 continue
             t = time.perf_counter()
             result = self.registrar.register(
-                start.target, frame.intrinsics, start.pose, levels=levels, mask=frame.mask, guide=start.drr
+                start.target,
+                frame.intrinsics,
+                start.pose,
+                levels=levels,
+                mask=frame.mask,
+                guide=start.drr,
+                deadline=deadline if mode == "tracking" else None,
             )
             timings["refine"] += time.perf_counter() - t
             reason = self._gate(result)
@@ -391,6 +407,7 @@ class Pipeline:
             iterations=result.iterations,
             converged=result.converged,
             outlier_fraction=result.outlier_fraction,
+            out_of_time=result.out_of_time,
             **common,
         )
 

@@ -62,9 +62,10 @@ def set_renderer_threads(requested: int = 0) -> int:
     thread), and their number: ``requested`` when positive (at most numba's pool), else the whole pool
     (one per core).
 
-    On 2 cores shared with other processes (a bag replay, a recorder), one renderer thread posed more
-    frames of a 30 Hz stream than two: a parallel render waits for its slowest thread, and a thread
-    that loses its core stalls the render (``docs/benchmarks.md``).
+    Fewer threads leave cores to other software on the machine. A parallel render waits for its
+    slowest thread, so a thread that loses its core stalls it: on 2 cores shared with a 30 Hz replay
+    and recorder, one thread posed more frames than two until the node's frame budget, and fewer
+    after it (``docs/benchmarks.md``).
     """
     pool = numba.config.NUMBA_NUM_THREADS
     numba.set_num_threads(min(requested, pool) if requested > 0 else pool)

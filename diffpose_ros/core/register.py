@@ -103,6 +103,9 @@ class RegistrationConfig:
     It also ends, without rendering the step, when the Gauss-Newton model predicts that the step
     improves the cost by less than ``cost_tolerance`` (one render fewer per tracked frame, at the
     same accuracy: ``docs/benchmarks.md``).
+    ``deadline_step_mm``: a caller's deadline (:meth:`Registrar.register`) stops a registration only
+    after an accepted step that moved every point within ``radius_mm`` of the CT's centre by less
+    than this: a pose still moving by more is not trusted yet, whatever the time.
     ``outlier_sigma``: from the second level on, pixels whose standardised difference from the DRR
     at the level's start exceeds this many robust standard deviations (1.4826 MAD), and their
     neighbours, leave the cost for that level: instruments, wires and anything else that is not in
@@ -122,6 +125,7 @@ class RegistrationConfig:
     radius_mm: float = 100.0
     cost_tolerance: float = 1e-6
     damping: float = 1e-3
+    deadline_step_mm: float = 0.5
     outlier_sigma: float = 3.5
 
     def __post_init__(self) -> None:
@@ -138,7 +142,10 @@ class RegistrationResult:
     the finest level stopped on a tolerance, not on its cap; ``hessian``: 6x6 Gauss-Newton
     information ``J^T J`` of the final cost in ``xi = (rho mm, phi rad)``; ``residuals``: how many
     residuals that cost sums; ``cost``: its value ``0.5 |r|^2``; ``history``: per-step records;
-    ``outlier_fraction``: share of the valid pixels that the finest level left out as outliers.
+    ``outlier_fraction``: share of the valid pixels that the finest level left out as outliers;
+    ``out_of_time``: stopped at the caller's deadline once the pose had settled
+    (``deadline_step_mm``), not on a tolerance: then not ``converged``, and still trusted
+    (:meth:`failure`).
     """
 
     pose: torch.Tensor
@@ -151,6 +158,7 @@ class RegistrationResult:
     cost: float = float("nan")
     history: list[dict] = field(default_factory=list)
     outlier_fraction: float = 0.0
+    out_of_time: bool = False
 
     def as_dict(self) -> dict:
         """JSON-ready summary (``T_ct_source`` as nested lists, mm)."""
@@ -161,13 +169,15 @@ class RegistrationResult:
             "seconds": self.seconds,
             "converged": self.converged,
             "outlier_fraction": self.outlier_fraction,
+            "out_of_time": self.out_of_time,
         }
 
     def failure(self, min_similarity: float | None = None) -> str:
-        """Why this result is not to be trusted (empty when it is): not converged, or a final
-        similarity below ``min_similarity`` (default :data:`MIN_SIMILARITY`)."""
+        """Why this result is not to be trusted (empty when it is): not converged (unless stopped at its
+        deadline once the pose had settled), or a final similarity below ``min_similarity`` (default
+        :data:`MIN_SIMILARITY`)."""
         limit = MIN_SIMILARITY if min_similarity is None else min_similarity
-        if not self.converged:
+        if not (self.converged or self.out_of_time):
             return f"refinement did not converge in {self.iterations} iterations"
         if not self.similarity >= limit:
             return f"similarity {self.similarity:.3f} below {limit:.3f}"
@@ -183,6 +193,7 @@ class Registrar:
 
     def __init__(self, mu: Volume, config: RegistrationConfig | None = None, backend: str = "auto", device=None):
         self.config = config or RegistrationConfig()
+        self._centre = torch.cat([mu.center.to(torch.float64), torch.ones(1, dtype=torch.float64)])
         self._renderers: dict[float, Renderer] = {}
         for level in self.config.levels:
             if level.voxel_mm not in self._renderers:
@@ -201,6 +212,7 @@ class Registrar:
         levels: tuple[Level, ...] | None = None,
         mask: torch.Tensor | None = None,
         guide: torch.Tensor | None = None,
+        deadline: float | None = None,
     ) -> RegistrationResult:
         """Refine ``init_pose`` (``T_ct_source``, 4x4, mm) against ``image``.
 
@@ -210,7 +222,11 @@ class Registrar:
         (e.g. a short one for tracking); every level's ``voxel_mm`` must be one this ``Registrar``
         was built with. ``mask``: ``(H, W)`` bool validity (None: every pixel). ``guide``: a DRR at
         ``init_pose`` of the same camera at any resolution, which a sparse first level then uses to
-        choose its patches instead of rendering its own preview.
+        choose its patches instead of rendering its own preview. ``deadline``: a ``time.perf_counter()``
+        value; once an accepted step has moved the pose by less than ``deadline_step_mm``, no step is
+        tried that would end after it (a step is taken to last as long as the last render and cost),
+        and the result is ``out_of_time``. One step from a predicted tracking start gets most of the
+        way (``docs/benchmarks.md``).
         """
         cfg = self.config
         levels = levels or cfg.levels
@@ -228,6 +244,8 @@ class Registrar:
         hessian = torch.zeros(6, 6, dtype=torch.float64)
         residuals = 0
         cost = float("nan")
+        settled = False  # the last accepted step moved less than deadline_step_mm
+        out_of_time = False
         for li, level in enumerate(levels):
             k = intrinsics.resized(level.width)
             renderer = self._renderers[level.voxel_mm]
@@ -265,7 +283,9 @@ class Registrar:
                 r, J = level_cost.residuals(values[0], jac[0])
                 return 0.5 * float(r.double().square().sum()), r, J
 
+            t_eval = time.perf_counter()
             cost, r, J = evaluate(pose, rendered)
+            step_seconds = time.perf_counter() - t_eval
             lam = cfg.damping
             level_converged = False
             for _ in range(level.max_iterations):
@@ -275,8 +295,13 @@ class Registrar:
                 if float(-(g @ step) - 0.5 * (step @ A @ step)) < cfg.cost_tolerance:
                     level_converged = True  # the model's improvement is negligible: not worth a render
                     break
+                if deadline is not None and settled and time.perf_counter() + step_seconds > deadline:
+                    out_of_time = True
+                    break
                 trial = pose @ se3.exp(step)
+                t_eval = time.perf_counter()
                 t_cost, t_r, t_J = evaluate(trial)
+                step_seconds = time.perf_counter() - t_eval
                 iterations += 1
                 moved = float((step * scale).abs().max())
                 history.append(
@@ -284,6 +309,7 @@ class Registrar:
                 )
                 negligible = moved < cfg.step_tolerance_mm or abs(t_cost - cost) < cfg.cost_tolerance
                 if t_cost < cost:
+                    settled = self._motion_mm(pose, step) < cfg.deadline_step_mm
                     pose, cost, r, J = trial, t_cost, t_r, t_J
                     lam = max(lam / 3, 1e-7)
                 else:
@@ -295,10 +321,30 @@ class Registrar:
             similarity = level_cost.similarity(cost)
             hessian = (J.T @ J).double().cpu()
             residuals = r.numel()
+            if out_of_time:
+                break
         seconds = time.perf_counter() - start
         return RegistrationResult(
-            pose, similarity, iterations, seconds, converged, hessian, residuals, cost, history, outlier_fraction
+            pose,
+            similarity,
+            iterations,
+            seconds,
+            converged,
+            hessian,
+            residuals,
+            cost,
+            history,
+            outlier_fraction,
+            out_of_time,
         )
+
+    def _motion_mm(self, pose: torch.Tensor, step: torch.Tensor) -> float:
+        """Largest motion (mm, to first order) of a point within ``radius_mm`` of the CT's centre when
+        ``pose`` becomes ``pose exp(step)``: the centre's motion plus the rotation's at the radius."""
+        rho, phi = step[:3], step[3:]
+        centre = (se3.inverse(pose) @ self._centre)[:3]  # in the source frame
+        spin = float(torch.linalg.vector_norm(phi))
+        return float(torch.linalg.vector_norm(rho + torch.linalg.cross(phi, centre))) + spin * self.config.radius_mm
 
 
 def feature_patches(drr: torch.Tensor, valid: torch.Tensor | None, count: int, size: int) -> torch.Tensor:

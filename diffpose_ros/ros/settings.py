@@ -92,7 +92,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     ),
     Parameter(
         "renderer_threads", 0, "renderer_threads",
-        "CPU renderer threads (0: one per core); 1 can pose more frames where other processes share the cores",
+        "CPU renderer threads (0: one per core); fewer leave cores to other software on the machine",
         True, bounds=(0, 1024),
     ),
     Parameter("autostart", False, "autostart", "configure and activate at start", True),
@@ -181,6 +181,11 @@ PARAMETERS: tuple[Parameter, ...] = (
         "tracking.max_age_s", _GATE.tracking_max_age_s, "tracking_max_age_s",
         "tracking when the last accepted pose is younger than this (stamps, s)", bounds=(0.0, 3600.0),
     ),
+    Parameter(
+        "tracking.frame_budget", 0.8, "tracking_frame_budget",
+        "share of the interval between received frames that a tracked frame may take from its receipt: "
+        "its refinement then stops stepping, after one accepted step (0: no limit)", bounds=(0.0, 100.0),
+    ),
     Parameter("overlay.width", 256, "overlay_width", "width (pixels) of ~/overlay", bounds=(8, 4096)),
 )  # fmt: skip
 
@@ -220,6 +225,7 @@ class Settings:
     tracking_enabled: bool
     tracking_predict: bool
     tracking_max_age_s: float
+    tracking_frame_budget: float
     overlay_width: int
 
     @classmethod

@@ -10,9 +10,11 @@ the last published one. No rclpy here: tests drive a worker with plain messages.
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,11 +40,13 @@ class Received:
 
 
 class Mailbox:
-    """One slot holding the newest :class:`Received`; ``dropped`` counts the replaced ones."""
+    """One slot holding the newest :class:`Received`; ``dropped`` counts the replaced ones, and
+    :meth:`interval_s` tells how often frames arrive (every one put, replaced or not)."""
 
     def __init__(self):
         self._cond = threading.Condition()
         self._item: Received | None = None
+        self._receipts: deque[float] = deque(maxlen=17)
         self.dropped = 0
 
     def put(self, item: Received) -> None:
@@ -50,7 +54,17 @@ class Mailbox:
             if self._item is not None:
                 self.dropped += 1
             self._item = item
+            self._receipts.append(item.wall)
             self._cond.notify_all()
+
+    def interval_s(self) -> float | None:
+        """Median seconds between the receipts of the last 17 frames (None before 5): the stream's
+        frame interval, whatever the worker kept up with."""
+        with self._cond:
+            times = list(self._receipts)
+        if len(times) < 5:
+            return None
+        return statistics.median(b - a for a, b in zip(times, times[1:]))
 
     def take(self, timeout: float) -> Received | None:
         """The waiting item (emptying the slot), after up to ``timeout`` s; None if none came."""
@@ -158,7 +172,8 @@ class FrameWorker:
             values["valid_fraction"] = frame.valid_fraction
             if self._stop.is_set():
                 return None
-            result = self.pipeline.process(frame, stamp=stamp_ns * 1e-9, track=s.tracking_enabled)
+            deadline = self._deadline(item, s)
+            result = self.pipeline.process(frame, stamp=stamp_ns * 1e-9, track=s.tracking_enabled, deadline=deadline)
         except ValueError as err:
             stamp = stamp_text((msg.header.stamp.sec, msg.header.stamp.nanosec))
             self._logger.warning(f"frame {stamp} refused: {err}", throttle_duration_sec=1.0)
@@ -169,6 +184,7 @@ class FrameWorker:
             similarity=float(result.similarity),
             iterations=int(result.iterations),
             converged=bool(result.converged),
+            out_of_time=bool(result.out_of_time),
             polarity=result.polarity,
             polarity_scores=" ".join(f"{v:.3f}" for v in result.polarity_scores),
             outlier_fraction=float(result.outlier_fraction),
@@ -178,6 +194,14 @@ class FrameWorker:
             message = f"rejected by the gate: {result.reason}"
             return Outcome("rejected", DiagnosticStatus.ERROR, message, values, result, frame)
         return Outcome("published", DiagnosticStatus.OK, "pose published", values, result, frame)
+
+    def _deadline(self, item: Received, s: Settings) -> float | None:
+        """``time.perf_counter()`` by which a tracked frame's refinement stops stepping: its receipt plus
+        ``tracking.frame_budget`` of the stream's frame interval (None: no budget, or no interval yet)."""
+        interval = self.mailbox.interval_s()
+        if s.tracking_frame_budget <= 0 or interval is None:
+            return None
+        return time.perf_counter() + item.wall + s.tracking_frame_budget * interval - time.monotonic()
 
     def _intrinsics(self, msg, s: Settings):
         stamp = (int(msg.header.stamp.sec), int(msg.header.stamp.nanosec))

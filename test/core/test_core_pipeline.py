@@ -184,6 +184,25 @@ def test_prediction_starts_nearer_and_never_makes_an_accepted_pose_worse(pipelin
         assert final_p <= start_u and final_p < 0.5, (i, final_p, final_u, start_u)
 
 
+def test_a_deadline_cuts_tracking_short_and_leaves_cold_starts_alone(pipeline, run, mu):
+    """With its deadline passed, each tracked frame stops once its pose settles: fewer steps, about
+    the same error as without a deadline (these frames are noisy); the cold start is not cut."""
+    images, poses = run
+    targets = metrics.grid_targets(mu.center)
+    pipeline.reset_tracking()
+    dt = 1 / 7.5
+    results = [pipeline.process(images[i], stamp=400.0 + i * dt, deadline=0.0) for i in range(4)]
+    assert [r.path for r in results] == ["cold", "tracking", "tracking", "tracking"]
+    assert not results[0].out_of_time and results[0].converged  # the deadline is for tracking only
+    pipeline.reset_tracking()
+    free = [pipeline.process(images[i], stamp=500.0 + i * dt) for i in range(4)]
+    for r, f, T in zip(results[1:], free[1:], poses[1:4]):
+        assert r.accepted and r.out_of_time and not r.converged, r.reason
+        late, unhurried = float(metrics.mtre(r.pose, T, targets)), float(metrics.mtre(f.pose, T, targets))
+        assert f.accepted and f.converged and late < unhurried + 0.15 and late < 0.6, (late, unhurried)
+    assert sum(r.iterations for r in results[1:]) < sum(f.iterations for f in free[1:])
+
+
 def test_tracking_falls_back_after_a_jump_and_starts_cold_after_a_rejected_frame(pipeline, run, camera, mu):
     images, poses = run
     targets = metrics.grid_targets(mu.center)

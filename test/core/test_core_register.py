@@ -287,6 +287,31 @@ def test_a_sparse_level_refines_a_near_pose_from_a_few_patches(registrar, truth,
     assert sparse.residuals < dense.residuals / 3
 
 
+def test_a_deadline_stops_stepping_once_the_pose_settles(registrar, truth, detector, hu):
+    """A tracking level whose deadline has passed stops after the first accepted step that moves the
+    pose by less than ``deadline_step_mm``, trusted (out of time, not converged): from a near start
+    that saves steps at a few hundredths of a millimetre; from a far one it steps on until the pose
+    settles. A deadline far ahead changes nothing."""
+    T_true, iso = truth
+    frame = registrar.renderer().render(T_true, detector)
+    targets = metrics.grid_targets(hu.center)
+    level = (Level(128, 1.4, 10, patch=13, sparse=24),)
+    near = perturbed(T_true, iso, seed=5, angle_deg=0.2, shift_mm=0.6)
+    free = registrar.register(frame, detector, near, levels=level)
+    late = registrar.register(frame, detector, near, levels=level, deadline=0.0)
+    assert free.converged and not free.out_of_time
+    assert late.out_of_time and not late.converged and late.failure() == ""
+    assert late.iterations < free.iterations
+    errors = [float(metrics.mtre(T, T_true, targets)) for T in (near, late.pose, free.pose)]
+    assert errors[0] > 0.5 and errors[1] < 0.1, errors
+    far = perturbed(T_true, iso, seed=3, angle_deg=1.0, shift_mm=3.0)
+    settled = registrar.register(frame, detector, far, levels=level, deadline=0.0)
+    assert float(metrics.mtre(far, T_true, targets)) > 2.5
+    assert settled.iterations >= 3 and float(metrics.mtre(settled.pose, T_true, targets)) < 0.1
+    ahead = registrar.register(frame, detector, near, levels=level, deadline=float("inf"))
+    assert torch.equal(ahead.pose, free.pose) and not ahead.out_of_time
+
+
 def test_a_sparse_level_runs_on_the_torch_backend_as_on_numba(mu_coarse, truth, detector):
     """The GPU path (the torch backend, here on the CPU) refines on sparse patches to the pose numba finds."""
     T_true, iso = truth

@@ -23,7 +23,7 @@ from diffpose_ros.core.pipeline import Pipeline  # noqa: E402
 from diffpose_ros.ros import conversions as cv  # noqa: E402
 from diffpose_ros.ros.camera_info import CameraInfoCache, choose_intrinsics  # noqa: E402
 from diffpose_ros.ros.settings import PARAMETERS, Settings, pipeline_config, settings_problems  # noqa: E402
-from diffpose_ros.ros.worker import FrameWorker, Received  # noqa: E402
+from diffpose_ros.ros.worker import FrameWorker, Mailbox, Received  # noqa: E402
 
 K = Intrinsics.from_detector(1020.0, 256, 256, 1.2)
 
@@ -191,6 +191,26 @@ def test_worker_outcomes_without_dds(worker_case, scene):
     finally:
         settings["value"] = dataclasses.replace(settings["value"], sdd_mm=0.0, pixel_spacing_mm=0.0)
     assert by_parameters.kind == "published" and by_parameters.values["intrinsics_source"] == "parameters"
+
+
+def test_the_mailbox_measures_the_stream_and_the_worker_gives_tracking_its_share():
+    box = Mailbox()
+    walls = [10.0 + 0.1 * i for i in range(4)]
+    for wall in walls:
+        box.put(Received(None, wall))
+    assert box.interval_s() is None  # too few frames to say
+    for wall in [10.4, 10.5, 11.5, 11.6, 11.7]:  # a pause of a second in the stream
+        box.put(Received(None, wall))
+    assert box.interval_s() == pytest.approx(0.1)
+    assert box.dropped == 8  # nobody took them: each one replaced the last
+    worker = FrameWorker(None, lambda: None, CameraInfoCache(), lambda: False, lambda *a: None, _Log())
+    worker.mailbox = box
+    budget = Settings.from_parameters({"tracking.frame_budget": 0.8})
+    now = Received(None, time.monotonic())
+    assert worker._deadline(now, budget) - time.perf_counter() == pytest.approx(0.08, abs=0.02)
+    assert worker._deadline(now, Settings.from_parameters({"tracking.frame_budget": 0.0})) is None
+    fresh = FrameWorker(None, lambda: None, CameraInfoCache(), lambda: False, lambda *a: None, _Log())
+    assert fresh._deadline(now, budget) is None  # no frame interval yet
 
 
 def test_worker_thread_reports_and_skips_old_stamps(scene):
