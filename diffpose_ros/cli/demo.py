@@ -157,6 +157,9 @@ def _main(argv: list[str] | None) -> int:
     # burned-in text) with steel rods that are not in the CT; --clinical all adds scatter and heel.
     parser.set_defaults(sweep=24, fps=7.5, seed=7, encoding="mono8", clinical="display,field,text,metal")
     args = parser.parse_args(argv)
+    bad = [p for p in args.param if ":=" not in p]
+    if bad:
+        parser.error(f"--param takes NAME:=VALUE, not {bad[0]!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -201,9 +204,6 @@ def _main(argv: list[str] | None) -> int:
     use_large_frame_profile()
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     node_log = out / "node.log"
-    bad = [p for p in args.param if ":=" not in p]
-    if bad:
-        parser.error(f"--param takes NAME:=VALUE, not {bad[0]!r}")
     command = _node_command(model, args.node_threads, args.param)
     print(f"[3/5] diffpose_node in its own process (log {node_log}):\n      {' '.join(command)}", flush=True)
     with node_log.open("wb") as log_file:

@@ -184,7 +184,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter(
         "tracking.frame_budget", 0.8, "tracking_frame_budget",
         "share of the interval between received frames that a tracked frame may take from its receipt: "
-        "its refinement then stops stepping, after one accepted step (0: no limit)", bounds=(0.0, 100.0),
+        "its refinement then stops stepping, once its pose has settled (0: no limit)", bounds=(0.0, 100.0),
     ),
     Parameter("overlay.width", 256, "overlay_width", "width (pixels) of ~/overlay", bounds=(8, 4096)),
 )  # fmt: skip

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffpose_ros.cli import drr, register
+from diffpose_ros.cli import demo, drr, register
 from diffpose_ros.core import metrics
 from diffpose_ros.core.bundle import PatientModel, save_patient_model
 from diffpose_ros.core.geometry import Intrinsics, carm_pose, perturb_pose
@@ -129,3 +129,11 @@ def test_register_bad_inputs_exit_2_with_a_message(case, tmp_path, capsys, args,
     args = [a.format(**{k: str(v) for k, v in names.items()}) for a in args]
     assert register.main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_demo_refuses_a_node_parameter_without_a_value_before_doing_anything(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--out", str(tmp_path / "demo"), "--param", "renderer_threads"])
+    assert exit_info.value.code == 2
+    assert "--param takes NAME:=VALUE, not 'renderer_threads'" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
