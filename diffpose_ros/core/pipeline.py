@@ -15,8 +15,8 @@ validity mask, from :func:`~.preprocess.prepare_frame`) and returns a :class:`Fr
 3. refinement: Levenberg-Marquardt on the registration cost (NCC by default, :mod:`.cost`) through
    the differentiable renderer (:mod:`.register`), on the frame's valid pixels;
 4. gate: the pose is accepted only if the refinement converged (or a tracking refinement reached
-   the caller's deadline after an accepted step: the node's ``tracking.frame_budget``, so that it
-   keeps up with the stream), the similarity reaches the threshold and the pose is plausible. A
+   the caller's deadline once its pose had settled: the node's ``tracking.frame_budget``, so that
+   it keeps up with the stream), the similarity reaches the threshold and the pose is plausible. A
    tracking attempt must also stay near its start and keep the similarity of the last tracked frame;
    when it fails, the full pyramid runs from the same start (``pyramid``), then the CNN (``cold``).
    A tracking result that moved far from its start is a jump to another view, where the predicted
