@@ -87,7 +87,8 @@ def make_foreign_bag(path: Path) -> None:
 def read_run(bag: Path):
     """Frames (image messages), their stamps (s), ground-truth poses, intrinsics and mTRE targets."""
     from diffpose_ros.bags.bagfile import decode, read_messages
-    from diffpose_ros.bags.score import read_truth, stamp_ns, targets_for
+    from diffpose_ros.bags.score import read_truth, targets_for
+    from diffpose_ros.core.navigation import stamp_ns
 
     truth = read_truth(bag)
     targets, _ = targets_for(truth, None)

@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 from ..core import metrics
+from ..core.navigation import stamp_from_ns, stamp_ns
 from .bagfile import decode
 from .record import Recorder
 from .replay import Player, ReplayOptions
-from .score import Truth, stamp_from_key, stamp_key, stamp_ns, tf_pose
+from .score import Truth, stamp_from_key, tf_pose
 
 __all__ = ["LiveResult", "run_live"]
 
@@ -84,7 +85,7 @@ def run_live(
                     error = f", 3D mTRE {e:.2f} mm"
                 t = T[:3, 3] / 1000  # the source in ct, metres
                 log(
-                    f"  TF {ts.header.frame_id} -> {ts.child_frame_id} @ {stamp_key(stamp)}: "
+                    f"  TF {ts.header.frame_id} -> {ts.child_frame_id} @ {stamp_from_ns(stamp)}: "
                     f"t = ({t[0]:+.4f}, {t[1]:+.4f}, {t[2]:+.4f}) m{error}  [{len(answered)}/{len(frames)}]"
                 )
         elif topic == "/diagnostics":
@@ -96,7 +97,7 @@ def run_live(
                 with_status.add(stamp)
                 if status.level != 0 and stamp in frames and stamp not in answered:
                     answered.add(stamp)
-                    log(f"  no pose @ {stamp_key(stamp)}: {status.message}  [{len(answered)}/{len(frames)}]")
+                    log(f"  no pose @ {stamp_from_ns(stamp)}: {status.message}  [{len(answered)}/{len(frames)}]")
 
     topics = list(dict.fromkeys([*outputs, *([info_topic] if info_topic else [])]))
     recorder = Recorder(session.node, out_bag, topics, on_message=on_output)

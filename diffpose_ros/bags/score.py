@@ -34,6 +34,7 @@ import torch
 from ..core import metrics
 from ..core.geometry import CONTRACT_SDD_MM, Intrinsics
 from ..core.io import save_json
+from ..core.navigation import stamp_from_ns, stamp_ns
 from .bagfile import bag_topics, decode, read_messages
 
 __all__ = [
@@ -51,7 +52,6 @@ __all__ = [
     "write_report",
     "tf_pose",
     "stamp_ns",
-    "stamp_key",
     "stamp_from_key",
 ]
 
@@ -64,17 +64,9 @@ IGTL_STAMP_TOLERANCE_NS = 10_000
 """An OpenIGTLink timestamp (float seconds) is a frame's stamp when within 10 us of it."""
 
 
-def stamp_ns(stamp) -> int:
-    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
-
-
-def stamp_key(ns: int) -> str:
-    """The node's diagnostic spelling of a stamp: ``sec.nanosec`` (9 digits)."""
-    return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
-
-
 def stamp_from_key(key: str) -> int:
-    """Nanoseconds of a ``sec.nanosec`` stamp (the inverse of :func:`stamp_key`)."""
+    """Nanoseconds of a ``sec.nanosec`` stamp (the node's diagnostic spelling, the inverse of
+    :func:`~diffpose_ros.core.navigation.stamp_from_ns`); a missing fraction counts as 0."""
     sec, _, nsec = key.partition(".")
     return int(sec) * 1_000_000_000 + int(nsec or 0)
 
@@ -231,7 +223,7 @@ def score_frames(truth: Truth, estimates: Estimates, targets_ct_mm: torch.Tensor
     t0 = truth.frames[0]
     camera = truth.camera
     for stamp in truth.frames:
-        row = {"stamp": stamp_key(stamp), "t_s": (stamp - t0) * 1e-9, "has_pose": stamp in estimates.poses}
+        row = {"stamp": stamp_from_ns(stamp), "t_s": (stamp - t0) * 1e-9, "has_pose": stamp in estimates.poses}
         T_true = truth.poses.get(stamp)
         if T_true is None:
             row["no_truth"] = True
@@ -420,7 +412,7 @@ def write_overlays(
     names = []
     for _, msgtype, _, raw in read_messages(truth.bag, [truth.image_topic]):
         msg = decode(raw, msgtype)
-        key = stamp_key(stamp_ns(msg.header.stamp))
+        key = stamp_from_ns(stamp_ns(msg.header.stamp))
         if key not in chosen:
             continue
         frame = image_to_frame(msg, truth.camera, mirror=mirror)

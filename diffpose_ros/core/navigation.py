@@ -25,6 +25,7 @@ __all__ = [
     "fluoro_ijk_to_world",
     "ras_to_carm",
     "stamp_from_ns",
+    "stamp_ns",
 ]
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -126,6 +127,11 @@ class PoseStatus:
 def stamp_from_ns(stamp_ns: int) -> str:
     """``sec.nanosec`` (9 digits) of a stamp in nanoseconds."""
     return f"{stamp_ns // 1_000_000_000}.{stamp_ns % 1_000_000_000:09d}"
+
+
+def stamp_ns(stamp) -> int:
+    """Integer nanoseconds of a stamp with ``sec`` and ``nanosec`` (``builtin_interfaces/Time``)."""
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
 
 
 class StaleTimer:

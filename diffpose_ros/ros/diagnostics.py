@@ -71,7 +71,7 @@ class FrameStats:
             self._received_times: collections.deque[float] = collections.deque()
             self._published_times: collections.deque[float] = collections.deque()
             self._counts = dict.fromkeys(
-                ("received", "processed", "published", "rejected", "skipped_stamps", "missed"), 0
+                ("received", "processed", "published", "rejected", "skipped_stamps", "missed", "clock_jumps"), 0
             )
             self._latency_receipt: collections.deque[float] = collections.deque(maxlen=50)
             self._latency_stamp: collections.deque[float] = collections.deque(maxlen=50)
@@ -90,9 +90,15 @@ class FrameStats:
             if seq is None or gid is None:
                 return
             last = self._last_sequence.get(repr(gid))
+            if last is not None and seq <= last:  # not a newer sample of this publisher: no gap to count
+                return
             if last is not None and seq > last + 1:
                 self._counts["missed"] += seq - last - 1
             self._last_sequence[repr(gid)] = seq
+
+    def time_jumped(self) -> None:
+        with self._lock:
+            self._counts["clock_jumps"] += 1
 
     def skipped(self) -> None:
         with self._lock:
@@ -158,6 +164,7 @@ class FrameStats:
             "frames_rejected": c["rejected"],
             "frames_skipped_old_stamp": c["skipped_stamps"],
             "frames_dropped_before_receipt": c["missed"],
+            "clock_jumps_back": c["clock_jumps"],
             "latency_receipt_to_publish_last_s": lr[-1] if lr else math.nan,
             "latency_receipt_to_publish_median_s": float(np.median(lr)) if lr else math.nan,
             "latency_stamp_to_publish_last_s": ls[-1] if ls else math.nan,

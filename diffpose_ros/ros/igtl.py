@@ -28,6 +28,7 @@ from tf2_msgs.msg import TFMessage
 from .conversions import input_qos
 from .igtl_bridge import BRIDGE_PARAMETERS, Bridge, BridgeSettings
 from .igtl_link import IgtlClient, IgtlServer, parse_endpoint
+from .runtime import use_large_frame_profile
 from .status import status_qos
 
 __all__ = ["FOLLOWING", "IgtlNode", "main"]
@@ -47,8 +48,11 @@ class IgtlNode(Node):
         super().__init__(node_name, **kwargs)
         defaults = BridgeSettings()
         for f in dataclasses.fields(BridgeSettings):
-            descriptor = ParameterDescriptor(description=BRIDGE_PARAMETERS[f.name], read_only=True)
-            self.declare_parameter(f.name, getattr(defaults, f.name), descriptor)
+            default = getattr(defaults, f.name)
+            descriptor = ParameterDescriptor(
+                description=BRIDGE_PARAMETERS[f.name], read_only=True, dynamic_typing=isinstance(default, float)
+            )  # dynamic floats: -p sdd_mm:=1020 counts as 1020.0
+            self.declare_parameter(f.name, default, descriptor)
         settings = BridgeSettings.from_parameters({n: self.get_parameter(n).value for n in BRIDGE_PARAMETERS})
         problems = settings.problems()
         if problems:
@@ -98,6 +102,7 @@ class IgtlNode(Node):
 
 def main(args=None) -> int:
     """Entry point of ``diffpose_igtl`` (``ros2 run diffpose_ros diffpose_igtl``, ``diffpose-igtl``)."""
+    use_large_frame_profile()
     rclpy.init(args=args)
     node = None
     try:

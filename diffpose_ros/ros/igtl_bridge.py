@@ -29,7 +29,15 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 
 from ..core.geometry import CONTRACT_SDD_MM
-from ..core.navigation import LPS_TO_RAS, PoseStatus, StaleTimer, carm_to_ras, fluoro_ijk_to_world, stamp_from_ns
+from ..core.navigation import (
+    LPS_TO_RAS,
+    PoseStatus,
+    StaleTimer,
+    carm_to_ras,
+    fluoro_ijk_to_world,
+    stamp_from_ns,
+    stamp_ns,
+)
 from .conversions import camera_info_to_intrinsics, image_to_numpy, transform_to_matrix
 
 __all__ = ["BRIDGE_PARAMETERS", "Bridge", "BridgeSettings", "TfBuffer", "stamp_ns"]
@@ -61,11 +69,26 @@ class BridgeSettings:
 
     @classmethod
     def from_parameters(cls, values: dict) -> BridgeSettings:
-        """Settings from parameter values by name (missing or None: the default)."""
-        return replace(cls(), **{k: v for k, v in values.items() if v is not None})
+        """Settings from parameter values by name (missing or None: the default; integers of float
+        fields become floats)."""
+        defaults = cls()
+        out = {}
+        for name, value in values.items():
+            if value is None:
+                continue
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            out[name] = float(value) if isinstance(getattr(defaults, name), float) and numeric else value
+        return replace(defaults, **out)
 
     def problems(self) -> list[str]:
         out = []
+        for f in fields(self):
+            kind = type(f.default)
+            value = getattr(self, f.name)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                out.append(f"{f.name} must be of type {kind.__name__} (got {value!r})")
+        if out:
+            return out
         if not 0 <= self.port < 65536:
             out.append(f"port must be 0..65535 (got {self.port})")
         if not (self.sdd_mm > 0 and self.stale_after_s > 0):
@@ -94,11 +117,6 @@ BRIDGE_PARAMETERS = {
     "image_qos": "sensor_data (best effort) or reliable",
 }
 assert set(BRIDGE_PARAMETERS) == {f.name for f in fields(BridgeSettings)}
-
-
-def stamp_ns(stamp) -> int:
-    """A ``builtin_interfaces/Time`` in integer nanoseconds."""
-    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
 
 
 class TfBuffer:

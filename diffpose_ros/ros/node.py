@@ -62,9 +62,11 @@ import rclpy.subscription as _rclpy_subscription
 import torch
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import PoseWithCovarianceStamped
-from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.exceptions import InvalidHandle
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.clock import JumpThreshold
+from rclpy.duration import Duration
+from rclpy.exceptions import InvalidHandle, InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import State, TransitionCallbackReturn
@@ -85,7 +87,9 @@ from .conversions import (
 )
 from .diagnostics import FrameStats, frame_status
 from .markers import MarkerPublisher
+from .runtime import use_large_frame_profile
 from .settings import PARAMETERS, Settings, pipeline_config, resolve_device, settings_problems
+from .settings import Parameter as TableParameter
 from .status import StatusReporter
 from .worker import FrameWorker, Outcome, Received
 
@@ -98,22 +102,49 @@ NODE_NAME = "diffpose_node"
 _TUNABLE = {p.name for p in PARAMETERS if not p.read_only}
 
 
+class ParameterError(ValueError):
+    """Parameters given at start that the node cannot run with (each one named)."""
+
+
+def _descriptor(p: TableParameter) -> ParameterDescriptor:
+    """The descriptor of a table parameter: description, read-only flag, allowed values in words and,
+    where it has bounds, its range (``ros2 param describe``, rqt_reconfigure's sliders). Floats and
+    float arrays are dynamically typed, so that ``1020`` counts as ``1020.0``; the node's validation
+    checks their kind."""
+    descriptor = ParameterDescriptor(
+        description=p.description,
+        read_only=p.read_only,
+        additional_constraints=p.constraints,
+        dynamic_typing=p.numeric,
+    )
+    if p.bounds and isinstance(p.default, float):
+        low, high = map(float, p.bounds)
+        descriptor.floating_point_range = [FloatingPointRange(from_value=low, to_value=high, step=0.0)]
+    elif p.bounds and isinstance(p.default, int) and not isinstance(p.default, bool):
+        low, high = map(int, p.bounds)
+        descriptor.integer_range = [IntegerRange(from_value=low, to_value=high, step=1)]
+    return descriptor
+
+
 class DiffPoseNode(LifecycleNode):
     """The lifecycle node ``diffpose_node`` (see the module docstring for topics and parameters)."""
 
     def __init__(self, node_name: str = NODE_NAME, **kwargs):
         super().__init__(node_name, **kwargs)
         for p in PARAMETERS:
-            descriptor = ParameterDescriptor(
-                description=p.description, read_only=p.read_only, additional_constraints=p.constraints
-            )
-            default = Parameter.Type.DOUBLE_ARRAY if isinstance(p.default, tuple) else p.default
-            self.declare_parameter(p.name, default, descriptor)
+            self.declare_parameter(p.name, None if isinstance(p.default, tuple) else p.default, _descriptor(p))
         self._settings = self._read_settings()
+        problems = settings_problems(self._settings)
+        if problems:
+            raise ParameterError("invalid parameters: " + "; ".join(problems))
         self.add_on_set_parameters_callback(self._validate_parameters)
-        self.add_post_set_parameters_callback(self._apply_parameters)
+        # rclpy before Iron (Humble) has no post-set callbacks: new values are applied as they are accepted.
+        self._apply_when_validated = not hasattr(self, "add_post_set_parameters_callback")
+        if not self._apply_when_validated:
+            self.add_post_set_parameters_callback(self._apply_parameters)
 
-        self._io_group = ReentrantCallbackGroup()
+        # Each input in a group of its own: its callbacks (microseconds) run one at a time, in order.
+        self._image_group, self._info_group = MutuallyExclusiveCallbackGroup(), MutuallyExclusiveCallbackGroup()
         self._state = "unconfigured"
         self._device = "unconfigured"
         self._config_error = ""
@@ -135,6 +166,11 @@ class DiffPoseNode(LifecycleNode):
         self._diag_timer = self.create_timer(
             max(self._settings.diagnostics_period_s, 0.05), self._on_diagnostics_timer, MutuallyExclusiveCallbackGroup()
         )
+        # A clock that jumps back (a replay started over, with use_sim_time) starts a new stream.
+        self._jump_handle = self.get_clock().create_jump_callback(
+            JumpThreshold(min_forward=None, min_backward=Duration(nanoseconds=-1), on_clock_change=True),
+            post_callback=self._on_time_jump,
+        )
         self.get_logger().info(f"{self.get_fully_qualified_name()} up (unconfigured); TF via {self._tf.via}")
 
     # ------------------------------------------------------------------------------ parameters
@@ -144,16 +180,22 @@ class DiffPoseNode(LifecycleNode):
 
     def _validate_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
         try:
-            problems = settings_problems(self._read_settings({p.name: p.value for p in parameters}))
-            return SetParametersResult(successful=not problems, reason="; ".join(problems))
+            settings = self._read_settings({p.name: p.value for p in parameters})
+            problems = settings_problems(settings)
         except Exception as err:  # a malformed request must not kill the node
             return SetParametersResult(successful=False, reason=f"invalid parameters: {err}")
+        if not problems and self._apply_when_validated:
+            self._apply(settings, parameters)
+        return SetParametersResult(successful=not problems, reason="; ".join(problems))
 
     def _apply_parameters(self, parameters: list[Parameter]) -> None:
+        self._apply(self._read_settings(), parameters)
+
+    def _apply(self, settings: Settings, parameters: list[Parameter]) -> None:
+        """Make ``settings`` (which ``parameters`` changed) the node's and the pipeline's."""
         try:
             if not any(p.name in _TUNABLE for p in parameters):
                 return
-            settings = self._read_settings()
             self._settings = settings  # one immutable snapshot, swapped by a single assignment
             worker = self._worker
             if worker is not None:
@@ -216,16 +258,20 @@ class DiffPoseNode(LifecycleNode):
             self._infos.clear()
             self._worker.start(keep_running=lambda: rclpy.ok(context=self.context))
             self._info_sub = self.create_subscription(
-                CameraInfo, "camera_info", self._on_camera_info, input_qos(reliable, 10), callback_group=self._io_group
+                CameraInfo,
+                "camera_info",
+                self._on_camera_info,
+                input_qos(reliable, 10),
+                callback_group=self._info_group,
             )
             # Two required parameters: rclpy (Iron and later) then passes the MessageInfo too.
             callback = (lambda msg, info: self._on_image(msg, info)) if _MESSAGE_INFO else self._on_image
             self._image_sub = self.create_subscription(
-                Image, "image", callback, input_qos(reliable, 1), callback_group=self._io_group
+                Image, "image", callback, input_qos(reliable, 1), callback_group=self._image_group
             )
             self.get_logger().info(
-                f"active: image {self._image_sub.topic_name} and {self._info_sub.topic_name} "
-                f"({'reliable' if reliable else 'best effort'}, depth 1)"
+                f"active: image {self._image_sub.topic_name} (depth 1) and {self._info_sub.topic_name} "
+                f"(depth 10), {'reliable' if reliable else 'best effort'}"
             )
         except Exception as err:
             self.get_logger().error(f"activate failed: {err!r}\n{traceback.format_exc()}")
@@ -315,6 +361,21 @@ class DiffPoseNode(LifecycleNode):
             self._infos.put((int(msg.header.stamp.sec), int(msg.header.stamp.nanosec)), msg)
         except Exception as err:  # pragma: no cover - defensive
             self.get_logger().warning(f"camera_info callback: {err!r}")
+
+    def _on_time_jump(self, jump) -> None:
+        """The node's clock jumped back, or switched between system and simulated time: poses go out
+        again for stamps before the last published one, and the next frame starts cold."""
+        try:
+            worker = self._worker
+            if worker is not None:
+                worker.restart_stream()
+            self._stats.time_jumped()
+            self.get_logger().warning(
+                f"the clock jumped back {-jump.delta.nanoseconds * 1e-9:.3f} s (or changed source): "
+                "stamps and tracking start over"
+            )
+        except Exception as err:  # pragma: no cover - defensive
+            self.get_logger().warning(f"time jump: {err!r}")
 
     def _on_diagnostics_timer(self) -> None:
         try:
@@ -418,11 +479,16 @@ def _spin(executor: MultiThreadedExecutor) -> None:
 def main(args=None) -> int:
     """Entry point of ``diffpose_node`` (``ros2 run diffpose_ros diffpose_node``)."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    use_large_frame_profile()
     rclpy.init(args=args)  # installs SIGINT/SIGTERM handlers that shut the context down
     node = None
     executor = MultiThreadedExecutor(num_threads=4)
     try:
-        node = DiffPoseNode()
+        try:
+            node = DiffPoseNode()
+        except (ParameterError, InvalidParameterTypeException, InvalidParameterValueException) as err:
+            rclpy.logging.get_logger(NODE_NAME).fatal(f"{err} (see ros2 param describe, or the README's table)")
+            return 2
         executor.add_node(node)
         try:
             node.autostart()

@@ -64,13 +64,40 @@ class Parameter:
             return f"from {self.bounds[0]:g} to {self.bounds[1]:g}"
         return ""
 
+    @property
+    def numeric(self) -> bool:
+        """A float or an array of floats: declared with dynamic typing, so that integer literals count
+        too (``-p intrinsics.sdd_mm:=1020``, ``[512, 512]``); :class:`Settings` converts them."""
+        return isinstance(self.default, (float, tuple))
+
     def problem(self, value) -> str:
         """Why ``value`` is not allowed (empty when it is)."""
+        kind = _kind_problem(self.default, value)
+        if kind:
+            return f"{self.name} must be {kind} (got {value!r})"
         if self.choices and value not in self.choices:
             return f"{self.name} must be {self.constraints} (got {value!r})"
         if self.bounds and not (self.bounds[0] <= value <= self.bounds[1]):
             return f"{self.name} must lie {self.constraints} (got {value!r})"
         return ""
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _kind_problem(default, value) -> str:
+    """What ``value`` must be to stand for a parameter whose default is ``default`` (empty when it is)."""
+    if isinstance(default, bool):
+        return "" if isinstance(value, bool) else "true or false"
+    if isinstance(default, int):
+        return "" if _is_number(value) and isinstance(value, int) else "an integer"
+    if isinstance(default, float):
+        return "" if _is_number(value) else "a number"
+    if isinstance(default, tuple):
+        ok = isinstance(value, (tuple, list)) and all(_is_number(v) for v in value)
+        return "" if ok else "an array of numbers"
+    return "" if isinstance(value, str) else "a string"
 
 
 _GATE = PipelineConfig()
@@ -230,12 +257,16 @@ class Settings:
 
     @classmethod
     def from_parameters(cls, values: dict[str, Any]) -> Settings:
-        """Settings from parameter values by name (missing or None: the table's default)."""
+        """Settings from parameter values by name (missing or None: the table's default). Integer
+        values of float parameters become floats; a value of the wrong kind is kept for
+        :func:`settings_problems` to name."""
         fields = {}
         for p in PARAMETERS:
             value = values.get(p.name)
             value = p.default if value is None else value
-            fields[p.field] = tuple(float(v) for v in value) if isinstance(p.default, tuple) else value
+            if p.numeric and not _kind_problem(p.default, value):
+                value = tuple(float(v) for v in value) if isinstance(p.default, tuple) else float(value)
+            fields[p.field] = value
         return cls(**fields)
 
     def field(self) -> FieldSpec:
@@ -255,6 +286,8 @@ def settings_problems(s: Settings) -> list[str]:
     """What is wrong with ``s`` (allowed values of the table, and what a value alone cannot say)."""
     problems = [p.problem(getattr(s, p.field)) for p in PARAMETERS]
     problems = [text for text in problems if text]
+    if problems:  # values of the wrong kind: nothing below can be judged
+        return problems
     for name, point in (("intrinsics.principal_point", s.principal_point), ("field.center_px", s.field_center_px)):
         if len(point) not in (0, 2) or not all(math.isfinite(v) for v in point):
             problems.append(f"{name} must be [] or [cx, cy] (finite pixels)")

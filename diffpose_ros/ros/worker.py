@@ -5,7 +5,8 @@ there is replaced and counted as dropped), so there is never a backlog. The work
 frame, finds its intrinsics (:func:`~.camera_info.choose_intrinsics`), prepares it with the core's
 one preparation step (:func:`~diffpose_ros.core.preprocess.prepare_frame`), runs the pipeline and hands an
 :class:`Outcome` to the node, which publishes it. Poses go out only for stamps strictly newer than
-the last published one. No rclpy here: tests drive a worker with plain messages.
+the last published one of the stream (a stream starts at each activation, and again when the node's
+clock jumps back). No rclpy here: tests drive a worker with plain messages.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 from diagnostic_msgs.msg import DiagnosticStatus
 
+from ..core.navigation import stamp_ns
 from ..core.pipeline import FrameResult, Pipeline
 from ..core.preprocess import Frame, prepare_frame
 from ..core.raymarch import set_renderer_threads
@@ -117,24 +119,39 @@ class FrameWorker:
         self._settings, self._infos, self._matched = settings, infos, camera_info_matched
         self._report, self._logger = report, logger
         self._stop = threading.Event()
+        self._restart = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_stamp_ns: int | None = None
         self.renderer_threads = 0
 
     def start(self, keep_running: Callable[[], bool] = lambda: True) -> None:
-        """Start the thread; it ends at :meth:`stop` or when ``keep_running()`` turns false."""
+        """Start the thread, on a new stream (:meth:`restart_stream`); it ends at :meth:`stop` or when
+        ``keep_running()`` turns false. Refused while the thread of an earlier start still runs."""
+        if self._thread is not None and self._thread.is_alive():
+            raise RuntimeError("the worker thread is still running: stop it first")
         self._stop.clear()
         self.mailbox.clear()
+        self.restart_stream()
         self._thread = threading.Thread(target=self._loop, args=(keep_running,), name="diffpose_worker", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop the thread (waiting up to ``timeout`` s for the frame in hand) and drop any waiting frame."""
         self._stop.set()
-        thread, self._thread = self._thread, None
+        thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+            if thread.is_alive():
+                self._logger.error(f"the worker thread did not stop within {timeout:g} s")
+                return
+        self._thread = None
         self.mailbox.clear()
+
+    def restart_stream(self) -> None:
+        """Take the next frame as the start of a new stream: whatever its stamp (no older published
+        pose holds it back) and from a cold start. Applied by the worker thread before that frame;
+        the node calls it when its clock jumps back (a replayed bag starting over)."""
+        self._restart.set()
 
     def _loop(self, keep_running: Callable[[], bool]) -> None:
         self.renderer_threads = set_renderer_threads(self._settings().renderer_threads)
@@ -142,25 +159,35 @@ class FrameWorker:
             item = self.mailbox.take(0.1)
             if item is None or self._stop.is_set():
                 continue
+            if self._restart.is_set():
+                self._restart.clear()
+                self._last_stamp_ns = None
+                self.pipeline.reset_tracking()
             try:
                 outcome = self.handle(item)
                 if outcome is not None and not self._stop.is_set():
-                    self._report(item, outcome)
                     if outcome.kind == "published":
-                        self._last_stamp_ns = _stamp_ns(item.msg)
+                        self._last_stamp_ns = stamp_ns(item.msg.header.stamp)
+                    self._report(item, outcome)
             except Exception as err:
                 self._logger.error(f"frame failed: {err!r}\n{traceback.format_exc()}")
                 message = f"internal error: {type(err).__name__}: {err}"
-                self._report(item, Outcome("failed", DiagnosticStatus.ERROR, message))
+                try:
+                    self._report(item, Outcome("failed", DiagnosticStatus.ERROR, message))
+                except Exception as again:  # e.g. publishing after shutdown: the thread carries on
+                    self._logger.error(f"could not report the failed frame: {again!r}")
 
     def handle(self, item: Received) -> Outcome | None:
         """The :class:`Outcome` of one frame (None when the worker was stopped meanwhile)."""
         msg, s = item.msg, self._settings()
-        stamp_ns = _stamp_ns(msg)
+        stamp = stamp_ns(msg.header.stamp)
         values = {"encoding": msg.encoding, "size": f"{msg.width}x{msg.height}"}
         values["t_in_mailbox_s"] = time.monotonic() - item.wall
-        if self._last_stamp_ns is not None and stamp_ns <= self._last_stamp_ns:
-            message = "stamp not newer than the last published pose: frame skipped"
+        if self._last_stamp_ns is not None and stamp <= self._last_stamp_ns:
+            message = (
+                "stamp not newer than the last published pose: frame skipped "
+                "(a replay that starts over: publish /clock and set use_sim_time, or restart the node's activation)"
+            )
             return Outcome("skipped", DiagnosticStatus.WARN, message, values)
         try:
             pixels = image_to_numpy(msg)  # a malformed message is refused before any waiting
@@ -173,7 +200,7 @@ class FrameWorker:
             if self._stop.is_set():
                 return None
             deadline = self._deadline(item, s)
-            result = self.pipeline.process(frame, stamp=stamp_ns * 1e-9, track=s.tracking_enabled, deadline=deadline)
+            result = self.pipeline.process(frame, stamp=stamp * 1e-9, track=s.tracking_enabled, deadline=deadline)
         except ValueError as err:
             stamp = stamp_text((msg.header.stamp.sec, msg.header.stamp.nanosec))
             self._logger.warning(f"frame {stamp} refused: {err}", throttle_duration_sec=1.0)
@@ -207,13 +234,15 @@ class FrameWorker:
         stamp = (int(msg.header.stamp.sec), int(msg.header.stamp.nanosec))
         width, height = int(msg.width), int(msg.height)
         info = self._infos.wait_for(stamp, s.camera_info_wait_s, lambda: not self._stop.is_set() and self._matched())
+        if info is not None and any(float(d) != 0.0 for d in info.d):
+            self._logger.warning(
+                f"camera_info has distortion coefficients D={list(info.d)}, which the node does not apply: "
+                "it expects undistorted frames (remap image to a rectified topic, e.g. image_proc's image_rect)",
+                throttle_duration_sec=10.0,
+            )
         return choose_intrinsics(
             stamp,
             None if info is None else lambda: camera_info_to_intrinsics(info, width, height),
             lambda: s.parameter_intrinsics(width, height),
             self._infos.latest_stamp(),
         )
-
-
-def _stamp_ns(msg) -> int:
-    return int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)

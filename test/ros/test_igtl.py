@@ -203,6 +203,10 @@ def test_accepted_status_without_its_tf_is_dropped():
 def test_settings_problems_and_endpoints():
     assert not BridgeSettings().problems()
     assert BridgeSettings(port=70000, transform_device="x" * 21, image_qos="fast").problems()
+    typed = BridgeSettings.from_parameters({"sdd_mm": 1020, "stale_after_s": 2, "port": 0})
+    assert (typed.sdd_mm, typed.stale_after_s, typed.port) == (1020.0, 2.0, 0) and not typed.problems()
+    wrong = BridgeSettings.from_parameters({"sdd_mm": "far", "mirror": 1})
+    assert wrong.problems() == ["sdd_mm must be of type float (got 'far')", "mirror must be of type bool (got 1)"]
     assert parse_endpoint("navigator:18945") == ("navigator", 18945)
     assert parse_endpoint("10.0.0.2") == ("10.0.0.2", 18944)
     with pytest.raises(ValueError):

@@ -64,6 +64,24 @@ def test_out_of_range_and_unknown_values_are_named():
     assert "principal_point" in settings_problems(bad_point)[0]
 
 
+def test_values_of_the_wrong_kind_are_named_and_integers_count_as_floats():
+    s = Settings.from_parameters({"intrinsics.sdd_mm": 1020, "field.center_px": [10, 20], "overlay.width": 128})
+    assert (s.sdd_mm, s.field_center_px, s.overlay_width) == (1020.0, (10.0, 20.0), 128)
+    assert type(s.sdd_mm) is float and settings_problems(s) == []
+    wrong = Settings.from_parameters(
+        {"intrinsics.sdd_mm": "far", "mirror": 1, "overlay.width": 12.5, "ct_frame": 3, "field.center_px": "1,2"}
+    )
+    assert settings_problems(wrong) == [
+        "ct_frame must be a string (got 3)",
+        "mirror must be true or false (got 1)",
+        "intrinsics.sdd_mm must be a number (got 'far')",
+        "field.center_px must be an array of numbers (got '1,2')",
+        "overlay.width must be an integer (got 12.5)",
+    ]
+    assert {p.name for p in PARAMETERS if p.numeric} >= {"intrinsics.sdd_mm", "intrinsics.principal_point"}
+    assert not any(p.numeric for p in PARAMETERS if isinstance(p.default, (bool, int, str)))
+
+
 def test_pipeline_config_takes_gate_tracking_cost_and_pyramid():
     s = Settings.from_parameters({"gate.min_similarity": 0.7, "registration.cost": "gradient_ncc", "renderer": "torch"})
     config = pipeline_config(s)
@@ -235,7 +253,52 @@ def test_worker_thread_reports_and_skips_old_stamps(scene):
             time.sleep(0.05)
         worker.mailbox.put(_frame(scene, 1, 199, infos))  # older than the published pose
         assert done.wait(60)
+        worker.restart_stream()  # what the node does when its clock jumps back
+        _put_and_wait(worker, _frame(scene, 2, 150, infos), reports, 3)
+        worker.stop()
+        worker.start()  # a new activation: a new stream as well
+        _put_and_wait(worker, _frame(scene, 3, 100, infos), reports, 4)
     finally:
         worker.stop()
-    assert reports == [(200, "published"), (199, "skipped")]
+    assert reports == [(200, "published"), (199, "skipped"), (150, "published"), (100, "published")]
     assert worker.renderer_threads == 1  # the renderer_threads parameter, applied in the worker thread
+
+
+def _put_and_wait(worker, item, reports, count):
+    worker.mailbox.put(item)
+    deadline = time.monotonic() + 60
+    while len(reports) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_a_failed_report_does_not_end_the_worker_and_a_running_worker_is_not_started_twice(scene):
+    pipeline = Pipeline.from_file(scene.model_path)
+    infos = CameraInfoCache()
+    calls = []
+
+    def report(item, outcome):  # the first report fails, and so does the report of that failure
+        calls.append(outcome.kind)
+        if len(calls) <= 2:
+            raise RuntimeError("publisher gone")
+
+    log = _Log()
+    worker = FrameWorker(pipeline, lambda: Settings.from_parameters({}), infos, lambda: False, report, log)
+    worker.start()
+    try:
+        with pytest.raises(RuntimeError, match="still running"):
+            worker.start()
+        _put_and_wait(worker, _frame(scene, 0, 300, infos), calls, 2)
+        _put_and_wait(worker, _frame(scene, 1, 301, infos), calls, 3)
+    finally:
+        worker.stop()
+    assert calls == ["published", "failed", "published"]
+    assert any("could not report the failed frame" in line for line in log.lines)
+
+
+def test_camera_info_distortion_is_named(worker_case, scene):
+    worker, infos, _ = worker_case
+    item = _frame(scene, 0, 400, infos)
+    infos.wait_for((400, 0), 0.0, lambda: False).d = [0.1, 0.0, 0.0, 0.0, 0.0]
+    worker._logger.lines.clear()
+    assert worker.handle(item).kind == "published"
+    assert any("distortion coefficients" in line for line in worker._logger.lines)
