@@ -37,7 +37,7 @@ def parse_remaps(items: list[str] | None) -> dict[str, str]:
 @dataclass
 class ReplayOptions:
     """``rate``: playback speed factor; ``start_offset_s``: skip this much of the bag; ``loop``: play
-    ``loops`` times (0 with ``loop``: until stopped); ``topics``: only these (bag names; None = all);
+    the bag again and again until stopped; ``topics``: only these (bag names; None = all);
     ``remap``: bag name -> published name; ``qos``: per bag topic override; ``clock_hz``: publish
     ``/clock`` at this rate (0: not at all)."""
 

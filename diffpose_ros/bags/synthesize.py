@@ -119,11 +119,12 @@ def _sha256(path: Path) -> str:
 
 
 def _gain(exposure: Exposure, rng: np.random.Generator) -> float:
-    """Counts per photon for the whole sequence: the unattenuated level lands at 45-90 % of the range."""
+    """Counts per photon for the whole sequence: the unattenuated level lands at 50-90 % of the range
+    (``i0`` photons, or 1 without quantum noise: ``i0`` 0, as :func:`~.simulate.simulate_transmission`)."""
     if exposure.encoding == "32FC1":
         return float(rng.uniform(0.5, 2.0))
     top = 65535 if exposure.encoding == "mono16" else 255
-    return float(rng.uniform(0.5, 0.9)) * top / exposure.i0
+    return float(rng.uniform(0.5, 0.9)) * top / (exposure.i0 if exposure.i0 > 0 else 1.0)
 
 
 def write_sequence(

@@ -23,8 +23,8 @@ def add_clinical_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--clinical",
         default="",
-        help="clinical factors, comma-separated: display (8-bit video: use --encoding mono8), field, text, metal, "
-        "scatter, inverted; or all",
+        help="clinical factors, comma-separated: display (8-bit video), field, text, metal, scatter, inverted; "
+        "or all (default: %(default)r)",
     )
     parser.add_argument(
         "--round-field", type=float, default=0.0, help="image intensifier: round field radius / smaller side (0: none)"

@@ -9,7 +9,7 @@
    ``camera_info`` remapped to the bag's topics; next to it ``diffpose-igtl`` serving OpenIGTLink
    (``--igtl-port``, default any free one; ``--no-igtl`` skips it) with a navigator's client connected.
 4. Replay the bag into it at its own frame rate (7.5 Hz pulsed fluoroscopy; ``--rate`` scales
-   the timing) and record its ``/tf``, ``~/pose`` and ``/diagnostics``; each TF is printed and checked.
+   the timing) and record its ``/tf``, ``/tf_static``, ``~/pose`` and ``/diagnostics``; each TF is printed and checked.
 5. ``diffpose-score``: per-frame errors, the summary and the pictures in ``--out``, and what the
    navigator received (its transforms' 3D mTRE; ``igtl`` in ``summary.json``).
 """
@@ -28,13 +28,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..bags.navigator import Receiver, free_port
+from ..bags.record import DEFAULT_TOPICS as OUTPUTS
 from ..bags.replay import ReplayOptions
 from ..bags.synthesize import TOPICS
 from . import make_bag, score, train
 from .common import run_cli
 
 DEFAULT_MODEL = Path("runs/models/cxr.safetensors")
-OUTPUTS = ["/tf", "/tf_static", "/diffpose_node/pose", "/diagnostics"]
 IGTL_SETTLE_S = 2.0
 """How long the navigator waits once the bridge follows the node (for the writers' side of the DDS
 match) before the replay, and after the replay still reads what the bridge has in flight (s)."""

@@ -28,15 +28,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The pose-source, detector and exposure options (shared with the main job)."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--views", type=int, help="N random views over the clinical range")
-    source.add_argument("--sweep", type=int, help="N frames of a C-arm sweep with breathing (default: 24)")
+    source.add_argument("--sweep", type=int, help="N frames of a C-arm sweep with breathing (the default: 24)")
     source.add_argument("--poses", help='JSON list of poses ({"poses": [{"T_ct_source": 4x4 mm}, ...]})')
-    parser.add_argument("--fps", type=float, default=5.0, help="frame rate (default 5 Hz, pulsed fluoroscopy)")
+    parser.add_argument(
+        "--fps", type=float, default=5.0, help="frame rate (Hz, pulsed fluoroscopy; default %(default)s)"
+    )
     parser.add_argument("--size", type=int, nargs=2, default=(256, 256), metavar=("W", "H"), help="detector pixels")
     parser.add_argument("--pixel-mm", type=float, default=Detector.pixel_mm, help="pixel spacing (mm)")
     parser.add_argument("--sdd-mm", type=float, default=Detector.sdd_mm, help="source-to-detector distance (mm)")
     parser.add_argument("--principal-point", type=float, nargs=2, metavar=("CX", "CY"), help="pixels (default: centre)")
-    parser.add_argument("--encoding", default="mono16", choices=("mono16", "mono8", "32FC1"))
-    parser.add_argument("--i0", type=float, default=Exposure.i0, help="photons per unattenuated pixel (quantum noise)")
+    parser.add_argument(
+        "--encoding", default="mono16", choices=("mono16", "mono8", "32FC1"), help="default %(default)s"
+    )
+    parser.add_argument(
+        "--i0", type=float, default=Exposure.i0, help="photons per unattenuated pixel (quantum noise; 0: none)"
+    )
     parser.add_argument("--blur", type=float, default=Exposure.blur_sigma_px, help="detector blur sigma (pixels)")
     parser.add_argument(
         "--mirror", action="store_true", help="deliver frames mirrored left-right (run the node with mirror:=true)"
@@ -50,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="what renders the frames: ours, or DiffDRR's Siddon with its own HU-to-density map (another "
         "renderer's physics, about 9 s per 256^2 frame on 2 CPU cores)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of views, noise and gain")
+    parser.add_argument("--seed", type=int, default=0, help="seed of views, noise and gain (default %(default)s)")
 
 
 def poses_from_arguments(args: argparse.Namespace, center: torch.Tensor) -> tuple[torch.Tensor, str]:
@@ -60,7 +66,7 @@ def poses_from_arguments(args: argparse.Namespace, center: torch.Tensor) -> tupl
     if args.views:
         generator = torch.Generator().manual_seed(args.seed)
         return sample_views(CLINICAL_RANGE, args.views, center, generator)[0], f"{args.views} random clinical views"
-    n = args.sweep or 24
+    n = 24 if args.sweep is None else args.sweep
     if n < 1:
         raise ValueError("--sweep needs at least one frame")
     return carm_sweep(n, args.fps, center), f"C-arm sweep alpha -20..20 deg, {n} frames, breathing 3 mm at 0.25 Hz"
@@ -73,6 +79,8 @@ def make_bag(
     (default: the bundled one) with targets from ``mask``; returns its scene description."""
     if (args.views is not None and args.views < 1) or args.fps <= 0:
         raise ValueError("--views must be >= 1 and --fps > 0")
+    if args.i0 < 0:
+        raise ValueError("--i0 is a photon count: 0 (no quantum noise) or more")
     ct_path, hu, targets, _ = load_ct_and_targets(ct, mask)
     poses, source = poses_from_arguments(args, hu.center)
     detector = Detector(

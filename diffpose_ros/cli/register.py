@@ -61,6 +61,8 @@ def _main(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     if args.model is None and args.init is None:
         parser.error("give --init (and --ct), or --model to let the patient model's CNN initialise")
+    if args.model and (args.ct or args.bone_scale != 1.0):
+        parser.error("--model brings its own CT: --ct and --bone-scale go without --model")
 
     given = Intrinsics.from_yaml(args.camera_info) if args.camera_info else None
     xray = read_xray(args.image)

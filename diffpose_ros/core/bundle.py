@@ -87,6 +87,8 @@ def _read(path: Path) -> tuple[dict, dict]:
         meta = json.loads(header[_KEY])
     except json.JSONDecodeError as err:
         raise PatientModelError(f"{path}: corrupt metadata: {err}") from err
+    if not isinstance(meta, dict):
+        raise PatientModelError(f"{path}: corrupt metadata: a JSON {type(meta).__name__} instead of an object")
     return tensors, meta
 
 

@@ -1,7 +1,7 @@
 """What a clinical C-arm adds to an X-ray, as batched tensor operations: metal, scatter, heel, display.
 
 One place for the physics and the vendor's image processing that our DRRs lack, used both to make
-clinical-looking test frames (:func:`~.simulate.simulate_frame`: evaluation, bags, tests) and to
+clinical-looking test frames (:func:`~.simulate.simulate_transmission`: evaluation, bags, tests) and to
 augment training images (:mod:`.augment`), so that the network is trained on what it is tested on.
 Every function works on a batch ``(B, H, W)`` and draws its per-image parameters from one CPU
 ``torch.Generator`` (a seed reproduces a batch). Pixel sizes are in pixels of the image given;

@@ -7,10 +7,11 @@ Levenberg-Marquardt loop. A cost is built once per pyramid level for one target 
 similarity ``1 - cost`` lies in [-1, 1] (1: identical up to an affine intensity change) and is what
 the gate compares with ``min_similarity``.
 
-- ``ncc`` (default): ``w NCC + (1 - w) mean patch NCC`` of the line integrals, the DiffPose-style
+- ``ncc``: ``w NCC + (1 - w) mean patch NCC`` of the line integrals, the DiffPose-style
   multiscale NCC; ``w`` is ``RegistrationConfig.global_weight`` on levels with patches, else 1.
 - ``gradient_ncc``: the mean NCC of the horizontal and vertical Sobel gradients (insensitive to a
   smooth offset across the field, such as scatter or a heel effect).
+- ``mixed`` (the default of :class:`~diffpose_ros.core.register.RegistrationConfig`): half of each.
 
 Masks (``(H, W)`` bool, True = valid pixel) restrict a cost to the pixels they keep: the global
 terms standardise and compare kept pixels only, the patch term keeps only patches whose pixels are
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from .similarity import patches, sobel, standardize, standardize_with_jacobian
 
-__all__ = ["COSTS", "Cost", "GradientNCC", "NCC", "PatchCost", "make_cost"]
+__all__ = ["COSTS", "Cost", "GradientNCC", "Mixed", "NCC", "PatchCost", "make_cost"]
 
 
 class Cost:

@@ -12,8 +12,9 @@ validity mask, from :func:`~.preprocess.prepare_frame`) and returns a :class:`Fr
    frame; a frame whose polarity is not the configured one is refused (``polarity: auto`` registers
    either). The frame's grey values are then mapped onto the DRR's by their quantiles over the
    valid pixels (the unknown display chain's monotone map);
-3. refinement: Levenberg-Marquardt on the registration cost (NCC by default, :mod:`.cost`) through
-   the differentiable renderer (:mod:`.register`), on the frame's valid pixels;
+3. refinement: Levenberg-Marquardt on the registration cost (``mixed`` by default, :mod:`.cost`)
+   through the differentiable renderer (:mod:`.register`), on the frame's valid pixels (a frame
+   whose valid pixels are too few at some level is refused there);
 4. gate: the pose is accepted only if the refinement converged (or a tracking refinement reached
    the caller's deadline once its pose had settled: the node's ``tracking.frame_budget``, so that
    it keeps up with the stream), the similarity reaches the threshold and the pose is plausible. A
@@ -337,7 +338,8 @@ class Pipeline:
         ``deadline`` (a ``time.perf_counter()`` value): when the tracking refinement stops stepping
         (:meth:`~.register.Registrar.register`); the pyramid and cold starts take what they need.
 
-        Every outcome is a :class:`FrameResult` (bad input was refused when the frame was prepared).
+        Every outcome is a :class:`FrameResult` (bad input was refused when the frame was prepared;
+        a frame whose valid pixels are too few at some pyramid level is refused, with that reason).
         """
         t0 = time.perf_counter()
         timings = {"preprocess": frame.prepare_seconds, "cnn": 0.0, "start": 0.0, "refine": 0.0}
@@ -361,16 +363,21 @@ class Pipeline:
                 result = None
                 continue
             t = time.perf_counter()
-            result = self.registrar.register(
-                start.target,
-                frame.intrinsics,
-                start.pose,
-                levels=levels,
-                mask=frame.mask,
-                guide=start.drr,
-                deadline=deadline if mode == "tracking" else None,
-            )
-            timings["refine"] += time.perf_counter() - t
+            try:
+                result = self.registrar.register(
+                    start.target,
+                    frame.intrinsics,
+                    start.pose,
+                    levels=levels,
+                    mask=frame.mask,
+                    guide=start.drr,
+                    deadline=deadline if mode == "tracking" else None,
+                )
+            except ValueError as err:  # the frame cannot be compared at some level (too few valid pixels)
+                result, reason = None, f"cannot register this frame: {err}"
+                continue
+            finally:
+                timings["refine"] += time.perf_counter() - t
             reason = self._gate(result)
             if mode == "tracking":
                 moved = self._moved_mm(start.pose, result.pose)

@@ -2,7 +2,7 @@
 
 Why our own loop: it decides intraoperative latency. DiffPose runs 500 Adam steps; here each step
 is a Levenberg-Marquardt (damped Gauss-Newton) step in se(3) on a least-squares cost
-(:mod:`.cost`, chosen by name: NCC by default), with the renderer's exact per-pixel 6-column
+(:mod:`.cost`, chosen by name: ``mixed`` by default), with the renderer's exact per-pixel 6-column
 Jacobian. A coarse-to-fine pyramid (small images on coarse volumes first) widens the basin of
 convergence and keeps early steps cheap; each level stops when the step or the improvement becomes
 negligible, so a registration takes tens of renders instead of hundreds.
@@ -37,6 +37,8 @@ from .volume import Volume
 
 __all__ = [
     "FINEST_WIDTHS",
+    "MIN_LEVEL_PIXELS",
+    "MIN_SIMILARITY",
     "Level",
     "RegistrationConfig",
     "RegistrationResult",
@@ -84,9 +86,12 @@ def pyramid(finest_width: int = 128) -> tuple[Level, ...]:
 
 
 MIN_SIMILARITY = 0.6
-"""Smallest final similarity (of the default cost: ``0.5 NCC + 0.5 patch NCC``) of a trusted
-registration: the default of :meth:`RegistrationResult.failure` and of the node's gate
-(``gate.min_similarity``)."""
+"""Smallest final similarity (of the registration cost, in [-1, 1]) of a trusted registration: the
+default of :meth:`RegistrationResult.failure` and of the node's gate (``gate.min_similarity``)."""
+
+MIN_LEVEL_PIXELS = 64
+"""Fewest valid pixels a level may compare (a sixteenth of the 32-pixel level): a frame whose
+validity mask leaves fewer at some level is refused there with a ``ValueError``."""
 
 
 @dataclass(frozen=True)
@@ -106,8 +111,8 @@ class RegistrationConfig:
     ``deadline_step_mm``: a caller's deadline (:meth:`Registrar.register`) stops a registration only
     after an accepted step that moved every point within ``radius_mm`` of the CT's centre by less
     than this: a pose still moving by more is not trusted yet, whatever the time.
-    ``outlier_sigma``: from the second level on, pixels whose standardised difference from the DRR
-    at the level's start exceeds this many robust standard deviations (1.4826 MAD), and their
+    ``outlier_sigma``: from the second level on, and on a sparse level, pixels whose standardised
+    difference from the DRR at the level's start exceeds this many robust standard deviations (1.4826 MAD), and their
     neighbours, leave the cost for that level: instruments, wires and anything else that is not in
     the CT (0: keep every valid pixel). It also trims edges not yet aligned and noise tails: on
     clean frames it leaves out about a tenth of the pixels, and the pose gets no worse (measured in
@@ -251,6 +256,11 @@ class Registrar:
             renderer = self._renderers[level.voxel_mm]
             target = resample_image(image, k.width, k.height).to(renderer.device)
             level_mask = None if mask is None else resample_mask(mask, k.width, k.height)
+            if level_mask is not None and int(level_mask.sum()) < MIN_LEVEL_PIXELS:
+                raise ValueError(
+                    f"the validity mask leaves {int(level_mask.sum())} pixels at the {k.width}x{k.height} level, "
+                    f"too few to register (at least {MIN_LEVEL_PIXELS})"
+                )
             outlier_fraction = 0.0
             drr = rendered = None
             if level.sparse:  # a half-width preview: enough to see edges and outliers, a quarter of the rays

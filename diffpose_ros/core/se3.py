@@ -33,7 +33,7 @@ __all__ = [
     "double_geodesic",
 ]
 
-_SMALL = 0.1  # rad: below this the V-matrix coefficients use Taylor series (exact to float64 there)
+_SMALL = 0.1  # rad: below this the V-matrix coefficients use Taylor series (relative error below 1e-10 there)
 
 
 def skew(v: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from pathlib import Path
 import roma
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import metrics, se3
@@ -213,9 +214,8 @@ class Trainer:
         self.targets = targets.double()
         self.center = hu.center
         self.generator = torch.Generator().manual_seed(config.seed)
-        backend = "torch" if self.device.type == "cuda" else "numba"
         self.renderers = [
-            Renderer(hu_to_mu(hu, bone_scale=b).coarsened_to(config.voxel_mm), backend=backend, device=self.device)
+            Renderer(hu_to_mu(hu, bone_scale=b).coarsened_to(config.voxel_mm), backend="auto", device=self.device)
             for b in config.bone_scales
         ]
         self.camera = config.intrinsics
@@ -399,11 +399,16 @@ class Trainer:
         Path(str(path) + ".json").write_text(json.dumps(state))
 
     def load_checkpoint(self, path: Path) -> None:
-        """Resume from :meth:`save_checkpoint` files (the configuration must match)."""
-        state = json.loads(Path(str(path) + ".json").read_text())
-        if state["config"] != self.config.as_dict():
+        """Resume from :meth:`save_checkpoint` files (the configuration must match); ``ValueError``
+        naming the file when they are missing, unreadable or not a checkpoint of this trainer."""
+        try:
+            state = json.loads(Path(str(path) + ".json").read_text())
+            tensors = load_file(str(path))
+            config = state["config"]
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+            raise ValueError(f"{path} is not a readable training checkpoint (and its .json): {err!r}") from err
+        if config != self.config.as_dict():
             raise ValueError(f"checkpoint {path} was made with another training configuration")
-        tensors = load_file(str(path))
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
         self._best_state = best or None

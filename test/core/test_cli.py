@@ -131,6 +131,14 @@ def test_register_bad_inputs_exit_2_with_a_message(case, tmp_path, capsys, args,
     assert message in capsys.readouterr().err
 
 
+def test_register_refuses_a_ct_beside_a_model(tmp_path, capsys):
+    args = ["--model", "m.safetensors", "--ct", "ct.nii", "--image", "x.npy", "--camera-info", "c.yaml"]
+    with pytest.raises(SystemExit) as exit_info:
+        register.main(args)
+    assert exit_info.value.code == 2
+    assert "--model brings its own CT" in capsys.readouterr().err
+
+
 def test_demo_refuses_a_node_parameter_without_a_value_before_doing_anything(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         demo.main(["--out", str(tmp_path / "demo"), "--param", "renderer_threads"])

@@ -76,6 +76,22 @@ def test_gate_rejects_a_frame_of_another_anatomy(pipeline, camera):
     assert not result.accepted and result.reason
 
 
+@pytest.mark.parametrize("cost", ["mixed", "ncc", "gradient_ncc"])
+def test_a_frame_with_too_few_valid_pixels_is_refused_with_its_reason(pipeline, frames, camera, cost):
+    """A 10x10 valid block of a 256^2 frame vanishes at the 32 px level: refused, tracking ended."""
+    images, _ = frames
+    mask = torch.zeros(256, 256, dtype=torch.bool)
+    mask[120:130, 120:130] = True
+    tiny = Frame(images[1].image, camera, mask)
+    config = dataclasses.replace(pipeline.config, cold=dataclasses.replace(pipeline.config.cold, cost=cost))
+    strict = Pipeline(pipeline.model, config=config)
+    assert strict.process(images[0], stamp=1.0).accepted
+    result = strict.process(tiny, stamp=1.1)
+    assert not result.accepted and result.path == "tracking>cold", result.path
+    assert "cannot register this frame" in result.reason and "too few to register" in result.reason
+    assert strict.predicted_pose(1.2) is None  # a refused frame ends tracking
+
+
 def test_bad_frames_raise_value_errors(camera):
     with pytest.raises(ValueError, match="constant"):
         prepare_frame(torch.ones(256, 256), "transmission", camera)

@@ -212,6 +212,14 @@ def test_checkpoint_round_trip(trainer, tmp_path):
     for (k, a), b in zip(trainer.model.state_dict().items(), other.model.state_dict().values()):
         assert torch.equal(a, b), k
     assert other.step == trainer.step and other.best == trainer.best
+    # A damaged checkpoint is refused by name, not with a library's traceback.
+    (tmp_path / "torn").write_bytes((tmp_path / "ckpt").read_bytes()[:100])
+    (tmp_path / "torn.json").write_text((tmp_path / "ckpt.json").read_text())
+    (tmp_path / "nojson").write_bytes((tmp_path / "ckpt").read_bytes())
+    (tmp_path / "nojson.json").write_text("{}")
+    for name in ("torn", "nojson", "absent"):
+        with pytest.raises(ValueError, match=f"{name} is not a readable training checkpoint"):
+            other.load_checkpoint(tmp_path / name)
 
 
 # ----------------------------------------------------------------------------- bundle
@@ -282,6 +290,10 @@ def test_bundle_refuses_bad_files(small_model, tmp_path):
     with pytest.raises(PatientModelError):
         load_patient_model(evil)
     assert not marker.exists()
+    not_an_object = tmp_path / "list.safetensors"
+    save_file({"x": torch.zeros(3)}, str(not_an_object), metadata={"diffpose_ros": "[1]"})
+    with pytest.raises(PatientModelError, match="corrupt metadata"):
+        load_patient_model(not_an_object)
     foreign = tmp_path / "foreign.safetensors"
     save_file({"x": torch.zeros(3)}, str(foreign))
     with pytest.raises(PatientModelError, match="not a diffpose_ros patient model"):

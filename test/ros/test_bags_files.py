@@ -169,6 +169,21 @@ def test_make_bag_round_field_and_text_frames_are_masked(made, tmp_path):
     assert 0.5 < frame.valid_fraction < 0.63  # the disk (pi 0.45^2 = 0.64) less its margin
     assert not frame.mask[0, 0] and not frame.mask[torch.from_numpy(pixels == 65535)].any()
     assert make_bag.main(["--out", str(tmp_path / "bad"), "--views", "1", "--round-field", "0.9"]) == 2
+    assert make_bag.main(["--out", str(tmp_path / "none"), "--sweep", "0"]) == 2  # not a silent 24
+    assert make_bag.main(["--out", str(tmp_path / "neg"), "--views", "1", "--i0", "-1"]) == 2
+
+
+def test_make_bag_without_quantum_noise(made, tmp_path):
+    """``--i0 0``: no quantum noise (the simulation's own convention), on the same scale as with it."""
+    d, _, _ = made
+    first = {}
+    for name, i0 in (("quiet", "0"), ("noisy", "20000")):
+        args = ["--out", str(tmp_path / name), "--poses", str(d / "poses.json"), "--i0", i0, "--blur", "0"]
+        assert make_bag.main(args) == 0
+        raw = next(raw for _, _, _, raw in read_messages(tmp_path / name, ["/carm/image_raw"]))
+        first[name] = image_to_numpy(decode(raw, "sensor_msgs/msg/Image")).astype(np.float64)
+    quiet, noisy = first["quiet"], first["noisy"]
+    assert quiet.max() > 1000 and np.median(noisy / np.maximum(quiet, 1)) == pytest.approx(1.0, abs=0.05)
 
 
 def test_make_bag_clinical_video(made, tmp_path, capsys):
