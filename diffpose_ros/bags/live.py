@@ -36,7 +36,6 @@ class LiveResult:
     replay: dict
     answered: int
     frames: int
-    seconds: float
 
 
 def run_live(
@@ -69,7 +68,6 @@ def run_live(
     camera_frame = camera_frame or truth.camera_frame
     answered: set[int] = set()
     with_status: set[int] = set()  # stamps whose frame status on /diagnostics was recorded
-    start = time.monotonic()
 
     def on_output(topic: str, t_ns: int, raw: bytes) -> None:
         if topic == "/tf":
@@ -121,4 +119,4 @@ def run_live(
             session.wait(0.05)
     finally:
         recorded = recorder.close()
-    return LiveResult(recorded, report.summary(), len(answered), len(frames), time.monotonic() - start)
+    return LiveResult(recorded, report.summary(), len(answered), len(frames))
