@@ -52,6 +52,18 @@ def flatten_parameters(d: dict, prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
+class LogLines:
+    """An rclpy-style logger that keeps what it is told (``lines``), for the node's parts run without DDS."""
+
+    def __init__(self):
+        self.lines = []
+
+    def warning(self, text, **kw):
+        self.lines.append(text)
+
+    error = warning
+
+
 def ros_disabled() -> bool:
     return os.environ.get("DIFFPOSE_NO_ROS") == "1"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from ros_harness import domain_id, ros_disabled, ros_env
+from ros_harness import LogLines, domain_id, ros_disabled, ros_env
 
 if ros_disabled():
     pytest.skip("DIFFPOSE_NO_ROS=1: ROS 2 tests skipped", allow_module_level=True)
@@ -19,16 +19,6 @@ from diffpose_ros.ros.camera_info import CameraInfoCache  # noqa: E402
 from diffpose_ros.ros.node import DiffPoseNode, ParameterError  # noqa: E402
 from diffpose_ros.ros.settings import PARAMETERS  # noqa: E402
 from diffpose_ros.ros.worker import FrameWorker  # noqa: E402
-
-
-class _Log:
-    def __init__(self):
-        self.lines = []
-
-    def warning(self, text, **kw):
-        self.lines.append(text)
-
-    error = warning
 
 
 @pytest.fixture
@@ -122,7 +112,9 @@ def test_a_clock_jumping_back_starts_a_new_stream(context):
     clock_node = rclpy.create_node("diffpose_clock_test", context=context)
     executor = SingleThreadedExecutor(context=context)
     try:
-        worker = FrameWorker(None, lambda: node._settings, CameraInfoCache(), lambda: False, lambda *a: None, _Log())
+        worker = FrameWorker(
+            None, lambda: node._settings, CameraInfoCache(), lambda: False, lambda *a: None, LogLines()
+        )
         node._worker = worker  # as configure leaves it (never started here)
         executor.add_node(node)
         pub = clock_node.create_publisher(Clock, "/clock", 10)

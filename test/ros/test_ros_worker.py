@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from ros_harness import CONFIG_YAML, flatten_parameters, ros_disabled
+from ros_harness import CONFIG_YAML, LogLines, flatten_parameters, ros_disabled
 
 if ros_disabled():
     pytest.skip("DIFFPOSE_NO_ROS=1: ROS 2 tests skipped", allow_module_level=True)
@@ -153,14 +153,6 @@ def test_transform_and_pose_messages():
 
 
 # -------------------------------------------------------------------------------------- worker
-class _Log:
-    def __init__(self):
-        self.lines = []
-
-    def warning(self, text, **kw):
-        self.lines.append(text)
-
-    error = warning
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +161,7 @@ def worker_case(scene):
     pipeline.warm_up()
     settings = {"value": Settings.from_parameters({"camera_info_wait_s": 0.05})}
     infos = CameraInfoCache()
-    worker = FrameWorker(pipeline, lambda: settings["value"], infos, lambda: True, lambda *a: None, _Log())
+    worker = FrameWorker(pipeline, lambda: settings["value"], infos, lambda: True, lambda *a: None, LogLines())
     return worker, infos, settings
 
 
@@ -221,13 +213,13 @@ def test_the_mailbox_measures_the_stream_and_the_worker_gives_tracking_its_share
         box.put(Received(None, wall))
     assert box.interval_s() == pytest.approx(0.1)
     assert box.dropped == 8  # nobody took them: each one replaced the last
-    worker = FrameWorker(None, lambda: None, CameraInfoCache(), lambda: False, lambda *a: None, _Log())
+    worker = FrameWorker(None, lambda: None, CameraInfoCache(), lambda: False, lambda *a: None, LogLines())
     worker.mailbox = box
     budget = Settings.from_parameters({"tracking.frame_budget": 0.8})
     now = Received(None, time.monotonic())
     assert worker._deadline(now, budget) - time.perf_counter() == pytest.approx(0.08, abs=0.02)
     assert worker._deadline(now, Settings.from_parameters({"tracking.frame_budget": 0.0})) is None
-    fresh = FrameWorker(None, lambda: None, CameraInfoCache(), lambda: False, lambda *a: None, _Log())
+    fresh = FrameWorker(None, lambda: None, CameraInfoCache(), lambda: False, lambda *a: None, LogLines())
     assert fresh._deadline(now, budget) is None  # no frame interval yet
 
 
@@ -243,7 +235,7 @@ def test_worker_thread_reports_and_skips_old_stamps(scene):
             done.set()
 
     settings = Settings.from_parameters({"renderer_threads": 1})
-    worker = FrameWorker(pipeline, lambda: settings, infos, lambda: False, report, _Log())
+    worker = FrameWorker(pipeline, lambda: settings, infos, lambda: False, report, LogLines())
     assert worker.renderer_threads == 0
     worker.start()
     try:
@@ -281,7 +273,7 @@ def test_a_failed_report_does_not_end_the_worker_and_a_running_worker_is_not_sta
         if len(calls) <= 2:
             raise RuntimeError("publisher gone")
 
-    log = _Log()
+    log = LogLines()
     worker = FrameWorker(pipeline, lambda: Settings.from_parameters({}), infos, lambda: False, report, log)
     worker.start()
     try:
