@@ -28,7 +28,11 @@ import torch.nn.functional as F
 
 from .similarity import patches, sobel, standardize, standardize_with_jacobian
 
-__all__ = ["COSTS", "Cost", "GradientNCC", "Mixed", "NCC", "PatchCost", "make_cost"]
+__all__ = ["COSTS", "Cost", "GradientNCC", "MaskTooSmall", "Mixed", "NCC", "PatchCost", "make_cost"]
+
+
+class MaskTooSmall(ValueError):
+    """A validity mask leaves too few pixels to compare on some level: that frame cannot be registered."""
 
 
 class Cost:
@@ -73,7 +77,7 @@ class NCC(Cost):
                 whole = patches(mask.to(target.device).float(), patch).amin(-1) > 0
                 self.keep_patches = whole.nonzero()[:, 0]
                 if self.keep_patches.numel() == 0:
-                    raise ValueError(f"no {patch}x{patch} patch lies wholly inside the validity mask")
+                    raise MaskTooSmall(f"no {patch}x{patch} patch lies wholly inside the validity mask")
             self.patch_hat = standardize(self._patches(target))
 
     def _patches(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +110,7 @@ class GradientNCC(Cost):
             inner = -F.max_pool2d(-mask.to(target.device).float()[None, None], 3, stride=1)[0, 0] > 0
             self.keep = inner.flatten().nonzero()[:, 0]
             if self.keep.numel() < 2:
-                raise ValueError("the validity mask leaves no pixel with a valid 3x3 neighbourhood")
+                raise MaskTooSmall("the validity mask leaves no pixel with a valid 3x3 neighbourhood")
         self.target_hat = standardize(self._gradients(target[None]))
 
     def _gradients(self, x: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,7 @@ import torch
 
 from . import se3
 from .bundle import PatientModel, load_patient_model
+from .cost import MaskTooSmall
 from .geometry import Intrinsics
 from .intensity import POLARITIES, match_quantiles, polarity_scores
 from .metrics import mtre
@@ -373,7 +374,7 @@ class Pipeline:
                     guide=start.drr,
                     deadline=deadline if mode == "tracking" else None,
                 )
-            except ValueError as err:  # the frame cannot be compared at some level (too few valid pixels)
+            except MaskTooSmall as err:  # the frame cannot be compared at some level
                 result, reason = None, f"cannot register this frame: {err}"
                 continue
             finally:

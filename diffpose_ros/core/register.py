@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import se3
-from .cost import COSTS, PatchCost, make_cost
+from .cost import COSTS, MaskTooSmall, PatchCost, make_cost
 from .geometry import Intrinsics
 from .preprocess import check_image, resample_image, resample_mask
 from .render import Renderer, patch_pixels
@@ -91,7 +91,7 @@ default of :meth:`RegistrationResult.failure` and of the node's gate (``gate.min
 
 MIN_LEVEL_PIXELS = 64
 """Fewest valid pixels a level may compare (a sixteenth of the 32-pixel level): a frame whose
-validity mask leaves fewer at some level is refused there with a ``ValueError``."""
+validity mask leaves fewer at some level is refused there (:class:`~.cost.MaskTooSmall`)."""
 
 
 @dataclass(frozen=True)
@@ -257,7 +257,7 @@ class Registrar:
             target = resample_image(image, k.width, k.height).to(renderer.device)
             level_mask = None if mask is None else resample_mask(mask, k.width, k.height)
             if level_mask is not None and int(level_mask.sum()) < MIN_LEVEL_PIXELS:
-                raise ValueError(
+                raise MaskTooSmall(
                     f"the validity mask leaves {int(level_mask.sum())} pixels at the {k.width}x{k.height} level, "
                     f"too few to register (at least {MIN_LEVEL_PIXELS})"
                 )

@@ -202,8 +202,8 @@ class FrameWorker:
             deadline = self._deadline(item, s)
             result = self.pipeline.process(frame, stamp=stamp * 1e-9, track=s.tracking_enabled, deadline=deadline)
         except ValueError as err:
-            stamp = stamp_text((msg.header.stamp.sec, msg.header.stamp.nanosec))
-            self._logger.warning(f"frame {stamp} refused: {err}", throttle_duration_sec=1.0)
+            text = stamp_text((msg.header.stamp.sec, msg.header.stamp.nanosec))
+            self._logger.warning(f"frame {text} refused: {err}", throttle_duration_sec=1.0)
             return Outcome("rejected", DiagnosticStatus.ERROR, f"bad frame: {err}", values)
         values.update(
             mode=result.mode,
