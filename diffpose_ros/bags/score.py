@@ -51,7 +51,6 @@ __all__ = [
     "write_overlays",
     "write_report",
     "tf_pose",
-    "stamp_ns",
     "stamp_from_key",
 ]
 

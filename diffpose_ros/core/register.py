@@ -112,11 +112,11 @@ class RegistrationConfig:
     after an accepted step that moved every point within ``radius_mm`` of the CT's centre by less
     than this: a pose still moving by more is not trusted yet, whatever the time.
     ``outlier_sigma``: from the second level on, and on a sparse level, pixels whose standardised
-    difference from the DRR at the level's start exceeds this many robust standard deviations (1.4826 MAD), and their
-    neighbours, leave the cost for that level: instruments, wires and anything else that is not in
-    the CT (0: keep every valid pixel). It also trims edges not yet aligned and noise tails: on
-    clean frames it leaves out about a tenth of the pixels, and the pose gets no worse (measured in
-    ``docs/benchmarks.md``).
+    difference from the DRR at the level's start exceeds this many robust standard deviations
+    (1.4826 MAD), and their neighbours, leave the cost for that level: instruments, wires and
+    anything else that is not in the CT (0: keep every valid pixel). It also trims edges not yet
+    aligned and noise tails: on clean frames it leaves out about a tenth of the pixels, and the pose
+    gets no worse (measured in ``docs/benchmarks.md``).
     The finest level renders a 1.4 mm volume (the bundled CT's 0.7 mm in-plane voxels, 2x2
     coarsened): at 128 px (about 1.9 mm pixels at the isocentre) the full-resolution volume gave the
     same accuracy at twice the cost (``benchmarks/bench_node_latency.py``); a 256 px level on the

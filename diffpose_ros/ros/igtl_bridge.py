@@ -40,7 +40,7 @@ from ..core.navigation import (
 )
 from .conversions import camera_info_to_intrinsics, image_to_numpy, transform_to_matrix
 
-__all__ = ["BRIDGE_PARAMETERS", "Bridge", "BridgeSettings", "TfBuffer", "stamp_ns"]
+__all__ = ["BRIDGE_PARAMETERS", "Bridge", "BridgeSettings", "TfBuffer"]
 
 KEEP_FRAMES = 64
 """Images and camera_infos kept by stamp, waiting for their status."""
