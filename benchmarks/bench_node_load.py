@@ -39,6 +39,7 @@ if str(REPO) not in sys.path:
 from bench_node_latency import build_model, detector, machine_description, percentile, render_frames, view  # noqa: E402
 
 from diffpose_ros.core import metrics  # noqa: E402
+from diffpose_ros.core.navigation import stamp_ns  # noqa: E402
 
 NODE_EXE = Path(sys.executable).parent / "diffpose_node"
 PERIOD_S = 10.0
@@ -136,8 +137,7 @@ def main(argv=None) -> int:
             now = time.time()
             with lock:
                 for tr in msg.transforms:
-                    stamp_ns = tr.header.stamp.sec * 10**9 + tr.header.stamp.nanosec
-                    tf_rows.append((now, stamp_ns, transform_to_matrix(tr.transform)))
+                    tf_rows.append((now, stamp_ns(tr.header.stamp), transform_to_matrix(tr.transform)))
 
         frame_statuses = []
 
