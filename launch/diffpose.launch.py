@@ -7,8 +7,9 @@ Arguments: ``params_file`` (default: the package's ``config/diffpose.yaml``), ``
 (overrides the file's value when given), ``image_topic``, ``camera_info_topic``, ``use_sim_time``,
 ``autostart`` (configure + activate at start; otherwise drive the node with
 ``ros2 lifecycle set /diffpose_node configure`` / ``activate``), ``namespace``, ``log_level`` and
-``fastdds_profile`` (a Fast DDS XML profile for large frames, e.g. the package's
-``config/fastdds_large_frames.xml``; it must be given to the image publisher as well).
+``fastdds_profile`` (a Fast DDS XML profile; empty: the nodes use the package's
+``config/fastdds_large_frames.xml`` unless ``FASTDDS_DEFAULT_PROFILES_FILE`` is set; the image
+publisher needs it as well).
 
 ``igtl:=true`` also starts the OpenIGTLink bridge ``diffpose_igtl`` next to the node, with the same
 parameter file (so ``mirror``, ``camera_frame``, ``ct_frame``, ``ct_ras_frame`` and ``image_qos``
@@ -140,7 +141,9 @@ def generate_launch_description():
                 "log_level", default_value="info", description="logging level (debug, info, warn, error)"
             ),
             DeclareLaunchArgument(
-                "fastdds_profile", default_value="", description="Fast DDS XML profile for large frames (empty: none)"
+                "fastdds_profile",
+                default_value="",
+                description="Fast DDS XML profile (empty: the package's large-frame one, unless the env names one)",
             ),
             DeclareLaunchArgument(
                 "igtl", default_value="false", description="also start the OpenIGTLink bridge diffpose_igtl"
