@@ -39,6 +39,7 @@ from ..core.navigation import (
     stamp_ns,
 )
 from .conversions import camera_info_to_intrinsics, image_to_numpy, transform_to_matrix
+from .settings import kind_problem, of_default_kind
 
 __all__ = ["BRIDGE_PARAMETERS", "Bridge", "BridgeSettings", "TfBuffer"]
 
@@ -72,21 +73,15 @@ class BridgeSettings:
         """Settings from parameter values by name (missing or None: the default; integers of float
         fields become floats)."""
         defaults = cls()
-        out = {}
-        for name, value in values.items():
-            if value is None:
-                continue
-            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-            out[name] = float(value) if isinstance(getattr(defaults, name), float) and numeric else value
+        out = {k: of_default_kind(getattr(defaults, k), v) for k, v in values.items() if v is not None}
         return replace(defaults, **out)
 
     def problems(self) -> list[str]:
         out = []
         for f in fields(self):
-            kind = type(f.default)
-            value = getattr(self, f.name)
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                out.append(f"{f.name} must be of type {kind.__name__} (got {value!r})")
+            kind = kind_problem(f.default, getattr(self, f.name))
+            if kind:
+                out.append(f"{f.name} must be {kind} (got {getattr(self, f.name)!r})")
         if out:
             return out
         if not 0 <= self.port < 65536:

@@ -33,6 +33,8 @@ __all__ = [
     "PARAMETERS",
     "Parameter",
     "Settings",
+    "kind_problem",
+    "of_default_kind",
     "pipeline_config",
     "resolve_device",
     "settings_problems",
@@ -72,7 +74,7 @@ class Parameter:
 
     def problem(self, value) -> str:
         """Why ``value`` is not allowed (empty when it is)."""
-        kind = _kind_problem(self.default, value)
+        kind = kind_problem(self.default, value)
         if kind:
             return f"{self.name} must be {kind} (got {value!r})"
         if self.choices and value not in self.choices:
@@ -86,8 +88,9 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _kind_problem(default, value) -> str:
-    """What ``value`` must be to stand for a parameter whose default is ``default`` (empty when it is)."""
+def kind_problem(default, value) -> str:
+    """What ``value`` must be to stand for a parameter whose default is ``default`` (empty when it is):
+    the same kind, where an integer counts as a float (and integers as an array of floats)."""
     if isinstance(default, bool):
         return "" if isinstance(value, bool) else "true or false"
     if isinstance(default, int):
@@ -98,6 +101,15 @@ def _kind_problem(default, value) -> str:
         ok = isinstance(value, (tuple, list)) and all(_is_number(v) for v in value)
         return "" if ok else "an array of numbers"
     return "" if isinstance(value, str) else "a string"
+
+
+def of_default_kind(default, value):
+    """``value`` as a parameter whose default is ``default`` holds it: integers become floats for a float
+    or float-array default; anything else (a value of the wrong kind too, for :func:`kind_problem`
+    to name) is returned as it is."""
+    if not isinstance(default, (float, tuple)) or kind_problem(default, value):
+        return value
+    return tuple(float(v) for v in value) if isinstance(default, tuple) else float(value)
 
 
 _GATE = PipelineConfig()
@@ -264,9 +276,7 @@ class Settings:
         for p in PARAMETERS:
             value = values.get(p.name)
             value = p.default if value is None else value
-            if p.numeric and not _kind_problem(p.default, value):
-                value = tuple(float(v) for v in value) if isinstance(p.default, tuple) else float(value)
-            fields[p.field] = value
+            fields[p.field] = of_default_kind(p.default, value)
         return cls(**fields)
 
     def field(self) -> FieldSpec:
