@@ -27,8 +27,8 @@ validity mask, from :func:`~.preprocess.prepare_frame`) and returns a :class:`Fr
 ``Pipeline.render`` and ``Pipeline.overlay`` show the DRR at a pose (the node's ``~/overlay``, the
 tools' pictures).
 
-Covariance: ``sigma^2 (J^T J)^-1`` of the final Gauss-Newton problem, with ``sigma^2`` the residual
-variance; pixel residuals are correlated, so this is a lower bound on the true spread, but it grows
+Covariance: ``sigma^2 (J^T J)^-1`` of the final Gauss-Newton problem (symmetric), with ``sigma^2`` the
+residual variance; pixel residuals are correlated, so this is a lower bound on the true spread, but it grows
 as the image constrains the pose less. It is reported for ``xi = (rho mm, phi rad)`` in the source
 frame and, by :func:`covariance_in_parent`, for position (mm) and rotation (rad) about ``ct`` axes.
 """
@@ -319,12 +319,15 @@ class Pipeline:
         return ""
 
     def _covariance(self, result) -> torch.Tensor:
+        """``sigma^2 (J^T J)^-1``, symmetric to the last bit: ``J^T J`` comes from a float32 product
+        whose two triangles may round apart (seen on AMD Zen 4), and so does an LU inverse."""
         H = result.hessian
         residual_variance = 2 * result.cost / max(1, result.residuals - 6)
         try:
-            return residual_variance * torch.linalg.inv(H + 1e-12 * torch.eye(6, dtype=H.dtype))
+            C = residual_variance * torch.linalg.inv(0.5 * (H + H.T) + 1e-12 * torch.eye(6, dtype=H.dtype))
         except RuntimeError:
             return torch.full((6, 6), float("inf"), dtype=torch.float64)
+        return 0.5 * (C + C.T)
 
     def process(
         self,
