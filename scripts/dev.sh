@@ -5,6 +5,7 @@
 #   bash scripts/dev.sh demo  [args]   setup, then run diffpose-demo (bundled chest CT)
 #   bash scripts/dev.sh test  [args]   setup, ruff (lint + format check), then pytest on test/ (args go to pytest)
 #   bash scripts/dev.sh bench [args]   setup, then every benchmarks/bench_*.py (args go to each)
+#   bash scripts/dev.sh cpu-paths [args]  setup, then the core tests again on each narrower CPU code path
 #
 # Environment:
 #   DIFFPOSE_PYTHON   interpreter used to create .venv (default: python3.11, else python3; >= 3.10)
@@ -22,7 +23,7 @@ log() { printf '[dev.sh] %s\n' "$*" >&2; }
 die() { printf '[dev.sh] ERROR: %s\n' "$*" >&2; exit 1; }
 
 usage() {
-    sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -61,6 +62,18 @@ find_python() {
 
 pip_install() {
     "$PY" -m pip install --quiet --progress-bar off "$@"
+}
+
+# An editable install leaves out setup.py's data_files: register the package in the venv as colcon
+# would (ament index marker, share/diffpose_ros, lib/diffpose_ros executables), linked to this
+# checkout, so that `ros2 run`/`ros2 launch` find it with AMENT_PREFIX_PATH holding the venv.
+register_in_venv() {
+    local share="$VENV/share/diffpose_ros" index="$VENV/share/ament_index/resource_index/packages"
+    local lib="$VENV/lib/diffpose_ros" item exe
+    mkdir -p "$share" "$index" "$lib"
+    : >"$index/diffpose_ros"
+    for item in package.xml config launch; do ln -sfn "$ROOT/$item" "$share/$item"; done
+    for exe in diffpose_node diffpose_igtl; do ln -sfn "../../bin/$exe" "$lib/$exe"; done
 }
 
 cmd_setup() {
@@ -104,6 +117,8 @@ cmd_setup() {
     log "installing diffpose_ros (editable)"
     # PYTHONWARNINGS silences setuptools' generic "Editable installation" banner.
     PYTHONWARNINGS=ignore pip_install -e .
+
+    register_in_venv
 
     # ---- HOOK: ROS 2 Python runtime from wheels (maintained separately) ----
     # Runs only if the script exists and is executable; it is a no-op where a
@@ -149,6 +164,23 @@ cmd_bench() {
     return "$failed"
 }
 
+# Rounding differs between the CPUs that CI meets (AVX-512 with AMX, Zen 4, Zen 5, AVX2 only). This
+# runs test/core once per narrower code path this CPU can take: torch's kernels chosen by
+# ATEN_CPU_CAPABILITY and numba's by NUMBA_CPU_NAME (AVX2 as on an AVX2-only EPYC; baseline x86-64).
+# Not part of the test command: run it before a stop whenever numerics changed.
+cmd_cpu_paths() {
+    local paths=("avx2 haswell" "default generic") path aten cpu failed=0
+    for path in "${paths[@]}"; do
+        read -r aten cpu <<<"$path"
+        log "test/core with ATEN_CPU_CAPABILITY=$aten NUMBA_CPU_NAME=$cpu"
+        ATEN_CPU_CAPABILITY=$aten NUMBA_CPU_NAME=$cpu "$PY" -c \
+            'import torch; print("[dev.sh] torch CPU capability:", torch.backends.cpu.get_cpu_capability())' >&2
+        ATEN_CPU_CAPABILITY=$aten NUMBA_CPU_NAME=$cpu "$PY" -m pytest -q test/core "$@" ||
+            { log "test/core failed with ATEN_CPU_CAPABILITY=$aten NUMBA_CPU_NAME=$cpu"; failed=1; }
+    done
+    return "$failed"
+}
+
 main() {
     (($# >= 1)) || usage
     local cmd=$1
@@ -166,6 +198,10 @@ main() {
         bench)
             cmd_setup
             cmd_bench "$@"
+            ;;
+        cpu-paths)
+            cmd_setup
+            cmd_cpu_paths "$@"
             ;;
         -h | --help | help) usage ;;
         *) log "unknown command: $cmd"; usage ;;

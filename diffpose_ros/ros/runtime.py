@@ -1,5 +1,5 @@
 """Running rclpy from the command-line tools: a node spun in a background thread, clean stop on
-SIGINT/SIGTERM, and the large-frame Fast DDS profile.
+SIGINT/SIGTERM, the package's installed data, and the large-frame Fast DDS profile.
 
 Fast DDS's default shared-memory segment is too small for fluoroscopy frames (best-effort frames of
 512 KB and more are lost): :func:`use_large_frame_profile` points ``FASTDDS_DEFAULT_PROFILES_FILE``
@@ -15,18 +15,42 @@ import sys
 import threading
 from pathlib import Path
 
-__all__ = ["large_frame_profile", "use_large_frame_profile", "RosSession"]
+__all__ = [
+    "PACKAGE",
+    "large_frame_profile",
+    "package_file",
+    "share_directories",
+    "use_large_frame_profile",
+    "RosSession",
+]
 
+PACKAGE = "diffpose_ros"
 PROFILE_NAME = "fastdds_large_frames.xml"
 
 
+def share_directories() -> list[Path]:
+    """Where the package's data (``config/``, ``launch/``, ``package.xml``) may lie, in lookup order:
+    the ament index's share directory (a colcon install, or a venv that ``scripts/dev.sh setup``
+    registered, on ``AMENT_PREFIX_PATH``), ``share/diffpose_ros`` under the interpreter's prefix
+    (``pip install .``), and the source tree (a checkout, ``pip install -e .``)."""
+    found = []
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        found.append(Path(get_package_share_directory(PACKAGE)))
+    except (ImportError, LookupError, OSError):  # no ament index, no AMENT_PREFIX_PATH, or not registered
+        pass
+    return found + [Path(sys.prefix) / "share" / PACKAGE, Path(__file__).resolve().parents[2]]
+
+
+def package_file(*parts: str) -> Path | None:
+    """The first existing ``<share>/<parts>`` over :func:`share_directories` (None: nowhere)."""
+    return next((d.joinpath(*parts) for d in share_directories() if d.joinpath(*parts).is_file()), None)
+
+
 def large_frame_profile() -> Path | None:
-    """The shipped Fast DDS profile: installed under ``share/diffpose_ros/config`` or in the source tree."""
-    candidates = [
-        Path(sys.prefix) / "share" / "diffpose_ros" / "config" / PROFILE_NAME,
-        Path(__file__).resolve().parents[2] / "config" / PROFILE_NAME,
-    ]
-    return next((p for p in candidates if p.is_file()), None)
+    """The shipped Fast DDS profile, ``config/fastdds_large_frames.xml`` (:func:`package_file`)."""
+    return package_file("config", PROFILE_NAME)
 
 
 def use_large_frame_profile() -> str | None:

@@ -12,6 +12,7 @@ ROS-free: only the node turns the table into ``rcl_interfaces/ParameterDescripto
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -97,8 +98,8 @@ def kind_problem(default, value) -> str:
         return "" if _is_number(value) and isinstance(value, int) else "an integer"
     if isinstance(default, float):
         return "" if _is_number(value) else "a number"
-    if isinstance(default, tuple):
-        ok = isinstance(value, (tuple, list)) and all(_is_number(v) for v in value)
+    if isinstance(default, tuple):  # the parameter service delivers arrays as array.array
+        ok = isinstance(value, (tuple, list, array.array)) and all(_is_number(v) for v in value)
         return "" if ok else "an array of numbers"
     return "" if isinstance(value, str) else "a string"
 

@@ -229,3 +229,37 @@ def test_two_processes_large_images_and_tf(monkeypatch, tmp_path):
         executor.shutdown()
         node.destroy_node()
         context.try_shutdown()
+
+
+def test_the_package_data_is_found_where_it_is_installed(monkeypatch, tmp_path):
+    """The ament index's share directory first (colcon, or the venv that ``scripts/dev.sh setup``
+    registered), then ``<sys.prefix>/share``, then this checkout."""
+    from diffpose_ros.ros import runtime
+
+    monkeypatch.delenv("AMENT_PREFIX_PATH", raising=False)
+    assert runtime.large_frame_profile().read_bytes() == FASTDDS_PROFILE.read_bytes()  # the venv's or the checkout's
+    installed = tmp_path / "install" / "diffpose_ros"
+    (installed / "share" / "ament_index" / "resource_index" / "packages").mkdir(parents=True)
+    (installed / "share" / "ament_index" / "resource_index" / "packages" / "diffpose_ros").touch()
+    (installed / "share" / "diffpose_ros" / "config").mkdir(parents=True)
+    (installed / "share" / "diffpose_ros" / "config" / "fastdds_large_frames.xml").write_text("<dds/>")
+    monkeypatch.setenv("AMENT_PREFIX_PATH", str(installed))
+    assert runtime.large_frame_profile() == installed / "share" / "diffpose_ros" / "config" / "fastdds_large_frames.xml"
+    assert runtime.package_file("config", "no such file") is None
+
+
+def test_the_readme_setup_registers_the_package_in_the_venv(monkeypatch):
+    """After ``scripts/dev.sh setup`` (an editable install, which leaves data_files out), ``ros2 run``
+    and ``ros2 launch`` find the package with the venv on ``AMENT_PREFIX_PATH``."""
+    if not Path(sys.prefix, ".diffpose_setup_stamp").is_file():
+        pytest.skip("not the venv of scripts/dev.sh setup")
+    from ament_index_python.packages import get_package_prefix, get_package_share_directory
+
+    monkeypatch.setenv("AMENT_PREFIX_PATH", sys.prefix)
+    share = Path(get_package_share_directory("diffpose_ros"))
+    assert Path(get_package_prefix("diffpose_ros")) == Path(sys.prefix)
+    for item in ("package.xml", "launch/diffpose.launch.py", "config/diffpose.yaml", "config/fastdds_large_frames.xml"):
+        assert (share / item).is_file(), item
+    for exe in ("diffpose_node", "diffpose_igtl"):
+        path = Path(sys.prefix, "lib", "diffpose_ros", exe)
+        assert path.is_file() and os.access(path, os.X_OK), path

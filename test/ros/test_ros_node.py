@@ -560,6 +560,67 @@ def test_read_only_and_invalid_parameters_are_refused(ros):
     assert probe.get_parameters(["ct_frame", "input_kind"]) == {"ct_frame": "ct", "input_kind": "transmission"}
 
 
+def _as_typed(value):
+    """``value`` as ``ros2 param set`` sends what a user types for it: ``1020`` and ``[128, 128]`` are
+    integers, so a float or float array that holds whole numbers goes as integers."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, (list, tuple)) and value and all(float(v).is_integer() for v in value):
+        return [int(v) for v in value]
+    return list(value) if isinstance(value, tuple) else value
+
+
+def test_every_runtime_parameter_is_taken_through_the_service_as_typed(ros):
+    """Over ``set_parameters`` (the parameter service that ``ros2 param set`` calls) arrays arrive as
+    ``array.array`` and whole numbers as integers: every runtime parameter takes them."""
+    probe, _, _ = ros
+    from rclpy.parameter import Parameter
+
+    from diffpose_ros.ros.settings import PARAMETERS
+
+    runtime = [p.name for p in PARAMETERS if not p.read_only]
+    before = probe.get_parameters(runtime)
+    sent = [Parameter(n, value=_as_typed(v)) for n, v in before.items() if v not in (None, [])]  # unset: no value
+    assert {p.name for p in sent} >= {"gate.min_similarity", "field.radius_px", "tracking.frame_budget"}
+    results = probe.set_parameters(sent)
+    assert all(r.successful for r in results), [(p.name, r.reason) for p, r in zip(sent, results) if not r.successful]
+    assert probe.get_parameters(runtime) == before
+    arrays = [
+        Parameter("field.center_px", value=[128, 128]),
+        Parameter("intrinsics.principal_point", value=[127.5, 127.0]),
+    ]
+    try:
+        results = probe.set_parameters(arrays)
+        assert all(r.successful for r in results), [r.reason for r in results]
+        got = probe.get_parameters(["field.center_px", "intrinsics.principal_point"])
+        assert got == {"field.center_px": [128.0, 128.0], "intrinsics.principal_point": [127.5, 127.0]}
+    finally:  # unset again (an empty array)
+        results = probe.set_parameters([Parameter(p.name, value=[]) for p in arrays])
+        assert all(r.successful for r in results), [r.reason for r in results]
+
+
+def test_a_known_field_set_at_runtime_takes_effect(ros, scene):
+    """``field.radius_px`` and the integer array ``field.center_px`` set through the service: the next
+    frame's valid pixels are that disc (less its margin), and the frame is still posed."""
+    probe, _, _ = ros
+    from rclpy.parameter import Parameter
+
+    results = probe.set_parameters(
+        [Parameter("field.radius_px", value=100), Parameter("field.center_px", value=[128, 120])]
+    )
+    assert all(r.successful for r in results), [r.reason for r in results]
+    try:
+        _, tf, status = _send_good(probe, scene, 4)
+        disc = math.pi * (100 - 3) ** 2 / 256**2  # field.margin_px is 3
+        assert abs(float(status_values(status)["valid_fraction"]) - disc) < 0.02, status_values(status)
+        assert mtre_mm(scene, _tf_matrix(tf), 4) < MTRE_LIMIT_MM
+    finally:
+        results = probe.set_parameters(
+            [Parameter("field.radius_px", value=0.0), Parameter("field.center_px", value=[])]
+        )
+        assert all(r.successful for r in results), [r.reason for r in results]
+
+
 def test_parameter_intrinsics_when_no_camera_info(ros, scene):
     """After all the bad input: intrinsics set at runtime, a frame without camera_info gets its TF."""
     probe, _, _ = ros
