@@ -6,6 +6,13 @@ is reported, the schedule is never shifted). Message contents, header stamps inc
 touched. Publishers use the QoS each topic's publisher offered when the bag was recorded (reliable,
 depth 10 when the bag has none), unless overridden. ``/clock`` (``rosgraph_msgs/Clock``) carries the
 bag time for nodes run with ``use_sim_time``.
+
+The first and the last message reach a subscriber: before playing, a subscriber must be matched on
+the publisher's side and then given :data:`MATCH_SETTLE_S` to match on its own (a reader drops what a
+writer it has not matched yet sends, and DDS shows a writer only its own side); after playing,
+reliable topics wait until every subscriber acknowledged everything (``ros2 bag play
+--wait-for-all-acked``) and best-effort ones linger :data:`BEST_EFFORT_LINGER_S`, since Fast DDS
+publishes large samples asynchronously and a process that exits at once can take them with it.
 """
 
 from __future__ import annotations
@@ -18,7 +25,13 @@ from pathlib import Path
 
 from .bagfile import QosSpec, bag_topics, message_class, rclpy_qos, read_messages
 
-__all__ = ["ReplayOptions", "ReplayReport", "Player", "parse_remaps"]
+__all__ = ["BEST_EFFORT_LINGER_S", "MATCH_SETTLE_S", "ReplayOptions", "ReplayReport", "Player", "parse_remaps"]
+
+MATCH_SETTLE_S = 0.5
+"""Seconds between the publisher's side of a match and the first message (the subscriber's side)."""
+
+BEST_EFFORT_LINGER_S = 1.0
+"""Seconds a replay stays up after its last best-effort message, so that it leaves the process."""
 
 
 def parse_remaps(items: list[str] | None) -> dict[str, str]:
@@ -58,11 +71,13 @@ class ReplayOptions:
 
 @dataclass
 class ReplayReport:
-    """What was published: counts per published topic and the timing error (s) against the schedule."""
+    """What was published: counts per published topic, the timing error (s) against the schedule, the
+    seconds of playing, and the reliable topics whose subscribers did not acknowledge everything."""
 
     published: dict[str, int] = field(default_factory=dict)
     lateness_s: list[float] = field(default_factory=list)
     wall_s: float = 0.0
+    unacknowledged: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
         late = sorted(self.lateness_s) or [0.0]
@@ -72,6 +87,7 @@ class ReplayReport:
             "wall_s": self.wall_s,
             "timing_error_median_s": statistics.median(late),
             "timing_error_max_s": late[-1],
+            "unacknowledged": list(self.unacknowledged),
         }
 
 
@@ -154,6 +170,24 @@ class Player:
                     "a subscription with an incompatible QoS never matches"
                 )
             time.sleep(0.05)
+        self.stop_event.wait(MATCH_SETTLE_S)
+
+    def _deliver(self, timeout_s: float) -> list[str]:
+        """After the last message: wait up to ``timeout_s`` for every reliable topic's acknowledgements,
+        and :data:`BEST_EFFORT_LINGER_S` for best-effort ones; returns the reliable topics not acknowledged."""
+        from rclpy.duration import Duration
+        from rclpy.qos import ReliabilityPolicy
+
+        deadline = time.monotonic() + timeout_s
+        missing, best_effort = [], False
+        for topic, publisher in self._publishers.items():
+            if publisher.qos_profile.reliability != ReliabilityPolicy.RELIABLE:
+                best_effort = True
+            elif not publisher.wait_for_all_acked(Duration(seconds=max(0.0, deadline - time.monotonic()))):
+                missing.append(self.published_name(topic))
+        if best_effort:
+            self.stop_event.wait(BEST_EFFORT_LINGER_S)
+        return missing
 
     def _publish_clock(self, bag_ns: int) -> None:
         from builtin_interfaces.msg import Time
@@ -173,8 +207,10 @@ class Player:
                 remaining = min(remaining, period)
             time.sleep(min(remaining, 0.1))
 
-    def play(self, on_message=None) -> ReplayReport:
-        """Play the bag (looping as configured); ``on_message(topic, t_log_ns, cdr)`` after each publish."""
+    def play(self, on_message=None, ack_timeout_s: float = 10.0) -> ReplayReport:
+        """Play the bag (looping as configured); ``on_message(topic, t_log_ns, cdr)`` after each publish.
+        Returns once what was sent is delivered (reliable topics acknowledged within ``ack_timeout_s``:
+        the others are named in the report) or a stop was requested."""
         report = ReplayReport(published={self.published_name(t): 0 for t in self._publishers})
         opts = self.options
         begin = time.monotonic()
@@ -206,4 +242,6 @@ class Player:
             if not opts.loop:
                 break
         report.wall_s = time.monotonic() - begin
+        if not self.stop_event.is_set():
+            report.unacknowledged = self._deliver(ack_timeout_s)
         return report
