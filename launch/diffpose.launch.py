@@ -8,8 +8,9 @@ Arguments: ``params_file`` (default: the package's ``config/diffpose.yaml``), ``
 ``autostart`` (configure + activate at start; otherwise drive the node with
 ``ros2 lifecycle set /diffpose_node configure`` / ``activate``), ``namespace``, ``log_level`` and
 ``fastdds_profile`` (a Fast DDS XML profile; empty: the nodes use the package's
-``config/fastdds_large_frames.xml`` unless ``FASTDDS_DEFAULT_PROFILES_FILE`` is set; the image
-publisher needs it as well).
+``config/fastdds_node.xml``, found in the package's share directory, unless
+``FASTDDS_DEFAULT_PROFILES_FILE`` is set; with it a publisher on Fast DDS's defaults gets large
+frames to them, given ``net.core.rmem_max`` of 4 MiB or more).
 
 ``igtl:=true`` also starts the OpenIGTLink bridge ``diffpose_igtl`` next to the node, with the same
 parameter file (so ``mirror``, ``camera_frame``, ``ct_frame``, ``ct_ras_frame`` and ``image_qos``

@@ -16,10 +16,16 @@ import time
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 
-__all__ = ["RATE_WINDOW_S", "FrameStats", "frame_status", "key_value", "process_rss_bytes", "status"]
+__all__ = ["LOST_FRAMES", "RATE_WINDOW_S", "FrameStats", "frame_status", "key_value", "process_rss_bytes", "status"]
 
 RATE_WINDOW_S = 5.0
 """Rates are frames per second over the last this many seconds."""
+
+LOST_FRAMES = (
+    "camera_info arrives but no image: frames lost in transport (large frames from a publisher with Fast DDS's "
+    "defaults need this node's config/fastdds_node.xml and net.core.rmem_max >= 4194304; see the README)"
+)
+"""The summary's WARN while camera_info has arrived within :data:`RATE_WINDOW_S` and no image has."""
 
 SUMMARY_FROM_LAST_FRAME = (
     "stamp", "similarity", "iterations", "mode", "path", "valid_fraction", "t_preprocess_s", "t_cnn_s", "t_refine_s",
@@ -69,6 +75,7 @@ class FrameStats:
     def reset(self) -> None:
         with self._lock:
             self._received_times: collections.deque[float] = collections.deque()
+            self._info_times: collections.deque[float] = collections.deque()
             self._published_times: collections.deque[float] = collections.deque()
             self._counts = dict.fromkeys(
                 ("received", "processed", "published", "rejected", "skipped_stamps", "missed", "clock_jumps"), 0
@@ -95,6 +102,11 @@ class FrameStats:
             if last is not None and seq > last + 1:
                 self._counts["missed"] += seq - last - 1
             self._last_sequence[repr(gid)] = seq
+
+    def camera_info(self, now: float) -> None:
+        """A camera_info reached the callback (its rate beside the images' tells frames lost in transport)."""
+        with self._lock:
+            self._info_times.append(now)
 
     def time_jumped(self) -> None:
         with self._lock:
@@ -133,14 +145,17 @@ class FrameStats:
     def summary(
         self, name: str, hardware_id: str, state: str, config_error: str, mailbox_dropped: int, values: dict
     ) -> DiagnosticStatus:
-        """The ``<node>: pipeline`` status: ERROR when configuring failed, WARN when not active, the
-        last frame's level and message while it is recent and not OK, else OK. ``values`` (device,
+        """The ``<node>: pipeline`` status: ERROR when configuring failed, WARN when not active or when
+        camera_info arrives without images (:data:`LOST_FRAMES`), the last frame's level and message
+        while it is recent and not OK, else OK. ``values`` (device,
         model, ...) follow the state, then rates, counters, latencies and the last frame's results;
         ``mailbox_dropped``: frames the node's one-slot mailbox replaced before they were processed."""
         now = time.monotonic()
         with self._lock:
             c = dict(self._counts)
             rates = {"rate_in_hz": self._rate(self._received_times, now)}
+            rates["rate_camera_info_hz"] = self._rate(self._info_times, now)
+            images_recent = bool(self._received_times)  # within RATE_WINDOW_S (_rate dropped the older ones)
             rates["rate_out_hz"] = self._rate(self._published_times, now)
             lr, ls = list(self._latency_receipt), list(self._latency_stamp)
             last, last_age = self._last_frame, now - self._last_frame_time
@@ -148,6 +163,8 @@ class FrameStats:
             level, message = DiagnosticStatus.ERROR, config_error
         elif state != "active":
             level, message = DiagnosticStatus.WARN, f"lifecycle state {state}"
+        elif rates["rate_camera_info_hz"] > 0 and not images_recent:
+            level, message = DiagnosticStatus.WARN, LOST_FRAMES
         elif last is not None and last_age < 2 * RATE_WINDOW_S and last.level != DiagnosticStatus.OK:
             level, message = last.level, last.message
         else:

@@ -28,7 +28,7 @@ from tf2_msgs.msg import TFMessage
 from .conversions import input_qos
 from .igtl_bridge import BRIDGE_PARAMETERS, Bridge, BridgeSettings
 from .igtl_link import IgtlClient, IgtlServer, parse_endpoint
-from .runtime import use_large_frame_profile
+from .runtime import NODE_PROFILE_NAME, use_large_frame_profile
 from .status import status_qos
 
 __all__ = ["FOLLOWING", "IgtlNode", "main"]
@@ -102,7 +102,7 @@ class IgtlNode(Node):
 
 def main(args=None) -> int:
     """Entry point of ``diffpose_igtl`` (``ros2 run diffpose_ros diffpose_igtl``, ``diffpose-igtl``)."""
-    use_large_frame_profile()
+    use_large_frame_profile(NODE_PROFILE_NAME)
     rclpy.init(args=args)
     node = None
     try:

@@ -87,7 +87,7 @@ from .conversions import (
 )
 from .diagnostics import FrameStats, frame_status
 from .markers import MarkerPublisher
-from .runtime import use_large_frame_profile
+from .runtime import NODE_PROFILE_NAME, use_large_frame_profile
 from .settings import PARAMETERS, Settings, pipeline_config, resolve_device, settings_problems
 from .settings import Parameter as TableParameter
 from .status import StatusReporter
@@ -359,6 +359,7 @@ class DiffPoseNode(LifecycleNode):
     def _on_camera_info(self, msg: CameraInfo) -> None:
         try:
             self._infos.put((int(msg.header.stamp.sec), int(msg.header.stamp.nanosec)), msg)
+            self._stats.camera_info(time.monotonic())
         except Exception as err:  # pragma: no cover - defensive
             self.get_logger().warning(f"camera_info callback: {err!r}")
 
@@ -479,7 +480,7 @@ def _spin(executor: MultiThreadedExecutor) -> None:
 def main(args=None) -> int:
     """Entry point of ``diffpose_node`` (``ros2 run diffpose_ros diffpose_node``)."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    use_large_frame_profile()
+    use_large_frame_profile(NODE_PROFILE_NAME)
     rclpy.init(args=args)  # installs SIGINT/SIGTERM handlers that shut the context down
     node = None
     executor = MultiThreadedExecutor(num_threads=4)

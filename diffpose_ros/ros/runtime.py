@@ -1,10 +1,13 @@
 """Running rclpy from the command-line tools: a node spun in a background thread, clean stop on
 SIGINT/SIGTERM, the package's installed data, and the large-frame Fast DDS profile.
 
-Fast DDS's default shared-memory segment is too small for fluoroscopy frames (best-effort frames of
-512 KB and more are lost): :func:`use_large_frame_profile` points ``FASTDDS_DEFAULT_PROFILES_FILE``
-at the package's ``config/fastdds_large_frames.xml`` unless the user set one. It must be called
-before the first participant is created; processes with and without it still talk to each other.
+Fast DDS's default shared-memory segment (512 KiB) is too small for fluoroscopy frames: a writer
+with it loses best-effort frames of 512 KiB and more. :func:`use_large_frame_profile` points
+``FASTDDS_DEFAULT_PROFILES_FILE`` at one of the package's profiles unless the user set one:
+``config/fastdds_large_frames.xml`` for the tools (16 MiB segments), ``config/fastdds_node.xml`` for
+the nodes (their readers reached over UDP with 4 MiB socket buffers, so that a publisher with Fast
+DDS's defaults gets large frames to them). It must be called before the first participant is
+created; processes with and without it still talk to each other.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import threading
 from pathlib import Path
 
 __all__ = [
+    "NODE_PROFILE_NAME",
     "PACKAGE",
+    "PROFILE_NAME",
     "large_frame_profile",
     "package_file",
     "share_directories",
@@ -26,6 +31,7 @@ __all__ = [
 
 PACKAGE = "diffpose_ros"
 PROFILE_NAME = "fastdds_large_frames.xml"
+NODE_PROFILE_NAME = "fastdds_node.xml"
 
 
 def share_directories() -> list[Path]:
@@ -48,17 +54,19 @@ def package_file(*parts: str) -> Path | None:
     return next((d.joinpath(*parts) for d in share_directories() if d.joinpath(*parts).is_file()), None)
 
 
-def large_frame_profile() -> Path | None:
-    """The shipped Fast DDS profile, ``config/fastdds_large_frames.xml`` (:func:`package_file`)."""
-    return package_file("config", PROFILE_NAME)
+def large_frame_profile(name: str = PROFILE_NAME) -> Path | None:
+    """The shipped Fast DDS profile ``config/<name>`` (:data:`PROFILE_NAME` for the tools,
+    :data:`NODE_PROFILE_NAME` for the nodes; see :func:`package_file`)."""
+    return package_file("config", name)
 
 
-def use_large_frame_profile() -> str | None:
-    """Set ``FASTDDS_DEFAULT_PROFILES_FILE`` to the shipped profile when it is unset; returns the one in use."""
+def use_large_frame_profile(name: str = PROFILE_NAME) -> str | None:
+    """Set ``FASTDDS_DEFAULT_PROFILES_FILE`` to the shipped profile ``name`` when it is unset and the
+    rmw is Fast DDS's; returns the profile in use (None: Fast DDS's defaults)."""
     current = os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE")
     if current:
         return current
-    profile = large_frame_profile()
+    profile = large_frame_profile(name)
     if profile is not None and os.environ.get("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp").startswith("rmw_fastrtps"):
         os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(profile)
         return str(profile)

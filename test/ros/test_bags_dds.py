@@ -456,6 +456,69 @@ def test_bags_replay_through_the_node_and_score(scene, dds, tmp_path):
         print(f"node exit {node.stop()}\n{node.log(3000)}")
 
 
+NEUTRAL_PROFILE = """<?xml version="1.0" encoding="UTF-8"?>
+<dds xmlns="http://www.eprosima.com"><profiles><participant profile_name="a_driver"/></profiles></dds>
+"""
+
+
+def test_large_frames_from_a_publisher_with_fast_dds_defaults_reach_the_node(scene, dds, tmp_path):
+    """A C-arm driver is somebody else's process: 512^2 mono16 frames published best effort with Fast
+    DDS's defaults (a neutral profile, a 512 KiB shared-memory segment) reach a node started without
+    FASTDDS_DEFAULT_PROFILES_FILE (it loads config/fastdds_node.xml) and are posed, every one."""
+    from diffpose_ros.cli import make_bag
+    from diffpose_ros.core.io import save_json
+
+    poses = [scene.poses[i % len(scene.poses)] for i in range(8)]
+    save_json(tmp_path / "poses.json", {"poses": [{"T_ct_source": T} for T in poses]})
+    bag = tmp_path / "large"
+    args = ["--out", str(bag), "--poses", str(tmp_path / "poses.json"), "--fps", "2", "--size", "512", "512"]
+    assert make_bag.main([*args, "--pixel-mm", "0.6", "--encoding", "mono16", "--clinical", ""]) == 0
+    neutral = tmp_path / "driver_profile.xml"
+    neutral.write_text(NEUTRAL_PROFILE)
+    node = NodeProcess(
+        ["-p", f"patient_model:={scene.model_path}", "-p", "autostart:=true", "-p", "tracking.enabled:=false"]
+        + ["-r", "image:=/xray/image", "-r", "camera_info:=/xray/camera_info"],
+        {**dds, "FASTDDS_DEFAULT_PROFILES_FILE": ""},
+        tmp_path / "node.log",
+    )
+    probe = Probe(domain_id(1))
+    probe.owner = node
+    stamps = [t for _, _, t, _ in read_messages(bag, ["/carm/image_raw"])]
+    try:
+        probe.wait_state("active", timeout=240.0)
+        log = tmp_path / "replay.log"
+        player = tool(
+            "diffpose-replay",
+            str(bag),
+            "--remap",
+            "/carm/image_raw:=/xray/image",
+            "/carm/camera_info:=/xray/camera_info",
+            "--topics",
+            "/carm/image_raw",
+            "/carm/camera_info",
+            "--qos",
+            "/carm/image_raw=sensor_data",
+            "--wait-for",
+            "/xray/image",
+            "/xray/camera_info",
+            env={**dds, "FASTDDS_DEFAULT_PROFILES_FILE": str(neutral)},
+            log=log,
+        )
+        probe.spin_until(
+            lambda: all(probe.frame_status(_stamp(s)) is not None for s in stamps) or player.poll() is not None,
+            60.0,
+            "a status for each of the 8 frames",
+        )
+        finish(player, 60, log)
+        probe.pause(0.5)
+        got = [probe.frame_status(_stamp(s)) for s in stamps]
+        assert all(g is not None for g in got), f"{sum(g is not None for g in got)}/8 frames reached the node"
+        assert all(g.level == b"\x00" for g in got), [g.message for g in got]  # OK: posed
+    finally:
+        probe.close()
+        print(f"node exit {node.stop()}\n{node.log(3000)}")
+
+
 def test_every_frame_of_a_replay_into_a_node_just_activated_gets_a_status(scene, dds, tmp_path):
     """Replays of a 6-frame bag of 512^2 mono16, best effort as a C-arm publishes, each into the node
     right after deactivate/activate: the first frame (published once the subscription has matched on

@@ -141,3 +141,22 @@ def test_a_clock_jumping_back_starts_a_new_stream(context):
         executor.shutdown()
         clock_node.destroy_node()
         node.destroy_node()
+
+
+def test_camera_info_without_images_is_reported_as_frames_lost_in_transport():
+    """An active node that gets camera_info and no image (large frames dropped by DDS) says so."""
+    from diffpose_ros.ros.diagnostics import LOST_FRAMES, RATE_WINDOW_S, FrameStats
+
+    stats = FrameStats()
+    assert stats.summary("n", "cpu", "active", "", 0, {}).message == "waiting for frames"
+    now = time.monotonic()
+    for dt in (0.2, 0.1):
+        stats.camera_info(now - dt)
+    summary = stats.summary("n", "cpu", "active", "", 0, {})
+    assert summary.level == b"\x01" and summary.message == LOST_FRAMES
+    assert stats.summary("n", "cpu", "inactive", "", 0, {}).message == "lifecycle state inactive"
+    stats.received(time.monotonic())
+    assert stats.summary("n", "cpu", "active", "", 0, {}).level == b"\x00"
+    stats.reset()
+    stats.camera_info(time.monotonic() - RATE_WINDOW_S - 1)  # too old to count
+    assert stats.summary("n", "cpu", "active", "", 0, {}).level == b"\x00"
