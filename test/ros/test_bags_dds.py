@@ -456,6 +456,27 @@ def test_bags_replay_through_the_node_and_score(scene, dds, tmp_path):
         print(f"node exit {node.stop()}\n{node.log(3000)}")
 
 
+def _xray_node(scene, env: dict, tmp_path: Path, *parameters: str) -> tuple[NodeProcess, Probe]:
+    """``diffpose_node`` (autostart, the scene's model, ``NAME:=VALUE`` ``parameters``) on ``/xray/*``,
+    and the probe that watches it."""
+    params = [arg for p in (f"patient_model:={scene.model_path}", "autostart:=true", *parameters) for arg in ("-p", p)]
+    remaps = ["-r", "image:=/xray/image", "-r", "camera_info:=/xray/camera_info"]
+    node = NodeProcess([*params, *remaps], env, tmp_path / "node.log")
+    probe = Probe(domain_id(1))
+    probe.owner = node
+    return node, probe
+
+
+def _replay_as_a_carm(bag: Path, env: dict, log: Path) -> subprocess.Popen:
+    """``diffpose-replay`` of a make-bag bag's image (best effort, as a C-arm publishes) and camera_info
+    onto ``/xray/*``, once the node's subscriptions have matched."""
+    remap = ["--remap", "/carm/image_raw:=/xray/image", "/carm/camera_info:=/xray/camera_info"]
+    topics = ["--topics", "/carm/image_raw", "/carm/camera_info", "--qos", "/carm/image_raw=sensor_data"]
+    return tool(
+        "diffpose-replay", str(bag), *remap, *topics, "--wait-for", "/xray/image", "/xray/camera_info", env=env, log=log
+    )
+
+
 NEUTRAL_PROFILE = """<?xml version="1.0" encoding="UTF-8"?>
 <dds xmlns="http://www.eprosima.com"><profiles><participant profile_name="a_driver"/></profiles></dds>
 """
@@ -475,35 +496,12 @@ def test_large_frames_from_a_publisher_with_fast_dds_defaults_reach_the_node(sce
     assert make_bag.main([*args, "--pixel-mm", "0.6", "--encoding", "mono16", "--clinical", ""]) == 0
     neutral = tmp_path / "driver_profile.xml"
     neutral.write_text(NEUTRAL_PROFILE)
-    node = NodeProcess(
-        ["-p", f"patient_model:={scene.model_path}", "-p", "autostart:=true", "-p", "tracking.enabled:=false"]
-        + ["-r", "image:=/xray/image", "-r", "camera_info:=/xray/camera_info"],
-        {**dds, "FASTDDS_DEFAULT_PROFILES_FILE": ""},
-        tmp_path / "node.log",
-    )
-    probe = Probe(domain_id(1))
-    probe.owner = node
+    node, probe = _xray_node(scene, {**dds, "FASTDDS_DEFAULT_PROFILES_FILE": ""}, tmp_path, "tracking.enabled:=false")
     stamps = [t for _, _, t, _ in read_messages(bag, ["/carm/image_raw"])]
     try:
         probe.wait_state("active", timeout=240.0)
         log = tmp_path / "replay.log"
-        player = tool(
-            "diffpose-replay",
-            str(bag),
-            "--remap",
-            "/carm/image_raw:=/xray/image",
-            "/carm/camera_info:=/xray/camera_info",
-            "--topics",
-            "/carm/image_raw",
-            "/carm/camera_info",
-            "--qos",
-            "/carm/image_raw=sensor_data",
-            "--wait-for",
-            "/xray/image",
-            "/xray/camera_info",
-            env={**dds, "FASTDDS_DEFAULT_PROFILES_FILE": str(neutral)},
-            log=log,
-        )
+        player = _replay_as_a_carm(bag, {**dds, "FASTDDS_DEFAULT_PROFILES_FILE": str(neutral)}, log)
         probe.spin_until(
             lambda: all(probe.frame_status(_stamp(s)) is not None for s in stamps) or player.poll() is not None,
             60.0,
@@ -529,14 +527,7 @@ def test_every_frame_of_a_replay_into_a_node_just_activated_gets_a_status(scene,
     bag = tmp_path / "six"
     args = ["--out", str(bag), "--sweep", "6", "--fps", "2", "--size", "512", "512", "--pixel-mm", "0.6"]
     assert make_bag.main([*args, "--encoding", "mono16", "--clinical", ""]) == 0
-    node = NodeProcess(
-        ["-p", f"patient_model:={scene.model_path}", "-p", "autostart:=true"]
-        + ["-r", "image:=/xray/image", "-r", "camera_info:=/xray/camera_info"],
-        dds,
-        tmp_path / "node.log",
-    )
-    probe = Probe(domain_id(1))
-    probe.owner = node
+    node, probe = _xray_node(scene, dds, tmp_path)
     stamps = [t for _, _, t, _ in read_messages(bag, ["/carm/image_raw"])]
     try:
         probe.wait_state("active", timeout=240.0)
@@ -544,23 +535,7 @@ def test_every_frame_of_a_replay_into_a_node_just_activated_gets_a_status(scene,
             assert probe.change_state(4) and probe.change_state(3)  # deactivate, activate
             probe.frames.clear()
             log = tmp_path / f"replay_{attempt}.log"
-            player = tool(
-                "diffpose-replay",
-                str(bag),
-                "--remap",
-                "/carm/image_raw:=/xray/image",
-                "/carm/camera_info:=/xray/camera_info",
-                "--topics",
-                "/carm/image_raw",
-                "/carm/camera_info",
-                "--qos",
-                "/carm/image_raw=sensor_data",
-                "--wait-for",
-                "/xray/image",
-                "/xray/camera_info",
-                env=dds,
-                log=log,
-            )
+            player = _replay_as_a_carm(bag, dds, log)
             probe.spin_until(
                 lambda: all(probe.frame_status(_stamp(s)) is not None for s in stamps),
                 60.0,
