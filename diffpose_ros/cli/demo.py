@@ -97,9 +97,10 @@ def _logged(log: Path, text: str):
 
 
 @contextlib.contextmanager
-def _navigator(session, port: int, stale_after_s: float, log: Path) -> Iterator[Receiver]:
-    """``diffpose-igtl`` in its own process serving OpenIGTLink on localhost ``port``, and a navigator's
-    client connected to it once the bridge follows the node's ``~/status``; stopped on exit."""
+def _navigator(session, port: int, stale_after_s: float, log: Path, env: dict) -> Iterator[Receiver]:
+    """``diffpose-igtl`` in its own process (environment ``env``) serving OpenIGTLink on localhost
+    ``port``, and a navigator's client connected to it once the bridge follows the node's
+    ``~/status``; stopped on exit."""
     from ..ros.igtl import FOLLOWING, STATUS_TOPIC
 
     command = [
@@ -111,7 +112,7 @@ def _navigator(session, port: int, stale_after_s: float, log: Path) -> Iterator[
     ]
     print(f"      diffpose_igtl on OpenIGTLink port {port} (log {log}):\n      {' '.join(command)}", flush=True)
     with log.open("wb") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     receiver = None
     try:
         _wait_for(session, process, log, 120.0, _subscribed(session, STATUS_TOPIC), "diffpose_igtl to subscribe")
@@ -201,13 +202,16 @@ def _main(argv: list[str] | None) -> int:
         truth = read_truth(bag)
     from ..ros.runtime import RosSession, use_large_frame_profile
 
+    users_profile = os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE")
     use_large_frame_profile()
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    # The nodes load their own profile, as in an operating room, unless the user named one for all.
+    node_env = {k: v for k, v in os.environ.items() if k != "FASTDDS_DEFAULT_PROFILES_FILE" or users_profile}
     node_log = out / "node.log"
     command = _node_command(model, args.node_threads, args.param)
     print(f"[3/5] diffpose_node in its own process (log {node_log}):\n      {' '.join(command)}", flush=True)
     with node_log.open("wb") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=node_env)
     try:
         targets, _ = targets_for(truth, None)
         with RosSession("diffpose_demo") as session, contextlib.ExitStack() as stack:
@@ -217,7 +221,7 @@ def _main(argv: list[str] | None) -> int:
             if not args.no_igtl:  # a navigator is told "stale" after two frame intervals without a pose
                 stale_s = max(1.0, 2.0 / (fps * args.rate))
                 port = args.igtl_port or free_port()
-                navigator = stack.enter_context(_navigator(session, port, stale_s, out / "igtl.log"))
+                navigator = stack.enter_context(_navigator(session, port, stale_s, out / "igtl.log", node_env))
             print(f"[4/5] node active; replaying at rate {args.rate:g} and recording {', '.join(OUTPUTS)}", flush=True)
             options = ReplayOptions(rate=args.rate, topics=[TOPICS["image"], TOPICS["camera_info"]])
             live = run_live(session, truth, estimate, options, OUTPUTS, targets, log=lambda s: print(s, flush=True))

@@ -147,9 +147,9 @@ class FrameStats:
     ) -> DiagnosticStatus:
         """The ``<node>: pipeline`` status: ERROR when configuring failed, WARN when not active or when
         camera_info arrives without images (:data:`LOST_FRAMES`), the last frame's level and message
-        while it is recent and not OK, else OK. ``values`` (device,
-        model, ...) follow the state, then rates, counters, latencies and the last frame's results;
-        ``mailbox_dropped``: frames the node's one-slot mailbox replaced before they were processed."""
+        while it is recent and not OK, else OK. ``values`` (device, model, ...) follow the state, then
+        rates, counters, latencies and the last frame's results; ``mailbox_dropped``: frames the
+        node's one-slot mailbox replaced before they were processed."""
         now = time.monotonic()
         with self._lock:
             c = dict(self._counts)

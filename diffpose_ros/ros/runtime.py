@@ -1,5 +1,5 @@
 """Running rclpy from the command-line tools: a node spun in a background thread, clean stop on
-SIGINT/SIGTERM, the package's installed data, and the large-frame Fast DDS profile.
+SIGINT/SIGTERM, the package's installed data, and the large-frame Fast DDS profiles.
 
 Fast DDS's default shared-memory segment (512 KiB) is too small for fluoroscopy frames: a writer
 with it loses best-effort frames of 512 KiB and more. :func:`use_large_frame_profile` points

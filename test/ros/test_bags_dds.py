@@ -556,7 +556,8 @@ def _stamp(ns: int):
 
 def test_main_job_end_to_end(scene, dds, tmp_path):
     """diffpose-demo (the README's main job) with a given model and three frames: bag, node process,
-    replay, record, score; exit 0 only when every frame got a pose. Its OpenIGTLink bridge sends an OK
+    replay, record, score (the nodes on config/fastdds_node.xml, the tools on the shared-memory profile);
+    exit 0 only when every frame got a pose. Its OpenIGTLink bridge sends an OK
     TRANSFORM and an IMAGE for each of the node's TFs, within 2 mm of the truth (3D mTRE)."""
     from diffpose_ros.core.io import save_json
 
@@ -575,7 +576,7 @@ def test_main_job_end_to_end(scene, dds, tmp_path):
             "--rate",
             "1",
         ],
-        dds,
+        {**dds, "FASTDDS_DEFAULT_PROFILES_FILE": ""},  # as the README runs it: each process loads its own profile
         600,
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
