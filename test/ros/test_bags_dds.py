@@ -456,12 +456,12 @@ def test_bags_replay_through_the_node_and_score(scene, dds, tmp_path):
         print(f"node exit {node.stop()}\n{node.log(3000)}")
 
 
-def _xray_node(scene, env: dict, tmp_path: Path, *parameters: str) -> tuple[NodeProcess, Probe]:
-    """``diffpose_node`` (autostart, the scene's model, ``NAME:=VALUE`` ``parameters``) on ``/xray/*``,
-    and the probe that watches it."""
+def _xray_node(scene, env: dict, tmp_path: Path, *parameters: str, command=None) -> tuple[NodeProcess, Probe]:
+    """``diffpose_node`` (``command``: the venv's; autostart, the scene's model, ``NAME:=VALUE``
+    ``parameters``) on ``/xray/*``, and the probe that watches it."""
     params = [arg for p in (f"patient_model:={scene.model_path}", "autostart:=true", *parameters) for arg in ("-p", p)]
     remaps = ["-r", "image:=/xray/image", "-r", "camera_info:=/xray/camera_info"]
-    node = NodeProcess([*params, *remaps], env, tmp_path / "node.log")
+    node = NodeProcess([*params, *remaps], env, tmp_path / "node.log", command)
     probe = Probe(domain_id(1))
     probe.owner = node
     return node, probe
@@ -482,10 +482,10 @@ NEUTRAL_PROFILE = """<?xml version="1.0" encoding="UTF-8"?>
 """
 
 
-def test_large_frames_from_a_publisher_with_fast_dds_defaults_reach_the_node(scene, dds, tmp_path):
-    """A C-arm driver is somebody else's process: 512^2 mono16 frames published best effort with Fast
-    DDS's defaults (a neutral profile, a 512 KiB shared-memory segment) reach a node started without
-    FASTDDS_DEFAULT_PROFILES_FILE (it loads config/fastdds_node.xml) and are posed, every one."""
+def _large_frames_reach_the_node(scene, dds: dict, tmp_path: Path, node_env: dict, command=None) -> None:
+    """8 frames of 512^2 mono16 at 2 Hz, published best effort by ``diffpose-replay`` with Fast DDS's
+    defaults (a neutral profile, 512 KiB shared-memory segments) as a C-arm driver does, reach the
+    node (``command``, environment ``node_env``) and are posed, every one."""
     from diffpose_ros.cli import make_bag
     from diffpose_ros.core.io import save_json
 
@@ -496,7 +496,7 @@ def test_large_frames_from_a_publisher_with_fast_dds_defaults_reach_the_node(sce
     assert make_bag.main([*args, "--pixel-mm", "0.6", "--encoding", "mono16", "--clinical", ""]) == 0
     neutral = tmp_path / "driver_profile.xml"
     neutral.write_text(NEUTRAL_PROFILE)
-    node, probe = _xray_node(scene, {**dds, "FASTDDS_DEFAULT_PROFILES_FILE": ""}, tmp_path, "tracking.enabled:=false")
+    node, probe = _xray_node(scene, node_env, tmp_path, "tracking.enabled:=false", command=command)
     stamps = [t for _, _, t, _ in read_messages(bag, ["/carm/image_raw"])]
     try:
         probe.wait_state("active", timeout=240.0)
@@ -515,6 +515,71 @@ def test_large_frames_from_a_publisher_with_fast_dds_defaults_reach_the_node(sce
     finally:
         probe.close()
         print(f"node exit {node.stop()}\n{node.log(3000)}")
+
+
+def test_large_frames_from_a_publisher_with_fast_dds_defaults_reach_the_node(scene, dds, tmp_path):
+    """The node started without FASTDDS_DEFAULT_PROFILES_FILE loads config/fastdds_node.xml: a C-arm
+    driver's large frames reach it (with the tools' profile, 1 of 8 did)."""
+    _large_frames_reach_the_node(scene, dds, tmp_path, {**dds, "FASTDDS_DEFAULT_PROFILES_FILE": ""})
+
+
+COLCON = Path(sys.prefix) / "colcon"
+
+
+def test_colcon_install_runs_and_gets_large_frames(scene, dds, tmp_path):
+    """As a ROS user installs it: ``colcon build --packages-select diffpose_ros`` (colcon from PyPI,
+    which ``scripts/dev.sh setup`` puts in ``.venv/colcon``) in a workspace of its own, then, with
+    ``install/setup.bash`` sourced, the installed ``diffpose_node`` runs the installed code with the
+    installed share's profile and poses a C-arm driver's 512^2 frames, and ``diffpose_igtl`` serves."""
+    if not (COLCON / "bin" / "colcon").is_file():
+        pytest.skip("colcon is not set up: bash scripts/dev.sh setup installs it into .venv/colcon")
+    repo = Path(__file__).resolve().parents[2]
+    source = tmp_path / "ws" / "src" / "diffpose_ros"
+    source.mkdir(parents=True)
+    files = subprocess.run(["git", "-C", str(repo), "ls-files", "-z"], capture_output=True, check=True).stdout
+    for name in files.decode().split("\0"):
+        if name and (repo / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            (source / name).write_bytes((repo / name).read_bytes())
+    build = subprocess.run(
+        [sys.executable, str(COLCON / "bin" / "colcon"), "build", "--packages-select", "diffpose_ros"],
+        cwd=tmp_path / "ws",
+        env={**os.environ, "PYTHONPATH": str(COLCON)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    install = tmp_path / "ws" / "install" / "diffpose_ros"
+    shell = f"set +u; export AMENT_PREFIX_PATH={sys.prefix}; source {install.parent}/setup.bash; env -0"
+    sourced = subprocess.run(["bash", "-c", shell], capture_output=True, check=True).stdout.decode()
+    env = dict(line.split("=", 1) for line in sourced.split("\0") if "=" in line)
+    env = {**dds, **env, "FASTDDS_DEFAULT_PROFILES_FILE": ""}  # the sourced AMENT_PREFIX_PATH and PYTHONPATH
+    where = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from diffpose_ros.ros import runtime as r; print(r.__file__, r.large_frame_profile(r.NODE_PROFILE_NAME))",
+        ],
+        cwd="/",
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert all(Path(p).is_relative_to(install) for p in where), where
+    assert where[1] == str(install / "share" / "diffpose_ros" / "config" / "fastdds_node.xml")
+    exe = install / "lib" / "diffpose_ros"
+    _large_frames_reach_the_node(scene, dds, tmp_path, env, command=[str(exe / "diffpose_node")])
+    log = tmp_path / "igtl.log"
+    bridge = NodeProcess(["-p", "port:=0"], env, log, command=[str(exe / "diffpose_igtl")])
+    try:
+        deadline = time.monotonic() + 60
+        while "serving OpenIGTLink" not in bridge.log() and bridge.alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "serving OpenIGTLink" in bridge.log(), bridge.log()
+    finally:
+        assert bridge.stop() == 0, bridge.log()
 
 
 def test_every_frame_of_a_replay_into_a_node_just_activated_gets_a_status(scene, dds, tmp_path):
