@@ -38,16 +38,16 @@ setup(
         "PyYAML>=6",
         "opencv-python-headless>=4.8",
         "tqdm>=4.60",
-        # DICOM X-rays (core/dicom.py); compressed syntaxes beyond Pillow's need optional decoders
+        # DICOM X-rays (core/io/dicom.py); compressed syntaxes beyond Pillow's need optional decoders
         "pydicom>=3.0",  # pydicom.pixels (decoders, modality LUT) is 3.0's
         "matplotlib>=3.7",
         # rosbag2 files (sqlite3, mcap) for the bag tools, without rosbag2_py
         "rosbags>=0.10",
         # OpenIGTLink messages for the navigation bridge (diffpose-igtl)
         "pyigtl>=0.3",
-        # the bone surface of the RViz scene (core/scene.py: marching cubes)
+        # the bone surface of the RViz scene (core/navigation/scene.py: marching cubes)
         "scikit-image>=0.19",
-        # numba's thread pool; without it numba's OpenMP pool fights PyTorch's (see core/raymarch.py)
+        # numba's thread pool; without it numba's OpenMP pool fights PyTorch's (see core/rendering/backends/numba_cpu.py)
         'tbb>=2021.6; platform_machine == "x86_64"',
     ],
     extras_require={
@@ -60,8 +60,8 @@ setup(
             "diffpose-register = diffpose_ros.cli.register:main",
             "diffpose-demo = diffpose_ros.cli.demo:main",
             "diffpose_node = diffpose_ros.ros.node:main",
-            "diffpose-igtl = diffpose_ros.ros.igtl:main",
-            "diffpose_igtl = diffpose_ros.ros.igtl:main",
+            "diffpose-igtl = diffpose_ros.ros.igtl.node:main",
+            "diffpose_igtl = diffpose_ros.ros.igtl.node:main",
             "diffpose-train = diffpose_ros.cli.train:main",
             "diffpose-evaluate = diffpose_ros.cli.evaluate:main",
             "diffpose-make-bag = diffpose_ros.cli.make_bag:main",

@@ -4,7 +4,7 @@ What one frame costs in the node's worker thread, measured in-process with the n
 ``sensor_msgs/Image`` -> array (:func:`~diffpose_ros.ros.conversions.image_to_numpy`), camera_info ->
 intrinsics, transmission -> line integrals, :meth:`Pipeline.process` (CNN + Levenberg-Marquardt
 refinement at the default working resolution: pyramid 32 -> 64 -> 128 px, tracking 64 -> 128 px),
-then the TF and covariance conversions. DDS transport adds ~2 ms (see bench_node_load.py for
+then the TF and covariance conversions. DDS transport is not included (bench_node_load.py measures
 stamp -> TF over DDS).
 
 Scene: the bundled chest CT at full resolution in the patient model (as ``diffpose-train`` writes
@@ -43,9 +43,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from diffpose_ros.core import bundle, geometry, metrics, regressor, render, simulate, volume  # noqa: E402
-from diffpose_ros.core.pipeline import Pipeline  # noqa: E402
-from diffpose_ros.core.preprocess import prepare_frame  # noqa: E402
+from diffpose_ros.core.frames.prepare import prepare_frame  # noqa: E402
+from diffpose_ros.core.geometry import camera as geometry
+from diffpose_ros.core.geometry import metrics
+from diffpose_ros.core.model import bundle, regressor  # noqa: E402
+from diffpose_ros.core.registration.pipeline import Pipeline  # noqa: E402
+from diffpose_ros.core.rendering import renderer as render
+from diffpose_ros.core.rendering import volume
+from diffpose_ros.core.simulation import detector as simulate
 
 SDD, DETECTOR, SPACING = 1020.0, 256, 1.2
 

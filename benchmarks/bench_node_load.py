@@ -1,4 +1,4 @@
-"""Load: a 30 Hz fluoroscopy stream into diffpose_node, which needs longer than 33 ms per frame.
+"""Load: a fluoroscopy stream into diffpose_node at ``--rate`` Hz (default 30), more frames than it can process.
 
 Two processes over real DDS (own ROS_DOMAIN_ID, localhost, the large-frame Fast DDS profile): the
 node (``.venv/bin/diffpose_node``, autostart, default parameters) and this process, which publishes
@@ -38,8 +38,8 @@ if str(REPO) not in sys.path:
 
 from bench_node_latency import build_model, detector, machine_description, percentile, render_frames, view  # noqa: E402
 
-from diffpose_ros.core import metrics  # noqa: E402
-from diffpose_ros.core.navigation import stamp_ns  # noqa: E402
+from diffpose_ros.core.geometry import metrics  # noqa: E402
+from diffpose_ros.core.navigation.stamps import stamp_ns  # noqa: E402
 
 NODE_EXE = Path(sys.executable).parent / "diffpose_node"
 PERIOD_S = 10.0

@@ -35,12 +35,12 @@ import numba
 import roma
 import torch
 
-from diffpose_ros.core import metrics, se3
-from diffpose_ros.core.diffdrr_reference import DiffDRRReference
-from diffpose_ros.core.geometry import Intrinsics, carm_pose
-from diffpose_ros.core.register import Registrar
-from diffpose_ros.core.render import Renderer
-from diffpose_ros.core.volume import default_ct_path, hu_to_mu, load_ct
+from diffpose_ros.core.geometry import metrics, se3
+from diffpose_ros.core.geometry.camera import Intrinsics, carm_pose
+from diffpose_ros.core.registration.registrar import Registrar
+from diffpose_ros.core.rendering.diffdrr_reference import DiffDRRReference
+from diffpose_ros.core.rendering.renderer import Renderer
+from diffpose_ros.core.rendering.volume import default_ct_path, hu_to_mu, load_ct
 
 SDD = 1020.0
 

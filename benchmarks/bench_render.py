@@ -24,13 +24,13 @@ import time
 import numba
 import torch
 
-from diffpose_ros.core import se3
-from diffpose_ros.core.diffdrr_reference import DiffDRRReference
-from diffpose_ros.core.geometry import Intrinsics, carm_pose
-from diffpose_ros.core.pipeline import set_torch_threads
-from diffpose_ros.core.render import Renderer, patch_pixels
-from diffpose_ros.core.similarity import ncc
-from diffpose_ros.core.volume import default_ct_path, hu_to_mu, load_ct
+from diffpose_ros.core.geometry import se3
+from diffpose_ros.core.geometry.camera import Intrinsics, carm_pose
+from diffpose_ros.core.registration.pipeline import set_torch_threads
+from diffpose_ros.core.registration.similarity import ncc
+from diffpose_ros.core.rendering.diffdrr_reference import DiffDRRReference
+from diffpose_ros.core.rendering.renderer import Renderer, patch_pixels
+from diffpose_ros.core.rendering.volume import default_ct_path, hu_to_mu, load_ct
 
 SDD = 1020.0
 DETECTOR = Intrinsics.from_detector(SDD, 256, 256, 1.2)

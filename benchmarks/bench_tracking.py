@@ -3,7 +3,7 @@
 The run: a rosbag2 with ground truth (``--bag``; default: made once into
 ``runs/bench/foreign_7.5hz`` by ``diffpose-make-bag --sweep 32 --fps 7.5 --renderer diffdrr``, a
 C-arm sweep with breathing rendered by DiffDRR with its own HU-to-density map: physics from another
-renderer, mono16 with quantum noise; about 5 minutes once). The patient model: ``--model``.
+renderer, mono16 with quantum noise; made on the first run only). The patient model: ``--model``.
 
 In process (the node's worker path without DDS: ``image_to_numpy``, ``prepare_frame``,
 ``Pipeline.process``), every frame of the run, per mode:
@@ -16,7 +16,8 @@ In process (the node's worker path without DDS: ``image_to_numpy``, ``prepare_fr
   ``tracking.frame_budget`` sets on a 30 Hz stream (0.8 of 33 ms from the frame's arrival): the
   refinement stops stepping there once its pose has settled;
 - ``no prediction``: the same from the last pose as it was;
-- ``dense tracking``: the previous release's tracking (64 -> 128 px dense pyramid, no prediction);
+- ``dense tracking``: a dense 64 -> 128 px pyramid from the last pose, no prediction (the baseline of
+  the sparse level);
 - ``DiffPose loop`` (the anchor; ``--reference-frames`` frames): Adam on ``xi`` in ``T exp(xi)``
   for a fixed ``--reference-iterations`` steps, the loss 1 - multiscale NCC (whole image and 13 px
   patches) by autograd through our renderer at 128 px, from the same start as ``no prediction``.
@@ -30,7 +31,7 @@ latency stamp -> TF, paths, from its ``summary.json``.
 
 Run: ``.venv/bin/python benchmarks/bench_tracking.py --model runs/models/cxr.safetensors [--node]``
 (``ATEN_CPU_CAPABILITY=avx2 NUMBA_CPU_NAME=haswell`` makes torch and numba use AVX2 code only, as on
-the slower CPUs)
+a CPU without AVX-512)
 """
 
 from __future__ import annotations
@@ -53,11 +54,12 @@ if str(REPO) not in sys.path:
 
 from bench_node_latency import machine_description  # noqa: E402
 
-from diffpose_ros.core import metrics, se3  # noqa: E402
-from diffpose_ros.core.pipeline import Pipeline, PipelineConfig, set_torch_threads  # noqa: E402
-from diffpose_ros.core.preprocess import prepare_frame, resample_image  # noqa: E402
-from diffpose_ros.core.register import Level, RegistrationConfig, pyramid  # noqa: E402
-from diffpose_ros.core.similarity import multiscale_ncc  # noqa: E402
+from diffpose_ros.core.frames.prepare import prepare_frame, resample_image  # noqa: E402
+from diffpose_ros.core.geometry import metrics, se3  # noqa: E402
+from diffpose_ros.core.registration.levels import Level, pyramid  # noqa: E402
+from diffpose_ros.core.registration.pipeline import Pipeline, PipelineConfig, set_torch_threads  # noqa: E402
+from diffpose_ros.core.registration.registrar import RegistrationConfig
+from diffpose_ros.core.registration.similarity import multiscale_ncc  # noqa: E402
 
 DEFAULT_BAG = REPO / "runs/bench/foreign_7.5hz"
 BUDGET_30HZ_S = 0.8 / 30
@@ -87,8 +89,8 @@ def make_foreign_bag(path: Path) -> None:
 def read_run(bag: Path):
     """Frames (image messages), their stamps (s), ground-truth poses, intrinsics and mTRE targets."""
     from diffpose_ros.bags.bagfile import decode, read_messages
-    from diffpose_ros.bags.score import read_truth, targets_for
-    from diffpose_ros.core.navigation import stamp_ns
+    from diffpose_ros.bags.read import read_truth, targets_for
+    from diffpose_ros.core.navigation.stamps import stamp_ns
 
     truth = read_truth(bag)
     targets, _ = targets_for(truth, None)
@@ -198,7 +200,7 @@ def main(argv=None) -> int:
     frames, stamps, poses, camera, targets = read_run(bag)
     rate = (len(stamps) - 1) / (stamps[-1] - stamps[0])
     print(f"run: {bag} ({len(frames)} frames at {rate:.2f} Hz, {camera.width}x{camera.height}); model {args.model}")
-    if args.node:  # first: right after the in-process runs, the node lost frames before receipt in 2 of 2 runs
+    if args.node:  # first: run right after the in-process modes, the node loses frames before receipt
         run_node(args, bag)
     run_pipeline(args, frames, stamps, poses, camera, targets)
     return 0

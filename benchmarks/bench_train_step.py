@@ -19,7 +19,7 @@ import torch
 
 from diffpose_ros.cli.common import load_ct_and_targets
 from diffpose_ros.cli.train import load_config
-from diffpose_ros.core.train import TrainConfig, Trainer
+from diffpose_ros.core.model.train import TrainConfig, Trainer
 
 # (label, training keys changed from the base configuration)
 VARIANTS = [

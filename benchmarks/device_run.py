@@ -1,7 +1,7 @@
-"""The GPU figures of issue 20 in one run on a lent GPU machine, which has no SimpleITK, ROS 2 or network.
+"""The GPU figures of docs/performance.md in one run on a lent GPU machine, which has no SimpleITK, ROS 2 or network.
 
 Step 1, here (the dev environment): ``.venv/bin/python benchmarks/device_run.py prepare`` writes
-``runs/device/`` (about 40 MB): ``ct.npz`` (the bundled CT in HU with its affine, and the bundled
+``runs/device/`` (small enough to carry): ``ct.npz`` (the bundled CT in HU with its affine, and the bundled
 label map's structure centroids as training targets), ``run.npz`` (the foreign 7.5 Hz run of
 ``bench_tracking.py``: mono16 frames, stamps, ground-truth poses, camera, mTRE targets) and
 ``wheels/`` (roma, which the GPU image lacks). It prints the command for step 2.
@@ -11,9 +11,8 @@ Step 2, there, in one call of the device tool with ``carry: ["runs/device"]``::
     python3 -m pip install -q --no-index --no-deps --target /tmp/site runs/device/wheels/*.whl &&
     PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 benchmarks/device_run.py run --out $OUT
 
-It trains the patient model for ``--train-minutes`` (2: enough on a GPU for the CNN-only targets,
-``docs/benchmarks.md``), then for each renderer backend on the GPU (``torch``: ``grid_sample``;
-``cuda``: numba's CUDA kernel):
+It trains the patient model for ``--train-minutes`` (default 2; what that reaches: ``docs/performance.md``),
+then for each renderer backend on the GPU (``torch``: ``grid_sample``; ``cuda``: numba's CUDA kernel):
 
 - the renderer: forward and forward + 6-column Jacobian, dense at 128² and 256² and on the tracking
   level's 32 patches of 15² (1.4 mm volume), medians with the device synchronised, and how far the
@@ -48,15 +47,16 @@ for folder in (REPO, REPO / "benchmarks"):  # the package, and bench_render's ti
 
 from bench_render import timeit  # noqa: E402
 
-from diffpose_ros.core import metrics  # noqa: E402
-from diffpose_ros.core.bundle import PatientModel  # noqa: E402
-from diffpose_ros.core.geometry import Intrinsics, carm_pose  # noqa: E402
-from diffpose_ros.core.pipeline import Pipeline, PipelineConfig, set_torch_threads  # noqa: E402
-from diffpose_ros.core.preprocess import prepare_frame  # noqa: E402
-from diffpose_ros.core.register import FINEST_WIDTHS, RegistrationConfig, pyramid  # noqa: E402
-from diffpose_ros.core.render import Renderer, patch_pixels  # noqa: E402
-from diffpose_ros.core.train import TrainConfig, Trainer  # noqa: E402
-from diffpose_ros.core.volume import Volume, hu_to_mu  # noqa: E402
+from diffpose_ros.core.frames.prepare import prepare_frame  # noqa: E402
+from diffpose_ros.core.geometry import metrics  # noqa: E402
+from diffpose_ros.core.geometry.camera import Intrinsics, carm_pose  # noqa: E402
+from diffpose_ros.core.model.bundle import PatientModel  # noqa: E402
+from diffpose_ros.core.model.train import TrainConfig, Trainer  # noqa: E402
+from diffpose_ros.core.registration.levels import FINEST_WIDTHS, pyramid  # noqa: E402
+from diffpose_ros.core.registration.pipeline import Pipeline, PipelineConfig, set_torch_threads  # noqa: E402
+from diffpose_ros.core.registration.registrar import RegistrationConfig
+from diffpose_ros.core.rendering.renderer import Renderer, patch_pixels  # noqa: E402
+from diffpose_ros.core.rendering.volume import Volume, hu_to_mu  # noqa: E402
 
 DATA = REPO / "runs/device"
 
@@ -65,7 +65,13 @@ DATA = REPO / "runs/device"
 def prepare(args) -> int:
     from bench_tracking import DEFAULT_BAG, make_foreign_bag, read_run
 
-    from diffpose_ros.core.volume import default_ct_path, default_labels_path, label_centroids, load_ct, load_labels
+    from diffpose_ros.core.rendering.volume import (
+        default_ct_path,
+        default_labels_path,
+        label_centroids,
+        load_ct,
+        load_labels,
+    )
     from diffpose_ros.ros.conversions import image_to_numpy
 
     out = Path(args.data)

@@ -1,11 +1,11 @@
 """A recorded X-ray run as a rosbag2 (``diffpose-make-bag --from-dicom``): an operating room's run, replayed.
 
 The run is a multi-frame DICOM file (a cine loop) or a folder of single-frame files (a series),
-read by :mod:`diffpose_ros.core.dicom`. The bag has the topics of a synthesized one
+read by :mod:`diffpose_ros.core.io.dicom`. The bag has the topics of a synthesized one
 (:data:`.synthesize.TOPICS`) but no ground truth:
 
 - ``/carm/image_raw``: the frames in transmission polarity (modality LUT and photometric
-  interpretation applied, radiographs inverted; see :mod:`diffpose_ros.core.dicom`), ``mono8`` when
+  interpretation applied, radiographs inverted; see :mod:`diffpose_ros.core.io.dicom`), ``mono8`` when
   Bits Stored <= 8, else ``mono16``, rounded into the type (the whole run scaled down first if its
   values exceed the type);
 - ``/carm/camera_info``: the intrinsics from the tags (or the ones given), same stamp;
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.dicom import DicomXray, read_dicom, read_dicom_series
-from ..core.geometry import Intrinsics
+from diffpose_ros.core import DicomXray, Intrinsics, read_dicom, read_dicom_series
+
 from .bagfile import BagWriter
 from .synthesize import TOPICS, add_camera_topics, write_camera_frame
 

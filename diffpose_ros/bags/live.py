@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-from ..core import metrics
-from ..core.navigation import stamp_from_ns, stamp_ns
+from diffpose_ros.core import parse_stamp, stamp_from_ns, stamp_ns
+from diffpose_ros.core.geometry import metrics
+
 from .bagfile import decode
+from .read import Truth, tf_pose
 from .record import Recorder
 from .replay import Player, ReplayOptions
-from .score import Truth, stamp_from_key, tf_pose
 
 __all__ = ["LiveResult", "run_live"]
 
@@ -91,7 +92,7 @@ def run_live(
                 if not status.name.endswith(": frame"):
                     continue
                 values = {kv.key: kv.value for kv in status.values}
-                stamp = stamp_from_key(values.get("stamp", "0.0"))
+                stamp = parse_stamp(values.get("stamp", "0.0"), strict=False)
                 with_status.add(stamp)
                 if status.level != 0 and stamp in frames and stamp not in answered:
                     answered.add(stamp)

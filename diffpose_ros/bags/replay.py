@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from diffpose_ros.core import split_stamp
+
 from .bagfile import QosSpec, bag_topics, message_class, rclpy_qos, read_messages
 
 __all__ = ["BEST_EFFORT_LINGER_S", "MATCH_SETTLE_S", "ReplayOptions", "ReplayReport", "Player", "parse_remaps"]
@@ -193,7 +195,7 @@ class Player:
         from builtin_interfaces.msg import Time
         from rosgraph_msgs.msg import Clock
 
-        self._clock_pub.publish(Clock(clock=Time(sec=bag_ns // 1_000_000_000, nanosec=bag_ns % 1_000_000_000)))
+        self._clock_pub.publish(Clock(clock=Time(sec=split_stamp(bag_ns)[0], nanosec=split_stamp(bag_ns)[1])))
 
     def _sleep_until(self, wall_target: float, bag_at) -> None:
         """Sleep until ``wall_target`` (time.monotonic), publishing ``/clock`` meanwhile when asked."""

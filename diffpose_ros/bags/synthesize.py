@@ -3,7 +3,7 @@
 Each frame is a DRR of the CT (our renderer, full-resolution attenuation; or, with
 ``renderer="diffdrr"``, DiffDRR's Siddon with its own HU-to-density map: another renderer's physics)
 at a known C-arm pose,
-turned into what a detector delivers by :func:`~diffpose_ros.core.simulate.simulate_transmission`
+turned into what a detector delivers by :func:`~diffpose_ros.core.simulation.detector.simulate_transmission`
 (quantum noise, detector blur, a gain the node does not know, optional collimation and clinical
 factors), mirrored if the device mirrors, in mono16 (default), mono8 or 32FC1.
 
@@ -29,10 +29,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..core.geometry import CONTRACT_PIXEL_MM, CONTRACT_SDD_MM, Intrinsics
-from ..core.render import Renderer
-from ..core.simulate import ClinicalFactors, simulate_transmission
-from ..core.volume import Volume, hu_to_mu
+from diffpose_ros.core import (
+    CONTRACT_PIXEL_MM,
+    CONTRACT_SDD_MM,
+    ClinicalFactors,
+    Intrinsics,
+    Renderer,
+    Volume,
+    hu_to_mu,
+    simulate_transmission,
+    split_stamp,
+)
+
 from .bagfile import BagWriter, QosSpec
 
 __all__ = ["TOPICS", "Detector", "Exposure", "add_camera_topics", "write_camera_frame", "write_sequence"]
@@ -68,7 +76,8 @@ class Detector:
 class Exposure:
     """How frames are delivered: photons per unattenuated pixel ``i0``, blur (pixels), encoding,
     mirroring, collimation (fraction shut per side) and the ``clinical`` factors (display chain,
-    round field, burned-in text, metal, scatter and heel: :class:`~diffpose_ros.core.simulate.ClinicalFactors`;
+    round field, burned-in text, metal, scatter and heel:
+    :class:`~diffpose_ros.core.simulation.clinical.ClinicalFactors`;
     a display chain spans the encoding's range). The gain is drawn once per sequence (the node never
     knows it) and jitters by ``gain_jitter`` per frame, like automatic exposure control."""
 
@@ -101,9 +110,9 @@ def write_camera_frame(
     from builtin_interfaces.msg import Time
     from std_msgs.msg import Header
 
-    from ..ros.conversions import intrinsics_to_camera_info, numpy_to_image
+    from diffpose_ros.ros.conversions import intrinsics_to_camera_info, numpy_to_image
 
-    stamp = Time(sec=t_ns // 1_000_000_000, nanosec=t_ns % 1_000_000_000)
+    stamp = Time(sec=split_stamp(t_ns)[0], nanosec=split_stamp(t_ns)[1])
     header = lambda: Header(stamp=stamp, frame_id=camera_frame)  # noqa: E731 - one Header per message
     bag.write(TOPICS["image"], t_ns, numpy_to_image(pixels, encoding, header=header()))
     bag.write(TOPICS["camera_info"], t_ns, intrinsics_to_camera_info(intrinsics, header=header()))
@@ -120,7 +129,7 @@ def _sha256(path: Path) -> str:
 
 def _gain(exposure: Exposure, rng: np.random.Generator) -> float:
     """Counts per photon for the whole sequence: the unattenuated level lands at 50-90 % of the range
-    (``i0`` photons, or 1 without quantum noise: ``i0`` 0, as :func:`~.simulate.simulate_transmission`)."""
+    (``i0`` photons, or 1 without quantum noise: ``i0`` 0, as :func:`~.detector.simulate_transmission`)."""
     if exposure.encoding == "32FC1":
         return float(rng.uniform(0.5, 2.0))
     top = 65535 if exposure.encoding == "mono16" else 255
@@ -155,7 +164,7 @@ def write_sequence(
     from std_msgs.msg import Header, String
     from tf2_msgs.msg import TFMessage
 
-    from ..ros.conversions import matrix_to_transform
+    from diffpose_ros.ros.conversions import matrix_to_transform
 
     poses = torch.as_tensor(poses, dtype=torch.float64).reshape(-1, 4, 4)
     if fps <= 0:
@@ -167,7 +176,7 @@ def write_sequence(
     if renderer == "ours":
         render = lambda T: ours.render(T, k)  # noqa: E731
     elif renderer == "diffdrr":
-        from ..core.diffdrr_reference import DiffDRRReference
+        from diffpose_ros.core.rendering.diffdrr_reference import DiffDRRReference
 
         reference = DiffDRRReference(ct_path, sdd_mm=detector.sdd_mm)
         render = lambda T: reference.render_like(T, k, ours.render(T, k))  # noqa: E731

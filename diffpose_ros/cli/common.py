@@ -10,10 +10,17 @@ from pathlib import Path
 
 import torch
 
-from ..core import metrics
-from ..core.register import FINEST_WIDTHS, RegistrationConfig, pyramid
-from ..core.simulate import ClinicalFactors
-from ..core.volume import Volume, default_ct_path, default_labels_path, hu_to_mu, label_centroids, load_ct, load_labels
+from diffpose_ros.core import FINEST_WIDTHS, ClinicalFactors, RegistrationConfig, pyramid
+from diffpose_ros.core.geometry import metrics
+from diffpose_ros.core.rendering.volume import (
+    Volume,
+    default_ct_path,
+    default_labels_path,
+    hu_to_mu,
+    label_centroids,
+    load_ct,
+    load_labels,
+)
 
 __all__ = ["add_ct_arguments", "load_attenuation", "load_ct_and_targets", "run_cli", "split_ros_args"]
 
@@ -53,7 +60,7 @@ def add_pyramid_argument(parser: argparse.ArgumentParser) -> None:
         choices=FINEST_WIDTHS,
         default=FINEST_WIDTHS[0],
         help="width (pixels) of the refinement pyramid's finest level: 256 gives a better 3D pose on clinical "
-        "frames at about 2.5x the time on a CPU (default %(default)s, as the node's registration.finest_width)",
+        "frames but takes longer (default %(default)s, as the node's registration.finest_width)",
     )
 
 

@@ -27,10 +27,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..bags.navigator import Receiver, free_port
-from ..bags.record import DEFAULT_TOPICS as OUTPUTS
-from ..bags.replay import ReplayOptions
-from ..bags.synthesize import TOPICS
+from diffpose_ros.bags.record import DEFAULT_TOPICS as OUTPUTS
+from diffpose_ros.bags.replay import ReplayOptions
+from diffpose_ros.bags.synthesize import TOPICS
+from diffpose_ros.ros.igtl.navigator import Receiver, free_port
+
 from . import make_bag, score, train
 from .common import run_cli
 
@@ -101,10 +102,10 @@ def _navigator(session, port: int, stale_after_s: float, log: Path, env: dict) -
     """``diffpose-igtl`` in its own process (environment ``env``) serving OpenIGTLink on localhost
     ``port``, and a navigator's client connected to it once the bridge follows the node's
     ``~/status``; stopped on exit."""
-    from ..ros.igtl import FOLLOWING, STATUS_TOPIC
+    from diffpose_ros.ros.igtl.node import FOLLOWING, STATUS_TOPIC
 
     command = [
-        *_program("diffpose-igtl", "diffpose_ros.ros.igtl"),
+        *_program("diffpose-igtl", "diffpose_ros.ros.igtl.node"),
         "--ros-args",
         *("-p", f"port:={port}", "-p", "address:=127.0.0.1", "-p", f"stale_after_s:={stale_after_s:.3f}"),
         *("-p", "image_qos:=reliable"),  # the navigator gets the frame of every transform
@@ -177,8 +178,8 @@ def _main(argv: list[str] | None) -> int:
         if code != 0:
             return code
 
-    from ..bags.live import run_live
-    from ..bags.score import read_truth, targets_for
+    from diffpose_ros.bags.live import run_live
+    from diffpose_ros.bags.read import read_truth, targets_for
 
     estimate = out / "output_bag"
     shutil.rmtree(estimate, ignore_errors=True)
@@ -200,7 +201,7 @@ def _main(argv: list[str] | None) -> int:
             flush=True,
         )
         truth = read_truth(bag)
-    from ..ros.runtime import RosSession, use_large_frame_profile
+    from diffpose_ros.ros.runtime import RosSession, use_large_frame_profile
 
     users_profile = os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE")
     use_large_frame_profile()

@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.geometry import Intrinsics
-from ..core.io import load_pose, write_png
-from ..core.render import Renderer
+from diffpose_ros.core import Intrinsics, Renderer, load_pose, write_png
+
 from .common import add_ct_arguments, load_attenuation, run_cli
 
 

@@ -4,7 +4,7 @@ Views are drawn from the geometry contract's clinical range with their own seed,
 256x256 detector of 1.2 mm at SDD 1020 mm (by our renderer on the full-resolution CT, or by DiffDRR
 with its own HU-to-density map: physics the model was not trained on), turned into mono16
 transmission frames with quantum noise and blur, optionally with the clinical factors of
-:class:`~diffpose_ros.core.simulate.ClinicalFactors` (``--clinical display,field,text,metal,scatter``
+:class:`~diffpose_ros.core.simulation.detector.ClinicalFactors` (``--clinical display,field,text,metal,scatter``
 or ``all``; ``inverted`` for bones bright), preprocessed as the node does (validity mask included),
 and registered by the pipeline (CNN initialisation, then refinement). Writes ``evaluation.json`` (per frame and
 summary) and ``evaluation.png`` (error distributions and overlays).
@@ -20,16 +20,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core import metrics
-from ..core.geometry import CONTRACT_PIXEL_MM, CONTRACT_SDD_MM, Intrinsics
-from ..core.intensity import POLARITIES
-from ..core.io import save_json
-from ..core.pipeline import Pipeline, PipelineConfig
-from ..core.preprocess import prepare_frame
-from ..core.render import Renderer
-from ..core.sampling import CLINICAL_RANGE, sample_views
-from ..core.simulate import simulate_transmission
-from ..core.volume import hu_to_mu
+from diffpose_ros.core import (
+    CLINICAL_RANGE,
+    CONTRACT_PIXEL_MM,
+    CONTRACT_SDD_MM,
+    POLARITIES,
+    Intrinsics,
+    Pipeline,
+    PipelineConfig,
+    Renderer,
+    hu_to_mu,
+    prepare_frame,
+    sample_views,
+    save_json,
+    simulate_transmission,
+)
+from diffpose_ros.core.geometry import metrics
+
 from .common import (
     add_clinical_arguments,
     add_pyramid_argument,
@@ -126,7 +133,7 @@ def _main(argv: list[str] | None) -> int:
     if args.renderer == "ours":
         render = lambda T: renderer.render(T, camera)  # noqa: E731
     else:
-        from ..core.diffdrr_reference import DiffDRRReference
+        from diffpose_ros.core.rendering.diffdrr_reference import DiffDRRReference
 
         reference = DiffDRRReference(ct_path)
 
@@ -149,24 +156,19 @@ def _main(argv: list[str] | None) -> int:
         )
         frame = prepare_frame(pixels, "transmission", camera)
         result = pipeline.process(frame, track=False)
+        d = result.as_dict()
         record = {
             "view": i,
-            "accepted": result.accepted,
-            "reason": result.reason,
+            "accepted": d["accepted"],
+            "reason": d["reason"],
             "cnn_mtre_mm": float(metrics.mtre(result.initial_pose, truth, targets)),
             **metrics.frame_errors(result.pose, truth, targets, camera, CONTRACT_PIXEL_MM, CONTRACT_SDD_MM),
-            "similarity": result.similarity,
+            "similarity": d["similarity"],
             "valid_fraction": frame.valid_fraction,
-            "polarity": result.polarity,
-            "polarity_scores": list(result.polarity_scores),
-            "outlier_fraction": result.outlier_fraction,
-            "iterations": result.iterations,
-            "cnn_s": result.timings["cnn"],
-            "start_s": result.timings["start"],
-            "refine_s": result.timings["refine"],
-            "total_s": result.timings["total"],
+            **{key: d[key] for key in ("polarity", "polarity_scores", "outlier_fraction", "iterations")},
+            **{f"{stage}_s": d["timings"][stage] for stage in ("cnn", "start", "refine", "total")},
             "T_true": truth.tolist(),
-            "T_estimate": result.pose.tolist(),
+            "T_estimate": d["T_ct_source"],
         }
         frames.append(record)
         if len(overlays) < 4:

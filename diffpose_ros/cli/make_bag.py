@@ -16,11 +16,10 @@ import argparse
 
 import torch
 
-from ..bags.dicom import read_run, write_dicom_bag
-from ..bags.synthesize import TOPICS, Detector, Exposure, write_sequence
-from ..core.geometry import Intrinsics
-from ..core.io import load_poses
-from ..core.sampling import CLINICAL_RANGE, carm_sweep, sample_views
+from diffpose_ros.bags.dicom import read_run, write_dicom_bag
+from diffpose_ros.bags.synthesize import TOPICS, Detector, Exposure, write_sequence
+from diffpose_ros.core import CLINICAL_RANGE, Intrinsics, carm_sweep, load_poses, sample_views
+
 from .common import add_clinical_arguments, clinical_factors, load_ct_and_targets, run_cli
 
 
@@ -54,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("ours", "diffdrr"),
         default="ours",
         help="what renders the frames: ours, or DiffDRR's Siddon with its own HU-to-density map (another "
-        "renderer's physics, about 9 s per 256^2 frame on 2 CPU cores)",
+        "renderer's physics; slow on a CPU)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of views, noise and gain (default %(default)s)")
 

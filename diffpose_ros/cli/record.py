@@ -12,7 +12,8 @@ import argparse
 import json
 import time
 
-from ..bags.record import DEFAULT_TOPICS, Recorder
+from diffpose_ros.bags.record import DEFAULT_TOPICS, Recorder
+
 from .common import run_cli, split_ros_args
 
 
@@ -28,7 +29,7 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: no limit)")
     args = parser.parse_args(argv)
 
-    from ..ros.runtime import RosSession
+    from diffpose_ros.ros.runtime import RosSession
 
     with RosSession("diffpose_record", ros_args) as session:
         recorder = Recorder(

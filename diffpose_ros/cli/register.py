@@ -1,7 +1,7 @@
 """``diffpose-register``: refine an initial C-arm pose against one X-ray and print the result as JSON.
 
 The camera: ``--camera-info`` when given, else a DICOM image's own tags (SDD, imager pixel spacing;
-:mod:`diffpose_ros.core.dicom`); the result records which (``intrinsics_source``).
+:mod:`diffpose_ros.core.io.dicom`); the result records which (``intrinsics_source``).
 """
 
 from __future__ import annotations
@@ -11,14 +11,21 @@ import json
 import sys
 from pathlib import Path
 
-from ..core.field import FieldSpec
-from ..core.geometry import Intrinsics
-from ..core.intensity import POLARITIES
-from ..core.io import load_pose, read_xray, save_json, write_picture
-from ..core.overlay import render_overlay
-from ..core.pipeline import Pipeline, PipelineConfig
-from ..core.preprocess import prepare_frame
-from ..core.register import Registrar
+from diffpose_ros.core import (
+    POLARITIES,
+    FieldSpec,
+    Intrinsics,
+    Pipeline,
+    PipelineConfig,
+    Registrar,
+    load_pose,
+    prepare_frame,
+    read_xray,
+    render_overlay,
+    save_json,
+    write_picture,
+)
+
 from .common import add_ct_arguments, add_pyramid_argument, load_attenuation, registration_config, run_cli
 
 
@@ -81,21 +88,11 @@ def _main(argv: list[str] | None) -> int:
         pipeline = Pipeline.from_file(args.model, config=config)
         renderer = pipeline.registrar.renderer()
         outcome = pipeline.process(frame, track=False, initial_pose=load_pose(args.init) if args.init else None)
-        pose, failure = outcome.pose, outcome.reason
-        record = {
-            "T_ct_source": pose.tolist(),
-            "similarity": outcome.similarity,
-            "iterations": outcome.iterations,
-            "seconds": outcome.timings["total"],
-            "converged": outcome.converged,
-            "failed": bool(failure),
-            "failure": failure,
-            "outlier_fraction": outcome.outlier_fraction,
-            "polarity": outcome.polarity,
-            "polarity_scores": list(outcome.polarity_scores),
-            "initialisation": "init file" if args.init else "CNN",
-            "T_ct_source_init": outcome.initial_pose.tolist(),
-        }
+        pose, failure, d = outcome.pose, outcome.reason, outcome.as_dict()
+        record = {key: d[key] for key in ("T_ct_source", "similarity", "iterations")}
+        record.update(seconds=d["timings"]["total"], converged=d["converged"], failed=bool(failure), failure=failure)
+        record.update({key: d[key] for key in ("outlier_fraction", "polarity", "polarity_scores")})
+        record.update(initialisation="init file" if args.init else "CNN", T_ct_source_init=d["T_ct_source_init"])
     else:
         registrar = Registrar(load_attenuation(args), registration_config(args))
         renderer = registrar.renderer()

@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..bags.bagfile import QosSpec
-from ..bags.replay import Player, ReplayOptions, parse_remaps
+from diffpose_ros.bags.bagfile import QosSpec
+from diffpose_ros.bags.replay import Player, ReplayOptions, parse_remaps
+
 from .common import run_cli, split_ros_args
 
 
@@ -72,7 +73,7 @@ def _main(argv: list[str] | None) -> int:
         clock_hz=args.clock,
     )
 
-    from ..ros.runtime import RosSession
+    from diffpose_ros.ros.runtime import RosSession
 
     with RosSession("diffpose_replay", ros_args) as session:
         player = Player(session.node, args.bag, options, stop_event=session.stop)

@@ -13,9 +13,14 @@ import argparse
 import json
 from pathlib import Path
 
-from ..bags import score as scoring
-from ..bags.record import DEFAULT_TOPICS
-from ..bags.replay import ReplayOptions, parse_remaps
+from diffpose_ros.bags.live import run_live
+from diffpose_ros.bags.read import Truth, read_estimates, read_truth, sdd_for, targets_for
+from diffpose_ros.bags.record import DEFAULT_TOPICS
+from diffpose_ros.bags.replay import ReplayOptions, parse_remaps
+from diffpose_ros.bags.report import write_overlays, write_plots, write_report
+from diffpose_ros.bags.score import score_frames, score_navigator, summarize
+from diffpose_ros.ros.runtime import RosSession
+
 from .common import run_cli, split_ros_args
 
 
@@ -34,13 +39,13 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-overlays", action="store_true", help="skip the overlay pictures (they need the CT)")
 
 
-def load_truth(args: argparse.Namespace) -> scoring.Truth:
-    return scoring.read_truth(args.truth, args.truth_topic, args.image_topic, args.camera_info_topic, args.ct_frame)
+def load_truth(args: argparse.Namespace) -> Truth:
+    return read_truth(args.truth, args.truth_topic, args.image_topic, args.camera_info_topic, args.ct_frame)
 
 
 def score_and_report(
     args: argparse.Namespace,
-    truth: scoring.Truth,
+    truth: Truth,
     estimate_bag: str | Path,
     out: Path,
     extra: dict | None = None,
@@ -50,10 +55,10 @@ def score_and_report(
     ``navigator``: the messages an OpenIGTLink client of ``diffpose-igtl`` received, scored too (``igtl``)."""
     ct_frame = args.ct_frame or truth.scene.get("ct_frame", "ct")
     camera_frame = args.camera_frame or truth.camera_frame
-    estimates = scoring.read_estimates(estimate_bag, ct_frame, camera_frame)
-    targets, targets_desc = scoring.targets_for(truth, args.targets)
-    rows = scoring.score_frames(truth, estimates, targets, scoring.sdd_for(truth, args.sdd_mm))
-    summary = scoring.summarize(rows, estimates)
+    estimates = read_estimates(estimate_bag, ct_frame, camera_frame)
+    targets, targets_desc = targets_for(truth, args.targets)
+    rows = score_frames(truth, estimates, targets, sdd_for(truth, args.sdd_mm))
+    summary = summarize(rows, estimates)
     summary.update(
         truth_bag=str(Path(truth.bag).resolve()),
         estimate_bag=str(Path(estimate_bag).resolve()),
@@ -67,19 +72,19 @@ def score_and_report(
         **(extra or {}),
     )
     if navigator is not None:
-        summary["igtl"] = scoring.score_navigator(navigator, truth, targets, estimates.poses)
+        summary["igtl"] = score_navigator(navigator, truth, targets, estimates.poses)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("overlay_*.png"):  # from an earlier report in the same folder
         stale.unlink()
-    pictures = scoring.write_plots(out, rows)
+    pictures = write_plots(out, rows)
     ct = args.ct or truth.scene.get("ct")
     if not args.no_overlays:
         if ct and Path(ct).exists():
             mirror = args.mirror or bool(truth.scene.get("exposure", {}).get("mirror", False))
-            pictures += scoring.write_overlays(out, truth, estimates, rows, ct, mirror)
+            pictures += write_overlays(out, truth, estimates, rows, ct, mirror)
         else:
             print("no overlays: the CT is unknown (give --ct)")
-    scoring.write_report(out, summary, rows, pictures)
+    write_report(out, summary, rows, pictures)
     return summary
 
 
@@ -129,10 +134,7 @@ def _main(argv: list[str] | None) -> int:
     truth = load_truth(args)
     extra = {}
     if args.live:
-        from ..bags.live import run_live
-        from ..ros.runtime import RosSession
-
-        targets, _ = scoring.targets_for(truth, args.targets)
+        targets, _ = targets_for(truth, args.targets)
         estimate = out / "output_bag"
         options = ReplayOptions(
             rate=args.rate,

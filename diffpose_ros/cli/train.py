@@ -10,9 +10,8 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from ..core.bundle import PatientModel, save_patient_model
-from ..core.train import TrainConfig, Trainer
-from ..core.volume import hu_to_mu
+from diffpose_ros.core import PatientModel, TrainConfig, Trainer, hu_to_mu, save_patient_model
+
 from .common import load_ct_and_targets, run_cli
 
 

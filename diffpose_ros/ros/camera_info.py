@@ -17,17 +17,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..core.geometry import Intrinsics
+from diffpose_ros.core import Intrinsics
+from diffpose_ros.core.navigation.stamps import NS_PER_S, stamp_from_ns
 
-__all__ = ["CameraInfoCache", "choose_intrinsics", "stamp_text"]
+__all__ = ["CameraInfoCache", "choose_intrinsics"]
 
 Stamp = tuple[int, int]
 """``(sec, nanosec)`` of a ``builtin_interfaces/Time``."""
 
 
-def stamp_text(stamp: Stamp) -> str:
-    """``sec.nanosec`` (9 digits), as diagnostics spell stamps."""
-    return f"{stamp[0]}.{stamp[1]:09d}"
+def _text(stamp: Stamp) -> str:
+    return stamp_from_ns(stamp[0] * NS_PER_S + stamp[1])
 
 
 class CameraInfoCache:
@@ -96,8 +96,8 @@ def choose_intrinsics(
         raise ValueError(refused)
     if latest_camera_info is not None:
         raise ValueError(
-            f"no camera_info with the image's stamp {stamp_text(stamp)} (latest camera_info stamp "
-            f"{stamp_text(latest_camera_info)}: image and camera_info stamps must be identical) and no "
+            f"no camera_info with the image's stamp {_text(stamp)} (latest camera_info stamp "
+            f"{_text(latest_camera_info)}: image and camera_info stamps must be identical) and no "
             "intrinsics parameters"
         )
     raise ValueError(

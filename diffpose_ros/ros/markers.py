@@ -1,8 +1,8 @@
 """``diffpose_node``'s ``~/markers``: the registration as a ``visualization_msgs/MarkerArray`` for RViz.
 
-All markers are in ``ct_frame``, in metres (the core's geometry, :mod:`diffpose_ros.core.scene`, is in
+All markers are in ``ct_frame``, in metres (the core's geometry, :mod:`diffpose_ros.core.navigation.scene`, is in
 mm). Namespace ``ct``, from the patient model at configure: id 0 the CT's bounding box (``LINE_LIST``),
-id 1 the bone surface (``TRIANGLE_LIST``, at most :data:`~diffpose_ros.core.scene.MAX_TRIANGLES`).
+id 1 the bone surface (``TRIANGLE_LIST``, at most :data:`~diffpose_ros.core.navigation.scene.MAX_TRIANGLES`).
 Namespace ``carm``, at the current estimate: id 0 the source (``SPHERE``), id 1 the detector rectangle
 (``LINE_STRIP``), id 2 the rays from the source to its four corners (``LINE_LIST``), coloured by
 validity: green ``accepted``; orange ``stale`` (the last accepted pose, once none was accepted for
@@ -12,8 +12,8 @@ contract's 1020 mm when that is unset: the rays and the rectangle's shape do not
 
 Latching: two publishers on the one topic, both reliable and transient local with depth 1. One sends
 the ``ct`` array once, the other the ``carm`` array at each change; DDS keeps the last message of each
-writer, so a late transient-local subscriber (RViz started later) gets both, and the mesh (up to ~3 MB)
-goes out once, not with every frame. The subscriber's depth must be 2 or more (the two arrays arrive
+writer, so a late transient-local subscriber (RViz started later) gets both, and the mesh goes out
+once, not with every frame. The subscriber's depth must be 2 or more (the two arrays arrive
 together; ``config/diffpose.rviz`` has 10).
 """
 
@@ -28,11 +28,11 @@ from geometry_msgs.msg import Point
 from std_msgs.msg import ColorRGBA
 from visualization_msgs.msg import Marker, MarkerArray
 
-from ..core.geometry import CONTRACT_SDD_MM
-from ..core.scene import Frustum, Surface, bone_surface, box_edges, carm_frustum
-from ..core.volume import Volume
-from .conversions import MM_PER_M
-from .status import status_qos
+from diffpose_ros.core import CONTRACT_SDD_MM, Volume
+from diffpose_ros.core.navigation.scene import Frustum, Surface, bone_surface, box_edges, carm_frustum
+
+from .conversions.geometry import MM_PER_M
+from .qos import latched_qos
 
 __all__ = ["COLOURS", "MARKERS_TOPIC", "MarkerPublisher", "carm_markers", "scene_markers"]
 
@@ -97,8 +97,8 @@ class MarkerPublisher:
 
     def __init__(self, node, frame_id: str):
         self._node, self._frame_id = node, frame_id
-        self._scene_pub = node.create_publisher(MarkerArray, MARKERS_TOPIC, status_qos())
-        self._carm_pub = node.create_publisher(MarkerArray, MARKERS_TOPIC, status_qos())
+        self._scene_pub = node.create_publisher(MarkerArray, MARKERS_TOPIC, latched_qos())
+        self._carm_pub = node.create_publisher(MarkerArray, MARKERS_TOPIC, latched_qos())
         self._lock = threading.Lock()
         self._frustum: Frustum | None = None
         self._validity = ""

@@ -9,8 +9,8 @@ Lifecycle (managed node, ``rclpy.lifecycle``):
   worker thread; deactivate: unsubscribe, stop the worker; cleanup: release the model.
 - ``autostart:=true`` runs configure and activate at start.
 
-Parameters: one table, :data:`~diffpose_ros.ros.settings.PARAMETERS` (``config/diffpose.yaml``
-mirrors it); the read-only ones are fixed at start, the others change at runtime.
+Parameters: declared once, in :class:`~diffpose_ros.ros.settings.Settings` (``config/diffpose.yaml``
+mirrors them); the read-only ones are fixed at start, the others change at runtime.
 
 Inputs: ``image`` (mono8, mono16, 16UC1, 32FC1; ``step`` padding and ``is_bigendian`` honoured) and
 ``camera_info``, paired by identical ``header.stamp``. Image QoS: sensor data (best effort, which
@@ -20,29 +20,28 @@ reliability, depth 10. A frame's intrinsics: the camera_info with its stamp (wai
 
 Newest frame only: the image callback puts the message in a one-slot mailbox; one worker thread
 (:mod:`.worker`) takes the newest frame, prepares it (the core's ``prepare_frame``) and runs the
-:class:`~diffpose_ros.core.pipeline.Pipeline` (CNN + refinement, tracking when the last accepted
-pose is recent); the node publishes what it made of it. ``frames_dropped`` counts frames replaced in
-the depth-1 DDS reader queue (``frames_dropped_before_receipt``) and in the mailbox.
+:class:`~diffpose_ros.core.registration.pipeline.Pipeline` (CNN + refinement, tracking when the last
+accepted pose is recent); :class:`~.outputs.NodeOutputs` publishes what it made of it.
+``frames_dropped`` counts frames replaced in the depth-1 DDS reader queue
+(``frames_dropped_before_receipt``) and in the mailbox.
 
 Outputs, stamped with the image's stamp, only for strictly newer stamps:
 
-- ``/tf``: ``ct_frame`` -> the image's ``header.frame_id`` (``camera_frame`` when empty),
-  ``T_ct_source`` in metres; ``invert:=true`` publishes ``frame_id`` -> ``ct_frame`` instead (for a
-  tree where something else already parents the camera frame). Sent by ``tf2_ros`` where it
-  imports, else as ``tf2_msgs/TFMessage`` with tf2's QoS (:class:`~.conversions.TransformPublisher`).
+- ``/tf`` (:mod:`.tf_publisher`): ``ct_frame`` -> the image's ``header.frame_id`` (``camera_frame``
+  when empty), ``T_ct_source`` in metres; ``invert:=true`` publishes ``frame_id`` -> ``ct_frame``
+  instead (for a tree where something else already parents the camera frame).
 - ``/tf_static``: ``ct_frame`` -> ``ct_ras_frame`` (RAS = diag(-1, -1, 1) of LPS), transient local.
 - ``~/pose``: ``geometry_msgs/PoseWithCovarianceStamped`` of the source in ``ct_frame``; covariance =
   the core's Gauss-Newton ``sigma^2 (J^T J)^-1`` of the final similarity, rotations about ``ct`` axes,
-  positions in m^2 (a lower bound on the true spread, see :mod:`diffpose_ros.core.pipeline`).
+  positions in m^2 (a lower bound on the true spread, see :mod:`diffpose_ros.core.registration.result`).
 - ``~/status``: ``std_msgs/String``, JSON of the frame's validity (``valid``, ``reason``,
   ``similarity``, ``latency_s``, ``stamp``, ``source``, ``frame_id``) for every frame, accepted or
   not; reliable, transient local (:mod:`.status`).
-- ``/diagnostics``: a ``<node>: frame`` status per frame (ERROR with the reason for a rejected or
-  malformed frame, which publishes no pose) and a ``<node>: pipeline`` summary every
-  ``diagnostics.period_s`` (WARN when no pose was accepted for ``diagnostics.stale_after_s``):
-  rates in/out, latencies receipt->publish (wall clock: processing time) and stamp->publish (node
-  clock, so ``use_sim_time`` replays work), drops, similarity, iterations, mode, stage times,
-  device, process memory (:mod:`.diagnostics`).
+- ``/diagnostics`` (:mod:`.diagnostics`): a ``<node>: frame`` status per frame (ERROR with the reason
+  for a rejected or malformed frame, which publishes no pose) and a ``<node>: pipeline`` summary
+  every ``diagnostics.period_s`` (WARN when no pose was accepted for ``diagnostics.stale_after_s``):
+  rates, latencies receipt->publish (wall clock) and stamp->publish (node clock, so ``use_sim_time``
+  replays work), drops, the last frame's results and stage times, device, process memory.
 - ``~/overlay``: ``bgr8`` X-ray with the DRR's edges at the estimate, only while subscribed.
 - ``~/markers``: ``visualization_msgs/MarkerArray`` in ``ct_frame`` (m) for RViz: the CT's bounding
   box and bone surface (computed at configure) and the C-arm's source, detector and corner rays at
@@ -60,37 +59,27 @@ import traceback
 import rclpy
 import rclpy.subscription as _rclpy_subscription
 import torch
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
-from geometry_msgs.msg import PoseWithCovarianceStamped
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from diagnostic_msgs.msg import DiagnosticStatus
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import JumpThreshold
 from rclpy.duration import Duration
-from rclpy.exceptions import InvalidHandle, InvalidParameterTypeException, InvalidParameterValueException
+from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import State, TransitionCallbackReturn
 from rclpy.parameter import Parameter
-from rclpy.time import Time
 from sensor_msgs.msg import CameraInfo, Image
 
-from ..core.bundle import PatientModelError
-from ..core.pipeline import Pipeline, set_torch_threads
+from diffpose_ros.core import PatientModelError, Pipeline, set_torch_threads
+
 from .camera_info import CameraInfoCache
-from .conversions import (
-    CT_TO_CT_RAS,
-    TransformPublisher,
-    input_qos,
-    numpy_to_image,
-    pose_with_covariance_stamped,
-    transform_stamped,
-)
-from .diagnostics import FrameStats, frame_status
-from .markers import MarkerPublisher
-from .runtime import NODE_PROFILE_NAME, use_large_frame_profile
+from .diagnostics import FrameStats
+from .outputs import NodeOutputs
+from .parameters import declare_parameters, parameter_values
+from .qos import input_qos
+from .runtime import GIL_SWITCH_INTERVAL_S, NODE_PROFILE_NAME, spin_until_shutdown, use_large_frame_profile
 from .settings import PARAMETERS, Settings, pipeline_config, resolve_device, settings_problems
-from .settings import Parameter as TableParameter
-from .status import StatusReporter
 from .worker import FrameWorker, Outcome, Received
 
 # rclpy >= Iron passes MessageInfo (sequence numbers) to two-argument subscription callbacks.
@@ -106,33 +95,12 @@ class ParameterError(ValueError):
     """Parameters given at start that the node cannot run with (each one named)."""
 
 
-def _descriptor(p: TableParameter) -> ParameterDescriptor:
-    """The descriptor of a table parameter: description, read-only flag, allowed values in words and,
-    where it has bounds, its range (``ros2 param describe``, rqt_reconfigure's sliders). Floats and
-    float arrays are dynamically typed, so that ``1020`` counts as ``1020.0``; the node's validation
-    checks their kind."""
-    descriptor = ParameterDescriptor(
-        description=p.description,
-        read_only=p.read_only,
-        additional_constraints=p.constraints,
-        dynamic_typing=p.numeric,
-    )
-    if p.bounds and isinstance(p.default, float):
-        low, high = map(float, p.bounds)
-        descriptor.floating_point_range = [FloatingPointRange(from_value=low, to_value=high, step=0.0)]
-    elif p.bounds and isinstance(p.default, int) and not isinstance(p.default, bool):
-        low, high = map(int, p.bounds)
-        descriptor.integer_range = [IntegerRange(from_value=low, to_value=high, step=1)]
-    return descriptor
-
-
 class DiffPoseNode(LifecycleNode):
     """The lifecycle node ``diffpose_node`` (see the module docstring for topics and parameters)."""
 
     def __init__(self, node_name: str = NODE_NAME, **kwargs):
         super().__init__(node_name, **kwargs)
-        for p in PARAMETERS:
-            self.declare_parameter(p.name, None if isinstance(p.default, tuple) else p.default, _descriptor(p))
+        declare_parameters(self, PARAMETERS)
         self._settings = self._read_settings()
         problems = settings_problems(self._settings)
         if problems:
@@ -152,17 +120,8 @@ class DiffPoseNode(LifecycleNode):
         self._stats = FrameStats()
         self._infos = CameraInfoCache()
         self._worker: FrameWorker | None = None  # from configure to cleanup
-        self._markers: MarkerPublisher | None = None  # from configure to cleanup
-        self._image_sub = self._info_sub = self._pose_pub = self._overlay_pub = None
-
-        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._diag_name = self.get_fully_qualified_name().lstrip("/")
-        self._tf = TransformPublisher(self)
-        self._status = StatusReporter(self, self._settings.stale_after_s)
-        if self._settings.ct_ras_frame:
-            now = self.get_clock().now().to_msg()
-            s = self._settings
-            self._tf.send_static(transform_stamped(CT_TO_CT_RAS, now, s.ct_frame, s.ct_ras_frame))
+        self._image_sub = self._info_sub = None
+        self._outputs = NodeOutputs(self, self._settings, self._stats)
         self._diag_timer = self.create_timer(
             max(self._settings.diagnostics_period_s, 0.05), self._on_diagnostics_timer, MutuallyExclusiveCallbackGroup()
         )
@@ -171,11 +130,11 @@ class DiffPoseNode(LifecycleNode):
             JumpThreshold(min_forward=None, min_backward=Duration(nanoseconds=-1), on_clock_change=True),
             post_callback=self._on_time_jump,
         )
-        self.get_logger().info(f"{self.get_fully_qualified_name()} up (unconfigured); TF via {self._tf.via}")
+        self.get_logger().info(f"{self.get_fully_qualified_name()} up (unconfigured); TF via {self._outputs.tf.via}")
 
     # ------------------------------------------------------------------------------ parameters
     def _read_settings(self, overrides: dict | None = None) -> Settings:
-        values = {p.name: self.get_parameter_or(p.name).value for p in PARAMETERS}
+        values = parameter_values(self, PARAMETERS)
         return Settings.from_parameters({**values, **(overrides or {})})
 
     def _validate_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
@@ -229,10 +188,7 @@ class DiffPoseNode(LifecycleNode):
             pipeline, lambda: self._settings, self._infos, self._camera_info_matched, self._report, self.get_logger()
         )
         self._device, self._config_error = device, ""
-        self._pose_pub = self.create_lifecycle_publisher(PoseWithCovarianceStamped, "~/pose", 10)
-        self._overlay_pub = self.create_lifecycle_publisher(Image, "~/overlay", 1)
-        self._markers = MarkerPublisher(self, s.ct_frame)
-        bone = self._markers.publish_scene(pipeline.model.mu)
+        bone = self._outputs.open(s.ct_frame, pipeline.model.mu)
         self.get_logger().info(
             f"configured: patient model {s.patient_model} ({tuple(pipeline.model.mu.data.shape[::-1])} voxels, "
             f"CNN {pipeline.model.metadata.get('backbone', '?')}, cost {s.cost}) on {device}, "
@@ -249,7 +205,7 @@ class DiffPoseNode(LifecycleNode):
     def _configure_failed(self, reason: str) -> TransitionCallbackReturn:
         self._config_error = reason
         self.get_logger().error(reason)
-        self._publish_diagnostics([self._summary_status()])
+        self._outputs.diagnostics([self._summary_status()])
         return TransitionCallbackReturn.FAILURE
 
     def on_activate(self, state: State) -> TransitionCallbackReturn:
@@ -257,12 +213,9 @@ class DiffPoseNode(LifecycleNode):
             reliable = self._settings.image_qos == "reliable"
             self._infos.clear()
             self._worker.start(keep_running=lambda: rclpy.ok(context=self.context))
+            info_qos = input_qos(reliable, 10)
             self._info_sub = self.create_subscription(
-                CameraInfo,
-                "camera_info",
-                self._on_camera_info,
-                input_qos(reliable, 10),
-                callback_group=self._info_group,
+                CameraInfo, "camera_info", self._on_camera_info, info_qos, callback_group=self._info_group
             )
             # Two required parameters: rclpy (Iron and later) then passes the MessageInfo too.
             callback = (lambda msg, info: self._on_image(msg, info)) if _MESSAGE_INFO else self._on_image
@@ -310,13 +263,8 @@ class DiffPoseNode(LifecycleNode):
             self._worker.stop()
 
     def _release(self) -> None:
-        for pub in (self._pose_pub, self._overlay_pub):
-            if pub is not None:
-                self.destroy_lifecycle_publisher(pub)
-        self._pose_pub = self._overlay_pub = None
-        if self._markers is not None:
-            self._markers.destroy()
-        self._markers = self._worker = None
+        self._outputs.close()
+        self._worker = None
         self._device = "unconfigured"
         self._stats.reset()
         gc.collect()
@@ -378,64 +326,17 @@ class DiffPoseNode(LifecycleNode):
         except Exception as err:  # pragma: no cover - defensive
             self.get_logger().warning(f"time jump: {err!r}")
 
+    def _report(self, item: Received, outcome: Outcome) -> None:
+        self._outputs.frame(item, outcome, self._settings, self._device, self._worker)
+
     def _on_diagnostics_timer(self) -> None:
         try:
-            self._publish_diagnostics([self._summary_status()])
-            markers = self._markers
-            if markers is not None and self._status.stale(self._settings.stale_after_s):
+            self._outputs.diagnostics([self._summary_status()])
+            markers = self._outputs.markers
+            if markers is not None and self._outputs.status.stale(self._settings.stale_after_s):
                 markers.show_stale()
         except Exception as err:  # pragma: no cover - defensive
             self.get_logger().warning(f"diagnostics: {err!r}")
-
-    # -------------------------------------------------------------------------------- outputs
-    def _report(self, item: Received, outcome: Outcome) -> None:
-        """Publish what the worker made of a frame: TF, ``~/pose`` and the overlay for an accepted
-        pose, the frame status on ``/diagnostics`` and ``~/status``, and the C-arm on ``~/markers``."""
-        msg, s = item.msg, self._settings
-        if outcome.kind == "published":
-            result = outcome.result
-            child = msg.header.frame_id or s.camera_frame
-            self._tf.send(transform_stamped(result.pose, msg.header.stamp, s.ct_frame, child, s.invert))
-            if self._pose_pub is not None:
-                pose = pose_with_covariance_stamped(result.pose, result.covariance, msg.header.stamp, s.ct_frame)
-                self._pose_pub.publish(pose)
-            now = time.monotonic()
-            latency_receipt = now - item.wall
-            latency_stamp = (self.get_clock().now().nanoseconds - Time.from_msg(msg.header.stamp).nanoseconds) * 1e-9
-            outcome.values.update(
-                latency_receipt_to_publish_s=latency_receipt, latency_stamp_to_publish_s=latency_stamp
-            )
-            self._stats.published(now, latency_receipt, latency_stamp)
-            self._publish_overlay(msg, outcome, s)
-        elif outcome.kind == "rejected":
-            self._stats.rejected()
-        elif outcome.kind == "skipped":
-            self._stats.skipped()
-        status = frame_status(self._diag_name, self._device, outcome.level, outcome.message, msg.header, outcome.values)
-        self._stats.remember(status)
-        self._publish_diagnostics([status])
-        self._status.publish(outcome, msg.header, msg.header.frame_id or s.camera_frame)
-        markers = self._markers
-        if markers is not None:
-            markers.publish_carm(outcome, msg.header.stamp, s.sdd_mm)
-
-    def _publish_overlay(self, msg: Image, outcome: Outcome, s: Settings) -> None:
-        pub, worker = self._overlay_pub, self._worker
-        if pub is None or worker is None or pub.get_subscription_count() == 0:
-            return
-        try:
-            picture = worker.pipeline.overlay(outcome.frame, outcome.result.pose, s.overlay_width)
-            out = numpy_to_image(picture, "bgr8", header=msg.header)
-            out.header.frame_id = out.header.frame_id or s.camera_frame
-            pub.publish(out)
-        except Exception as err:
-            self.get_logger().warning(f"overlay failed: {err!r}", throttle_duration_sec=5.0)
-
-    # ---------------------------------------------------------------------------- diagnostics
-    def _publish_diagnostics(self, statuses: list[DiagnosticStatus]) -> None:
-        array = DiagnosticArray(status=statuses)
-        array.header.stamp = self.get_clock().now().to_msg()
-        self._diag_pub.publish(array)
 
     def _summary_status(self) -> DiagnosticStatus:
         values = {
@@ -451,30 +352,9 @@ class DiffPoseNode(LifecycleNode):
             values["renderer_threads"] = worker.renderer_threads
         config_error = self._config_error if worker is None else ""
         dropped = worker.mailbox.dropped if worker is not None else 0
-        summary = self._stats.summary(self._diag_name, self._device, self._state, config_error, dropped, values)
-        return self._status.flag_stale(summary, self._settings.stale_after_s)
-
-
-GIL_SWITCH_INTERVAL_S = 0.0005
-"""The process's GIL switch interval (Python's default: 5 ms). The worker gives the GIL up for every
-tensor operation and every render; when an executor thread (frames arriving at 30 Hz) takes it
-meanwhile, the worker waits up to this long to get it back, hundreds of times per frame. With the
-default, a 30 Hz stream from a publisher on the same 2 cores stretched cold starts to 1-11 s and
-the node posed 0.5-1.6 frames per second; with 0.5 ms it tracked throughout at 6.9 frames per second
-(``benchmarks/bench_node_load.py``, ``docs/benchmarks.md``)."""
-
-
-def _spin(executor: MultiThreadedExecutor) -> None:
-    """``executor.spin()``, past a race in rclpy: when a callback destroys a subscription (deactivate
-    unsubscribes) after the spinning thread listed the node's waitables, that thread still adds the
-    subscription's event handler to its wait set and rclpy raises ``InvalidHandle`` there; the next
-    wait set no longer lists it (``destroy_subscription`` removes its handlers). With the short GIL
-    switch interval this killed the node in 1 of 4 test-suite runs (during a deactivate)."""
-    while rclpy.ok():
-        try:
-            executor.spin_once()
-        except InvalidHandle:
-            continue
+        name = self._outputs.diag_name
+        summary = self._stats.summary(name, self._device, self._state, config_error, dropped, values)
+        return self._outputs.status.flag_stale(summary, self._settings.stale_after_s)
 
 
 def main(args=None) -> int:
@@ -488,7 +368,7 @@ def main(args=None) -> int:
         try:
             node = DiffPoseNode()
         except (ParameterError, InvalidParameterTypeException, InvalidParameterValueException) as err:
-            rclpy.logging.get_logger(NODE_NAME).fatal(f"{err} (see ros2 param describe, or the README's table)")
+            rclpy.logging.get_logger(NODE_NAME).fatal(f"{err} (see ros2 param describe, or docs/node.md)")
             return 2
         executor.add_node(node)
         try:
@@ -497,7 +377,7 @@ def main(args=None) -> int:
             if rclpy.ok():
                 node.get_logger().error(f"autostart failed: {err!r}")
         if rclpy.ok():
-            _spin(executor)
+            spin_until_shutdown(executor)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except Exception:  # a signal shut the context down as a wait set was built (rclpy's "context is not valid")

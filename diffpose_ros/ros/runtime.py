@@ -1,5 +1,6 @@
-"""Running rclpy from the command-line tools: a node spun in a background thread, clean stop on
-SIGINT/SIGTERM, the package's installed data, and the large-frame Fast DDS profiles.
+"""Running rclpy: the nodes' executor loop and GIL switch interval; for the command-line tools, a
+node spun in a background thread with a clean stop on SIGINT/SIGTERM; the package's installed data,
+and the large-frame Fast DDS profiles.
 
 Fast DDS's default shared-memory segment (512 KiB) is too small for fluoroscopy frames: a writer
 with it loses best-effort frames of 512 KiB and more. :func:`use_large_frame_profile` points
@@ -19,6 +20,7 @@ import threading
 from pathlib import Path
 
 __all__ = [
+    "GIL_SWITCH_INTERVAL_S",
     "NODE_PROFILE_NAME",
     "PACKAGE",
     "PROFILE_NAME",
@@ -27,11 +29,34 @@ __all__ = [
     "share_directories",
     "use_large_frame_profile",
     "RosSession",
+    "spin_until_shutdown",
 ]
 
 PACKAGE = "diffpose_ros"
 PROFILE_NAME = "fastdds_large_frames.xml"
 NODE_PROFILE_NAME = "fastdds_node.xml"
+
+GIL_SWITCH_INTERVAL_S = 0.0005
+"""The nodes' GIL switch interval (``sys.setswitchinterval``; Python's default is 5 ms). The worker
+gives the GIL up for every tensor operation and render, and waits up to this long to get it back from
+an executor thread handling incoming frames, many times per frame: a short interval keeps the
+worker's frames short under a stream (``docs/performance.md``)."""
+
+
+def spin_until_shutdown(executor) -> None:
+    """``executor.spin()`` until the context shuts down, past a race in rclpy: when a callback destroys
+    a subscription (deactivate unsubscribes) after the spinning thread listed the node's waitables,
+    that thread still adds the subscription's event handler to its wait set and rclpy raises
+    ``InvalidHandle``; the next wait set no longer lists it (``destroy_subscription`` removes its
+    handlers), so spinning goes on."""
+    import rclpy
+    from rclpy.exceptions import InvalidHandle
+
+    while rclpy.ok():
+        try:
+            executor.spin_once()
+        except InvalidHandle:
+            continue
 
 
 def share_directories() -> list[Path]:
@@ -80,9 +105,7 @@ class RosSession:
 
     Single-threaded because the tools' callbacks are short and the caller's thread must keep its
     timing: rclpy's ``MultiThreadedExecutor`` loops in Python (rebuilding its wait set, polling its
-    futures) and held the GIL so much that the replay thread's sleeps overran by up to 1.9 s, and a
-    node that keeps only the newest frame lost the frames that then went out together (measured in
-    ``diffpose-demo``)."""
+    futures) and holds the GIL long enough to delay a replay's paced sends into bursts."""
 
     def __init__(self, name: str, args: list[str] | None = None):
         self.name = name

@@ -1,6 +1,6 @@
 """``diffpose_node``'s ``~/status`` and its staleness: whether each frame got a pose, and since when none did.
 
-``~/status`` is a ``std_msgs/String`` holding :class:`~diffpose_ros.core.navigation.PoseStatus` JSON
+``~/status`` is a ``std_msgs/String`` holding :class:`~diffpose_ros.core.navigation.status.PoseStatus` JSON
 (``valid``, ``reason``, ``similarity``, ``latency_s``, ``stamp``, ``source``, ``frame_id``), one per
 frame, accepted or not; reliable and transient local (depth 1), so a late subscriber gets the last
 one. Consumers of ``/tf`` can tell "no new pose: the frame was rejected" from "no frames".
@@ -12,34 +12,29 @@ import time
 
 from diagnostic_msgs.msg import DiagnosticStatus
 
-from ..core.navigation import SOURCES, PoseStatus, StaleTimer
-from .camera_info import stamp_text
-from .diagnostics import key_value
+from diffpose_ros.core import stamp_from_ns, stamp_ns
+from diffpose_ros.core.navigation.status import SOURCES, PoseStatus, StaleTimer
 
-__all__ = ["STATUS_TOPIC", "StatusReporter", "outcome_status", "status_qos"]
+from .diagnostics import key_value
+from .qos import latched_qos
+from .worker import OutcomeKind
+
+__all__ = ["STATUS_TOPIC", "StatusReporter", "outcome_status"]
 
 STATUS_TOPIC = "~/status"
 
 
-def status_qos():
-    """Reliable, transient local, depth 1 (the last status is latched)."""
-    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-
-    return QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
-
-
 def outcome_status(outcome, header, frame_id: str, latency_s: float | None) -> PoseStatus:
     """The :class:`PoseStatus` of a worker ``Outcome`` for the image with ``header``."""
-    values = outcome.values
-    similarity = values.get("similarity")
-    valid = outcome.kind == "published"
+    result = outcome.result
+    valid = outcome.kind == OutcomeKind.PUBLISHED
     return PoseStatus(
         valid=valid,
         reason="" if valid else outcome.message,
-        similarity=None if similarity is None else float(similarity),
+        similarity=None if result is None else float(result.similarity),
         latency_s=latency_s,
-        stamp=stamp_text((int(header.stamp.sec), int(header.stamp.nanosec))),
-        source=SOURCES.get(values.get("mode")),
+        stamp=stamp_from_ns(stamp_ns(header.stamp)),
+        source=None if result is None else SOURCES.get(result.mode.value),
         frame_id=frame_id,
     )
 
@@ -52,15 +47,14 @@ class StatusReporter:
 
         self._string = String
         self._clock = node.get_clock()
-        self._pub = node.create_publisher(String, STATUS_TOPIC, status_qos())
+        self._pub = node.create_publisher(String, STATUS_TOPIC, latched_qos())
         self._timer = StaleTimer(stale_after_s, time.monotonic())
 
     def publish(self, outcome, header, frame_id: str) -> PoseStatus:
         """Publish the status of one frame (and note an accepted pose)."""
-        if outcome.kind == "published":
+        if outcome.kind == OutcomeKind.PUBLISHED:
             self._timer.accepted(time.monotonic())
-        stamp_ns = int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
-        latency = (self._clock.now().nanoseconds - stamp_ns) * 1e-9
+        latency = (self._clock.now().nanoseconds - stamp_ns(header.stamp)) * 1e-9
         status = outcome_status(outcome, header, frame_id, latency)
         self._pub.publish(self._string(data=status.to_json()))
         return status

@@ -3,7 +3,7 @@
 The image callback only puts each message into a one-slot :class:`Mailbox` (a frame still waiting
 there is replaced and counted as dropped), so there is never a backlog. The worker takes the newest
 frame, finds its intrinsics (:func:`~.camera_info.choose_intrinsics`), prepares it with the core's
-one preparation step (:func:`~diffpose_ros.core.preprocess.prepare_frame`), runs the pipeline and hands an
+one preparation step (:func:`~diffpose_ros.core.frames.prepare.prepare_frame`), runs the pipeline and hands an
 :class:`Outcome` to the node, which publishes it. Poses go out only for stamps strictly newer than
 the last published one of the stream (a stream starts at each activation, and again when the node's
 clock jumps back). No rclpy here: tests drive a worker with plain messages.
@@ -18,19 +18,19 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from diagnostic_msgs.msg import DiagnosticStatus
 
-from ..core.navigation import stamp_ns
-from ..core.pipeline import FrameResult, Pipeline
-from ..core.preprocess import Frame, prepare_frame
-from ..core.raymarch import set_renderer_threads
-from .camera_info import CameraInfoCache, choose_intrinsics, stamp_text
+from diffpose_ros.core import Frame, FrameResult, Pipeline, prepare_frame, stamp_from_ns, stamp_ns
+from diffpose_ros.core.rendering.backends.numba_cpu import set_renderer_threads
+
+from .camera_info import CameraInfoCache, choose_intrinsics
 from .conversions import camera_info_to_intrinsics, frame_kind, image_to_numpy
 from .settings import Settings
 
-__all__ = ["FrameWorker", "Mailbox", "Outcome", "Received"]
+__all__ = ["FrameWorker", "Mailbox", "Outcome", "OutcomeKind", "Received", "diagnostic_values"]
 
 
 @dataclass
@@ -80,19 +80,43 @@ class Mailbox:
             self._item = None
 
 
+class OutcomeKind(str, Enum):
+    """What became of a frame (compares equal to its value)."""
+
+    PUBLISHED = "published"
+    """``result`` is an accepted pose for ``frame``."""
+    REJECTED = "rejected"
+    """Refused input, or refused by the gate (then with the refused ``result`` and its ``frame``)."""
+    SKIPPED = "skipped"
+    """The stamp is not newer than the last published pose's."""
+    FAILED = "failed"
+    """An internal error."""
+
+
 @dataclass
 class Outcome:
-    """What became of one frame: ``kind`` (``published``: ``result`` is an accepted pose for
-    ``frame``; ``rejected``: refused input, or by the gate, with the refused ``result`` and its
-    ``frame``; ``skipped``: stamp not newer; ``failed``: internal error), the diagnostic ``level``
-    and ``message``, and the frame status's ``values``."""
+    """What became of one frame: its :class:`OutcomeKind`, the diagnostic ``level`` and ``message``,
+    the frame status's ``values``, and the pipeline's typed ``result`` with its ``frame`` when the
+    pipeline ran."""
 
-    kind: str
+    kind: OutcomeKind
     level: bytes
     message: str
     values: dict = field(default_factory=dict)
     result: FrameResult | None = None
     frame: Frame | None = None
+
+
+def diagnostic_values(result: FrameResult) -> dict:
+    """The frame status's values of a pipeline result, from its ``as_dict()``: its scalars, the
+    polarity scores as one string and each timing as ``t_<stage>_s``."""
+    d = result.as_dict()
+    values = {key: d[key] for key in ("mode", "path", "similarity", "iterations", "converged", "out_of_time")}
+    values["polarity"] = d["polarity"]
+    values["polarity_scores"] = " ".join(f"{v:.3f}" for v in d["polarity_scores"])
+    values["outlier_fraction"] = d["outlier_fraction"]
+    values.update({f"t_{name}_s": seconds for name, seconds in d["timings"].items()})
+    return values
 
 
 class FrameWorker:
@@ -166,14 +190,14 @@ class FrameWorker:
             try:
                 outcome = self.handle(item)
                 if outcome is not None and not self._stop.is_set():
-                    if outcome.kind == "published":
+                    if outcome.kind == OutcomeKind.PUBLISHED:
                         self._last_stamp_ns = stamp_ns(item.msg.header.stamp)
                     self._report(item, outcome)
             except Exception as err:
                 self._logger.error(f"frame failed: {err!r}\n{traceback.format_exc()}")
                 message = f"internal error: {type(err).__name__}: {err}"
                 try:
-                    self._report(item, Outcome("failed", DiagnosticStatus.ERROR, message))
+                    self._report(item, Outcome(OutcomeKind.FAILED, DiagnosticStatus.ERROR, message))
                 except Exception as again:  # e.g. publishing after shutdown: the thread carries on
                     self._logger.error(f"could not report the failed frame: {again!r}")
 
@@ -188,7 +212,7 @@ class FrameWorker:
                 "stamp not newer than the last published pose: frame skipped "
                 "(a replay that starts over: publish /clock and set use_sim_time, or restart the node's activation)"
             )
-            return Outcome("skipped", DiagnosticStatus.WARN, message, values)
+            return Outcome(OutcomeKind.SKIPPED, DiagnosticStatus.WARN, message, values)
         try:
             pixels = image_to_numpy(msg)  # a malformed message is refused before any waiting
             t0 = time.perf_counter()
@@ -202,25 +226,14 @@ class FrameWorker:
             deadline = self._deadline(item, s)
             result = self.pipeline.process(frame, stamp=stamp * 1e-9, track=s.tracking_enabled, deadline=deadline)
         except ValueError as err:
-            text = stamp_text((msg.header.stamp.sec, msg.header.stamp.nanosec))
+            text = stamp_from_ns(stamp_ns(msg.header.stamp))
             self._logger.warning(f"frame {text} refused: {err}", throttle_duration_sec=1.0)
-            return Outcome("rejected", DiagnosticStatus.ERROR, f"bad frame: {err}", values)
-        values.update(
-            mode=result.mode,
-            path=result.path,
-            similarity=float(result.similarity),
-            iterations=int(result.iterations),
-            converged=bool(result.converged),
-            out_of_time=bool(result.out_of_time),
-            polarity=result.polarity,
-            polarity_scores=" ".join(f"{v:.3f}" for v in result.polarity_scores),
-            outlier_fraction=float(result.outlier_fraction),
-            **{f"t_{name}_s": float(v) for name, v in result.timings.items()},
-        )
+            return Outcome(OutcomeKind.REJECTED, DiagnosticStatus.ERROR, f"bad frame: {err}", values)
+        values.update(diagnostic_values(result))
         if not result.accepted:
             message = f"rejected by the gate: {result.reason}"
-            return Outcome("rejected", DiagnosticStatus.ERROR, message, values, result, frame)
-        return Outcome("published", DiagnosticStatus.OK, "pose published", values, result, frame)
+            return Outcome(OutcomeKind.REJECTED, DiagnosticStatus.ERROR, message, values, result, frame)
+        return Outcome(OutcomeKind.PUBLISHED, DiagnosticStatus.OK, "pose published", values, result, frame)
 
     def _deadline(self, item: Received, s: Settings) -> float | None:
         """``time.perf_counter()`` by which a tracked frame's refinement stops stepping: its receipt plus

@@ -11,7 +11,10 @@ import math
 import pytest
 import torch
 
-from diffpose_ros.core import geometry, register, render, volume
+from diffpose_ros.core.geometry import camera as geometry
+from diffpose_ros.core.registration import registrar as register
+from diffpose_ros.core.rendering import renderer as render
+from diffpose_ros.core.rendering import volume
 
 SDD = 1020.0
 
@@ -75,7 +78,7 @@ def diffdrr_render(ct_path, mu):
     """``f(T_ct_source, K) -> (H, W)`` image from DiffDRR 0.6.1's Siddon renderer on OUR attenuation
     (the geometry contract's mapping, via ``DiffDRRReference``)."""
     pytest.importorskip("diffdrr")
-    from diffpose_ros.core.diffdrr_reference import DiffDRRReference
+    from diffpose_ros.core.rendering.diffdrr_reference import DiffDRRReference
 
     ref = DiffDRRReference(ct_path, mu=mu, sdd_mm=SDD)
 
@@ -90,9 +93,9 @@ def diffdrr_render(ct_path, mu):
 def pipeline(mu):
     """A pipeline whose CNN is untrained: it predicts its reference pose (for any frame and its
     negative alike), so frames near that pose are in the refinement's basin."""
-    from diffpose_ros.core.bundle import PatientModel
-    from diffpose_ros.core.pipeline import Pipeline
-    from diffpose_ros.core.regressor import PoseRegressor
+    from diffpose_ros.core.model.bundle import PatientModel
+    from diffpose_ros.core.model.regressor import PoseRegressor
+    from diffpose_ros.core.registration.pipeline import Pipeline
 
     ref = geometry.carm_pose(0.0, 0.0, 0.0, 750.0, mu.center)
     camera = geometry.Intrinsics.from_detector(1020, 256, 256, 1.2).resized(64)

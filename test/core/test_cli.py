@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from diffpose_ros.cli import demo, drr, register
-from diffpose_ros.core import metrics
-from diffpose_ros.core.bundle import PatientModel, save_patient_model
-from diffpose_ros.core.geometry import Intrinsics, carm_pose, perturb_pose
-from diffpose_ros.core.io import save_json
-from diffpose_ros.core.regressor import PoseRegressor
-from diffpose_ros.core.simulate import simulate_transmission
+from diffpose_ros.core.geometry import metrics
+from diffpose_ros.core.geometry.camera import Intrinsics, carm_pose, perturb_pose
+from diffpose_ros.core.io.files import save_json
+from diffpose_ros.core.model.bundle import PatientModel, save_patient_model
+from diffpose_ros.core.model.regressor import PoseRegressor
+from diffpose_ros.core.simulation.detector import simulate_transmission
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from diffpose_ros.core import metrics
-from diffpose_ros.core.geometry import perturb_pose
-from diffpose_ros.core.intensity import match_quantiles, polarity_scores
-from diffpose_ros.core.pipeline import Pipeline, PipelineConfig
-from diffpose_ros.core.preprocess import prepare_frame
-from diffpose_ros.core.similarity import ncc
-from diffpose_ros.core.simulate import ClinicalFactors, simulate_transmission
+from diffpose_ros.core.frames.prepare import prepare_frame
+from diffpose_ros.core.geometry import metrics
+from diffpose_ros.core.geometry.camera import perturb_pose
+from diffpose_ros.core.registration.intensity import match_quantiles, polarity_scores
+from diffpose_ros.core.registration.pipeline import Pipeline, PipelineConfig
+from diffpose_ros.core.registration.similarity import ncc
+from diffpose_ros.core.simulation.clinical import ClinicalFactors
+from diffpose_ros.core.simulation.detector import simulate_transmission
 
 
 @pytest.fixture(scope="module")

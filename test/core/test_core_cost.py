@@ -1,18 +1,18 @@
-"""Registration costs (diffpose_ros.core.cost): values, Jacobians and masks."""
+"""Registration costs (diffpose_ros.core.registration.cost): values, Jacobians and masks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from diffpose_ros.core.cost import COSTS, GradientNCC, PatchCost, make_cost
-from diffpose_ros.core.similarity import gradient_ncc, multiscale_ncc, ncc, sobel
+from diffpose_ros.core.registration.cost import COSTS, GradientNCC, PatchCost, make_cost
+from diffpose_ros.core.registration.similarity import gradient_ncc, multiscale_ncc, ncc, sobel
 
 
 @pytest.fixture(scope="module")
 def pair(renderer, clinical_pose, k64):
     """A DRR at a pose near the truth (with its per-pixel Jacobian) and the target at the truth."""
-    from diffpose_ros.core import se3
+    from diffpose_ros.core.geometry import se3
 
     near = clinical_pose @ se3.exp(torch.tensor([2.0, -1.0, 3.0, 0.01, 0.02, -0.01], dtype=torch.float64))
     values, jac = renderer.render_jacobian(near, k64)

@@ -16,11 +16,11 @@ import torch
 from dicom_files import write_dicom
 
 from diffpose_ros.cli import register
-from diffpose_ros.core import metrics
-from diffpose_ros.core.dicom import read_dicom, read_dicom_series
-from diffpose_ros.core.geometry import Intrinsics, carm_pose, perturb_pose
-from diffpose_ros.core.io import read_xray, save_json
-from diffpose_ros.core.simulate import round_field_and_text, simulate_transmission
+from diffpose_ros.core.geometry import metrics
+from diffpose_ros.core.geometry.camera import Intrinsics, carm_pose, perturb_pose
+from diffpose_ros.core.io.dicom import read_dicom, read_dicom_series
+from diffpose_ros.core.io.files import read_xray, save_json
+from diffpose_ros.core.simulation.detector import round_field_and_text, simulate_transmission
 
 pytest.importorskip("pydicom")
 

@@ -1,4 +1,4 @@
-"""The validity mask of clinical frames (diffpose_ros.core.field): round fields, blades, burned-in
+"""The validity mask of clinical frames (diffpose_ros.core.frames.field): round fields, blades, burned-in
 text, saturation, and what it does for registration."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from diffpose_ros.core import metrics
-from diffpose_ros.core.field import FieldSpec, validity_mask
-from diffpose_ros.core.geometry import Intrinsics
-from diffpose_ros.core.preprocess import prepare_frame
-from diffpose_ros.core.simulate import round_field_and_text, simulate_transmission
+from diffpose_ros.core.frames.field import FieldSpec, validity_mask
+from diffpose_ros.core.frames.prepare import prepare_frame
+from diffpose_ros.core.geometry import metrics
+from diffpose_ros.core.geometry.camera import Intrinsics
+from diffpose_ros.core.simulation.detector import round_field_and_text, simulate_transmission
 
 CAMERA = Intrinsics.from_detector(1020.0, 256, 256, 1.2)
 
@@ -86,8 +86,8 @@ def test_prepare_frame_carries_the_mask_through_a_mirror(clean):
 
 def test_a_round_field_with_text_registers_only_with_its_mask(mu, renderer, clinical_pose, hu):
     """The issue-19 failure: black corners and text pull NCC away; the mask keeps them out."""
-    from diffpose_ros.core import se3
-    from diffpose_ros.core.register import Registrar
+    from diffpose_ros.core.geometry import se3
+    from diffpose_ros.core.registration.registrar import Registrar
 
     registrar = Registrar(mu)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Pinhole intrinsics and the C-arm view parameterisation (diffpose_ros.core.geometry)."""
+"""Pinhole intrinsics and the C-arm view parameterisation (diffpose_ros.core.geometry.camera)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from diffpose_ros.core import se3
-from diffpose_ros.core.geometry import BASE_ROTATION, Intrinsics, carm_pose
+from diffpose_ros.core.geometry import se3
+from diffpose_ros.core.geometry.camera import BASE_ROTATION, Intrinsics, carm_pose
 
 
 # ----------------------------------------------------------------------------- Intrinsics
@@ -256,7 +256,7 @@ def test_carm_pose_broadcasting():
 
 
 def test_carm_sweep_orbits_smoothly_and_breathes():
-    from diffpose_ros.core.sampling import carm_sweep
+    from diffpose_ros.core.model.sampling import carm_sweep
 
     center = torch.tensor([10.0, -20.0, 30.0], dtype=torch.float64)
     poses = carm_sweep(41, 10.0, center, alpha_deg=(-20.0, 20.0), beta_deg=0.0, breathing_mm=3.0, breathing_hz=0.25)
@@ -277,7 +277,7 @@ def test_carm_sweep_orbits_smoothly_and_breathes():
 def test_load_poses_accepts_lists_and_names_the_bad_item(tmp_path):
     import json
 
-    from diffpose_ros.core.io import load_poses
+    from diffpose_ros.core.io.files import load_poses
 
     T = carm_pose(0.1, 0.0, 0.0, 700.0, torch.zeros(3, dtype=torch.float64))
     (tmp_path / "a.json").write_text(json.dumps({"poses": [{"T_ct_source": T.tolist()}, T.tolist()]}))

@@ -1,4 +1,4 @@
-"""Registration error measures in mm and degrees (diffpose_ros.core.metrics)."""
+"""Registration error measures in mm and degrees (diffpose_ros.core.geometry.metrics)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffpose_ros.core import metrics, se3
-from diffpose_ros.core.geometry import Intrinsics, carm_pose
+from diffpose_ros.core.geometry import metrics, se3
+from diffpose_ros.core.geometry.camera import Intrinsics, carm_pose
 
 CENTRE = torch.tensor([13.6, 7.9, -175.0], dtype=torch.float64)
 

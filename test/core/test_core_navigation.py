@@ -1,4 +1,5 @@
-"""Navigation outputs (diffpose_ros.core.navigation): CT RAS, the frame on its detector, status JSON, staleness."""
+"""Navigation outputs (core.geometry.conventions, core.navigation): CT RAS, the frame on its detector, status
+JSON, staleness."""
 
 from __future__ import annotations
 
@@ -9,16 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from diffpose_ros.core.geometry import Intrinsics, carm_pose
-from diffpose_ros.core.navigation import (
-    LPS_TO_RAS,
-    PoseStatus,
-    StaleTimer,
-    carm_to_ras,
-    fluoro_ijk_to_world,
-    ras_to_carm,
-    stamp_from_ns,
-)
+from diffpose_ros.core.geometry.camera import Intrinsics, carm_pose
+from diffpose_ros.core.geometry.conventions import LPS_TO_RAS, carm_to_ras, fluoro_ijk_to_world, ras_to_carm
+from diffpose_ros.core.navigation.stamps import stamp_from_ns
+from diffpose_ros.core.navigation.status import PoseStatus, StaleTimer
 
 SDD = 1020.0
 

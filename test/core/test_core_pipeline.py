@@ -9,11 +9,12 @@ import math
 import pytest
 import torch
 
-from diffpose_ros.core import metrics, se3
-from diffpose_ros.core.geometry import Intrinsics, perturb_pose
-from diffpose_ros.core.pipeline import Pipeline, PipelineConfig, covariance_in_parent, set_torch_threads
-from diffpose_ros.core.preprocess import Frame, prepare_frame, warp_to_camera
-from diffpose_ros.core.simulate import simulate_transmission
+from diffpose_ros.core.frames.prepare import Frame, prepare_frame, warp_to_camera
+from diffpose_ros.core.geometry import metrics, se3
+from diffpose_ros.core.geometry.camera import Intrinsics, perturb_pose
+from diffpose_ros.core.registration.pipeline import Pipeline, PipelineConfig, set_torch_threads
+from diffpose_ros.core.registration.result import covariance_in_parent
+from diffpose_ros.core.simulation.detector import simulate_transmission
 
 
 @pytest.fixture(scope="module")

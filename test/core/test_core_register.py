@@ -1,4 +1,4 @@
-"""Test-time registration: recover known poses from DRRs (diffpose_ros.core.register)."""
+"""Test-time registration: recover known poses from DRRs (diffpose_ros.core.registration.registrar)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from diffpose_ros.core import metrics, se3
-from diffpose_ros.core.geometry import carm_pose
-from diffpose_ros.core.preprocess import line_integrals_from_transmission, resample_image, resample_mask
-from diffpose_ros.core.register import (
-    Level,
-    Registrar,
-    RegistrationConfig,
-    RegistrationResult,
-    feature_patches,
-    pyramid,
-)
-from diffpose_ros.core.simulate import ClinicalFactors, simulate_transmission
+from diffpose_ros.core.frames.prepare import line_integrals_from_transmission, resample_image, resample_mask
+from diffpose_ros.core.geometry import metrics, se3
+from diffpose_ros.core.geometry.camera import carm_pose
+from diffpose_ros.core.registration.levels import Level, feature_patches, pyramid
+from diffpose_ros.core.registration.registrar import Registrar, RegistrationConfig, RegistrationResult
+from diffpose_ros.core.simulation.clinical import ClinicalFactors
+from diffpose_ros.core.simulation.detector import simulate_transmission
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +103,7 @@ def test_a_256_pixel_level_pins_the_pose_down_better_on_scattered_frames(registr
 def test_a_dense_level_renders_each_pose_once(registrar, truth, target, k128, monkeypatch):
     """The outlier check's DRR at a level's start is the image of the level's first render with its
     Jacobian, not a render of its own: one render per level and one per tried step, nothing else."""
-    from diffpose_ros.core.render import Renderer
+    from diffpose_ros.core.rendering.renderer import Renderer
 
     T_true, iso = truth
     calls = {"render": 0, "render_jacobian": 0}
@@ -234,7 +229,7 @@ def test_a_mask_keeps_spoiled_pixels_out(registrar, truth, target, k128, hu):
 def test_the_robust_cost_ignores_a_rod_that_the_plain_one_follows(mu, truth, hu, detector):
     """Two steel rods (not in the CT) across a frame: with the outlier rejection the pose is the
     clean frame's, without it the rods pull it; the share left out is reported."""
-    from diffpose_ros.core.clinical import metal_rods
+    from diffpose_ros.core.simulation.clinical import metal_rods
 
     T_true, iso = truth
     renderer = Registrar(mu).renderer()

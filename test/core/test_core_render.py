@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from diffpose_ros.core import se3
-from diffpose_ros.core.geometry import Intrinsics, carm_pose
-from diffpose_ros.core.raymarch import march_numba, set_renderer_threads, tile_order, twist_jacobian
-from diffpose_ros.core.render import Renderer, patch_pixels
-from diffpose_ros.core.volume import Volume
+from diffpose_ros.core.geometry import se3
+from diffpose_ros.core.geometry.camera import Intrinsics, carm_pose
+from diffpose_ros.core.rendering.backends.numba_cpu import march_numba, set_renderer_threads, tile_order
+from diffpose_ros.core.rendering.derivatives import twist_jacobian
+from diffpose_ros.core.rendering.renderer import Renderer, patch_pixels
+from diffpose_ros.core.rendering.volume import Volume
 
 EPS = torch.tensor([0.05] * 3 + [5e-5] * 3, dtype=torch.float64)  # mm, rad
 
@@ -269,9 +270,9 @@ def test_kernel_jacobian_equals_the_tensor_formula(renderer, poses, k64):
 CUDA_SIMULATOR_CHECK = textwrap.dedent(
     """
     import torch
-    from diffpose_ros.core.geometry import Intrinsics, carm_pose
-    from diffpose_ros.core.render import Renderer, patch_pixels
-    from diffpose_ros.core.volume import Volume
+    from diffpose_ros.core.geometry.camera import Intrinsics, carm_pose
+    from diffpose_ros.core.rendering.renderer import Renderer, patch_pixels
+    from diffpose_ros.core.rendering.volume import Volume
 
     data = torch.rand(10, 12, 14, generator=torch.Generator().manual_seed(0)) * 0.02
     mu = Volume(data, torch.diag(torch.tensor([9.0, 8.0, 11.0, 1.0], dtype=torch.float64)))

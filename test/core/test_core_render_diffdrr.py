@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffpose_ros.core.geometry import Intrinsics, carm_pose
+from diffpose_ros.core.geometry.camera import Intrinsics, carm_pose
 
 SDD = 1020.0
 

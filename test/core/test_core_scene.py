@@ -1,4 +1,4 @@
-"""The 3D scene of a registration (diffpose_ros.core.scene): C-arm frustum, CT box and bone surface."""
+"""The 3D scene of a registration (diffpose_ros.core.navigation.scene): C-arm frustum, CT box and bone surface."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffpose_ros.core import scene, volume
-from diffpose_ros.core.geometry import Intrinsics, carm_pose
+from diffpose_ros.core.geometry.camera import Intrinsics, carm_pose
+from diffpose_ros.core.navigation import scene
+from diffpose_ros.core.rendering import volume
 
 SDD = 1020.0
 

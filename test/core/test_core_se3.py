@@ -1,4 +1,4 @@
-"""SE(3) exp/log, composition, inverse, point transforms and distances (diffpose_ros.core.se3)."""
+"""SE(3) exp/log, composition, inverse, point transforms and distances (diffpose_ros.core.geometry.se3)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from diffpose_ros.core import se3
+from diffpose_ros.core.geometry import se3
 
 
 def hat4(xi: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,11 @@
-"""Image similarity: NCC, masked, patch-wise, multiscale, gradient NCC (diffpose_ros.core.similarity)."""
+"""Image similarity: NCC, masked, patch-wise, multiscale, gradient NCC (diffpose_ros.core.registration.similarity)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from diffpose_ros.core.similarity import (
+from diffpose_ros.core.registration.similarity import (
     gradient_ncc,
     multiscale_ncc,
     ncc,

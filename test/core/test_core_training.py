@@ -11,14 +11,14 @@ import roma
 import torch
 from safetensors.torch import save_file
 
-from diffpose_ros.core import se3
-from diffpose_ros.core.augment import AugmentConfig, augment
-from diffpose_ros.core.bundle import PatientModel, PatientModelError, load_patient_model, save_patient_model
-from diffpose_ros.core.geometry import Intrinsics, carm_pose
-from diffpose_ros.core.regressor import PoseRegressor
-from diffpose_ros.core.sampling import ViewRange, sample_views
-from diffpose_ros.core.similarity import ncc
-from diffpose_ros.core.train import TrainConfig, Trainer, _turns
+from diffpose_ros.core.geometry import se3
+from diffpose_ros.core.geometry.camera import Intrinsics, carm_pose
+from diffpose_ros.core.model.augment import AugmentConfig, augment
+from diffpose_ros.core.model.bundle import PatientModel, PatientModelError, load_patient_model, save_patient_model
+from diffpose_ros.core.model.regressor import PoseRegressor
+from diffpose_ros.core.model.sampling import ViewRange, sample_views
+from diffpose_ros.core.model.train import TrainConfig, Trainer, _turns
+from diffpose_ros.core.registration.similarity import ncc
 
 
 def _view_parameters(poses, center):
@@ -336,7 +336,7 @@ def test_train_config_yaml_matches_defaults():
 
 
 def test_device_defaults_and_overrides():
-    from diffpose_ros.core.train import GPU_PROFILE
+    from diffpose_ros.core.model.train import GPU_PROFILE
 
     assert TrainConfig.for_device("cpu").as_dict() == TrainConfig().as_dict()
     gpu = TrainConfig.for_device("cuda")
@@ -368,9 +368,9 @@ def test_device_defaults_and_overrides():
 )
 def test_training_and_registration_on_the_device(hu, tmp_path, device):
     """Each device's path end to end: pool, augmentations and loss on it, then the pipeline on it."""
-    from diffpose_ros.core import metrics
-    from diffpose_ros.core.pipeline import Pipeline
-    from diffpose_ros.core.volume import hu_to_mu
+    from diffpose_ros.core.geometry import metrics
+    from diffpose_ros.core.registration.pipeline import Pipeline
+    from diffpose_ros.core.rendering.volume import hu_to_mu
 
     targets = hu.center[None].double()
     cfg = TrainConfig.for_device(

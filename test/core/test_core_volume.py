@@ -1,4 +1,4 @@
-"""CT loading in the ct frame (LPS, mm), attenuation and downsampling (diffpose_ros.core.volume)."""
+"""CT loading in the ct frame (LPS, mm), attenuation and downsampling (diffpose_ros.core.rendering.volume)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from diffpose_ros.core import volume
-from diffpose_ros.core.volume import MU_WATER, Volume, hu_to_mu, load_ct, load_labels
+from diffpose_ros.core.rendering import volume
+from diffpose_ros.core.rendering.volume import MU_WATER, Volume, hu_to_mu, load_ct, load_labels
 
 NX, NY, NZ = 20, 16, 12
 SPACING = (0.8, 1.3, 2.5)

@@ -100,7 +100,7 @@ class Scene:
 def mtre_mm(scene: Scene, T_est_mm: np.ndarray, index: int) -> float:
     import torch
 
-    from diffpose_ros.core import metrics
+    from diffpose_ros.core.geometry import metrics
 
     return float(metrics.mtre(torch.as_tensor(T_est_mm, dtype=torch.float64), scene.poses[index], scene.targets))
 
@@ -359,7 +359,12 @@ def make_frame(scene: Scene, index: int, stamp=None, frame_id: str = "", with_in
 def build_scene(directory: Path) -> Scene:
     import torch
 
-    from diffpose_ros.core import bundle, geometry, metrics, regressor, render, simulate, volume
+    from diffpose_ros.core.geometry import camera as geometry
+    from diffpose_ros.core.geometry import metrics
+    from diffpose_ros.core.model import bundle, regressor
+    from diffpose_ros.core.rendering import renderer as render
+    from diffpose_ros.core.rendering import volume
+    from diffpose_ros.core.simulation import detector as simulate
 
     hu = volume.load_ct(volume.default_ct_path())
     mu_full = volume.hu_to_mu(hu)

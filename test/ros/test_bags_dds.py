@@ -322,7 +322,7 @@ def test_bags_replay_through_the_node_and_score(scene, dds, tmp_path):
     """Our bag (replay + record + score, three processes) and a foreign bag (score --live with
     remapping only) through one diffpose_node process: every frame gets a pose under 2 mm."""
     from diffpose_ros.cli import make_bag
-    from diffpose_ros.core.io import save_json
+    from diffpose_ros.core.io.files import save_json
 
     save_json(tmp_path / "poses.json", {"poses": [{"T_ct_source": T} for T in scene.poses[:3]]})
     assert (
@@ -490,7 +490,7 @@ def _large_frames_reach_the_node(scene, dds: dict, tmp_path: Path, node_env: dic
     if int(Path("/proc/sys/net/core/rmem_max").read_text()) < 4194304:
         pytest.skip("net.core.rmem_max < 4194304: the node's socket buffer is capped (README, Large frames)")
     from diffpose_ros.cli import make_bag
-    from diffpose_ros.core.io import save_json
+    from diffpose_ros.core.io.files import save_json
 
     poses = [scene.poses[i % len(scene.poses)] for i in range(8)]
     save_json(tmp_path / "poses.json", {"poses": [{"T_ct_source": T} for T in poses]})
@@ -627,7 +627,7 @@ def test_main_job_end_to_end(scene, dds, tmp_path):
     replay, record, score (the nodes on config/fastdds_node.xml, the tools on the shared-memory profile);
     exit 0 only when every frame got a pose. Its OpenIGTLink bridge sends an OK
     TRANSFORM and an IMAGE for each of the node's TFs, within 2 mm of the truth (3D mTRE)."""
-    from diffpose_ros.core.io import save_json
+    from diffpose_ros.core.io.files import save_json
 
     save_json(tmp_path / "poses.json", {"poses": [{"T_ct_source": T} for T in scene.poses[:3]]})
     run = run_tool(

@@ -23,11 +23,11 @@ from dicom_files import write_dicom  # noqa: E402
 
 from diffpose_ros.bags.bagfile import bag_topics, decode, read_messages  # noqa: E402
 from diffpose_ros.cli import make_bag  # noqa: E402
-from diffpose_ros.core.geometry import Intrinsics, carm_pose  # noqa: E402
-from diffpose_ros.core.render import Renderer  # noqa: E402
-from diffpose_ros.core.similarity import ncc  # noqa: E402
-from diffpose_ros.core.simulate import simulate_transmission  # noqa: E402
-from diffpose_ros.core.volume import default_ct_path, hu_to_mu, load_ct  # noqa: E402
+from diffpose_ros.core.geometry.camera import Intrinsics, carm_pose  # noqa: E402
+from diffpose_ros.core.registration.similarity import ncc  # noqa: E402
+from diffpose_ros.core.rendering.renderer import Renderer  # noqa: E402
+from diffpose_ros.core.rendering.volume import default_ct_path, hu_to_mu, load_ct  # noqa: E402
+from diffpose_ros.core.simulation.detector import simulate_transmission  # noqa: E402
 from diffpose_ros.ros.conversions import camera_info_to_intrinsics, image_to_frame, image_to_numpy  # noqa: E402
 
 ACQUIRED_NS = 1741947300_250000000  # 2025-03-14 10:15:00.25 UTC

@@ -17,16 +17,17 @@ from ros_harness import FRAME_POSES, ros_disabled
 if ros_disabled():
     pytest.skip("DIFFPOSE_NO_ROS=1: ROS 2 tests skipped", allow_module_level=True)
 
-from diffpose_ros.bags import score as scoring  # noqa: E402
 from diffpose_ros.bags.bagfile import BagWriter, QosSpec, bag_topics, decode, read_messages  # noqa: E402
+from diffpose_ros.bags.read import read_estimates, read_truth, targets_for  # noqa: E402
+from diffpose_ros.bags.score import score_frames  # noqa: E402
 from diffpose_ros.cli import make_bag, score  # noqa: E402
-from diffpose_ros.core import metrics, se3  # noqa: E402
-from diffpose_ros.core.geometry import Intrinsics, carm_pose  # noqa: E402
-from diffpose_ros.core.io import save_json  # noqa: E402
-from diffpose_ros.core.preprocess import line_integrals_from_transmission  # noqa: E402
-from diffpose_ros.core.render import Renderer  # noqa: E402
-from diffpose_ros.core.similarity import ncc  # noqa: E402
-from diffpose_ros.core.volume import hu_to_mu  # noqa: E402
+from diffpose_ros.core.frames.prepare import line_integrals_from_transmission  # noqa: E402
+from diffpose_ros.core.geometry import metrics, se3  # noqa: E402
+from diffpose_ros.core.geometry.camera import Intrinsics, carm_pose  # noqa: E402
+from diffpose_ros.core.io.files import save_json  # noqa: E402
+from diffpose_ros.core.registration.similarity import ncc  # noqa: E402
+from diffpose_ros.core.rendering.renderer import Renderer  # noqa: E402
+from diffpose_ros.core.rendering.volume import hu_to_mu  # noqa: E402
 from diffpose_ros.ros.conversions import image_to_numpy  # noqa: E402
 
 SIZE, SPACING, FPS = 128, 2.4, 10.0
@@ -45,7 +46,7 @@ def frame_poses(center) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    from diffpose_ros.core.volume import default_ct_path, load_ct
+    from diffpose_ros.core.rendering.volume import default_ct_path, load_ct
 
     d = tmp_path_factory.mktemp("bags")
     hu = load_ct(default_ct_path())
@@ -293,10 +294,10 @@ def test_score_rotation_error_matches_metrics_and_inverted_tf(made, tmp_path):
     d, hu, poses = made
     R = se3.exp(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, math.radians(1.0)], dtype=torch.float64)).numpy()
     _doctored(d / "bag", tmp_path / "est", lambda T: T @ R, invert=True)
-    truth = scoring.read_truth(d / "bag")
-    estimates = scoring.read_estimates(tmp_path / "est", "ct", truth.camera_frame)
-    targets, _ = scoring.targets_for(truth, None)
-    rows = scoring.score_frames(truth, estimates, targets, 1020.0)
+    truth = read_truth(d / "bag")
+    estimates = read_estimates(tmp_path / "est", "ct", truth.camera_frame)
+    targets, _ = targets_for(truth, None)
+    rows = score_frames(truth, estimates, targets, 1020.0)
     expected = [float(metrics.mtre(T @ torch.from_numpy(R), T, targets)) for T in poses]
     assert [r["mtre_mm"] for r in rows] == pytest.approx(expected, rel=1e-6)
     assert all(r["rotation_deg"] == pytest.approx(1.0, abs=1e-6) for r in rows)

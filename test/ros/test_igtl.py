@@ -1,5 +1,5 @@
 """The OpenIGTLink bridge without DDS: pairing, validity and staleness (:class:`Bridge` driven with plain
-messages and a fake clock), and the transport (:mod:`diffpose_ros.ros.igtl_link`) against pyigtl
+messages and a fake clock), and the transport (:mod:`diffpose_ros.ros.igtl.link`) against pyigtl
 clients, a pyigtl server that restarts, a client sending garbage and one that never reads."""
 
 from __future__ import annotations
@@ -16,13 +16,15 @@ import pyigtl
 import pytest
 import torch
 
-from diffpose_ros.bags.navigator import Receiver, free_port, wait_until
-from diffpose_ros.core.geometry import Intrinsics, carm_pose
-from diffpose_ros.core.navigation import PoseStatus, fluoro_ijk_to_world, stamp_from_ns
-from diffpose_ros.ros import igtl_link
+from diffpose_ros.core.geometry.camera import Intrinsics, carm_pose
+from diffpose_ros.core.geometry.conventions import fluoro_ijk_to_world
+from diffpose_ros.core.navigation.stamps import stamp_from_ns
+from diffpose_ros.core.navigation.status import PoseStatus
 from diffpose_ros.ros.conversions import CT_TO_CT_RAS, intrinsics_to_camera_info, numpy_to_image, transform_stamped
-from diffpose_ros.ros.igtl_bridge import PAIR_TIMEOUT_S, Bridge, BridgeSettings
-from diffpose_ros.ros.igtl_link import IgtlClient, IgtlServer, parse_endpoint
+from diffpose_ros.ros.igtl import link as igtl_link
+from diffpose_ros.ros.igtl.bridge import PAIR_TIMEOUT_S, Bridge, BridgeSettings
+from diffpose_ros.ros.igtl.link import IgtlClient, IgtlServer, parse_endpoint
+from diffpose_ros.ros.igtl.navigator import Receiver, free_port, wait_until
 
 FRAME = "carm_source_optical"
 K = Intrinsics.from_detector(1020.0, 64, 48, 4.8, principal_point=(30.0, 25.5))
@@ -216,7 +218,8 @@ def test_settings_problems_and_endpoints():
 def test_navigator_score_of_what_the_bridge_sent():
     """score_navigator: OK TRANSFORMs back in ct LPS against the truth (one exact, one 1 mm off), the
     INVALID ones by reason, IMAGEs and statuses counted, the node's TFs matched by stamp."""
-    from diffpose_ros.bags.score import Truth, score_navigator
+    from diffpose_ros.bags.read import Truth
+    from diffpose_ros.bags.score import score_navigator
 
     h = Harness()
     ns = [1_700_000_000_123_456_789 + k * 200_000_000 for k in range(3)]
@@ -328,6 +331,14 @@ def test_client_mode_reconnects_to_a_restarted_pyigtl_server():
 
 
 # ------------------------------------------------------------------------------ ~/status of the node
+def _result(similarity: float, mode: str, accepted: bool):
+    from diffpose_ros.core.registration.result import FrameResult, Route
+
+    eye = torch.eye(4, dtype=torch.float64)
+    reason = "" if accepted else "similarity"
+    return FrameResult(eye, torch.eye(6), similarity, 3, True, accepted, reason, Route(mode), eye)
+
+
 def test_outcome_status_of_each_kind():
     from diagnostic_msgs.msg import DiagnosticStatus
 
@@ -335,13 +346,51 @@ def test_outcome_status_of_each_kind():
     from diffpose_ros.ros.worker import Outcome
 
     header = _header(1_700_000_000_000_000_007)
-    published = Outcome("published", DiagnosticStatus.OK, "pose published", {"similarity": 0.9, "mode": "tracking"})
+    published = Outcome("published", DiagnosticStatus.OK, "pose published", {}, _result(0.9, "tracking", True))
     status = outcome_status(published, header, FRAME, 0.25)
     assert (status.valid, status.reason, status.source, status.similarity) == (True, "", "tracking", 0.9)
     assert status.stamp == "1700000000.000000007" and status.latency_s == 0.25 and status.frame_id == FRAME
-    gate = Outcome("rejected", DiagnosticStatus.ERROR, "rejected by the gate: similarity", {"mode": "cold"})
+    message = "rejected by the gate: similarity"
+    gate = Outcome("rejected", DiagnosticStatus.ERROR, message, {}, _result(0.2, "cold", False))
     status = outcome_status(gate, header, FRAME, 0.3)
-    assert not status.valid and status.reason == gate.message and status.source == "cnn" and status.similarity is None
+    assert not status.valid and status.reason == gate.message and status.source == "cnn" and status.similarity == 0.2
     refused = Outcome("rejected", DiagnosticStatus.ERROR, "bad frame: constant", {})
     assert outcome_status(refused, header, FRAME, None).source is None
     assert PoseStatus.from_json(outcome_status(refused, header, FRAME, None).to_json()).reason == "bad frame: constant"
+
+
+# ------------------------------------------------------------------------------ the bridge's node
+def test_bridge_node_declares_its_table(monkeypatch):
+    """``diffpose_igtl`` declares its table's parameters with their descriptors; a float parameter
+    takes an integer literal."""
+    from ros_harness import domain_id, ros_disabled, ros_env
+
+    if ros_disabled():
+        pytest.skip("DIFFPOSE_NO_ROS=1")
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.parameter import Parameter
+
+    from diffpose_ros.ros.igtl.bridge import BRIDGE_PARAMETERS
+    from diffpose_ros.ros.igtl.node import IgtlNode
+
+    for key, value in ros_env(domain_id(2)).items():
+        monkeypatch.setenv(key, value)
+    context = Context()
+    rclpy.init(context=context, domain_id=domain_id(2))
+    try:
+        overrides = [Parameter("port", value=0), Parameter("sdd_mm", value=1000)]
+        node = IgtlNode(context=context, parameter_overrides=overrides)
+        try:
+            for p in BRIDGE_PARAMETERS:
+                d = node.describe_parameter(p.name)
+                assert d.read_only and d.description == p.description, p.name
+            (port_range,) = node.describe_parameter("port").integer_range
+            assert (port_range.from_value, port_range.to_value) == (0, 65535)
+            settings = node.bridge.settings
+            assert (settings.port, settings.sdd_mm, type(settings.sdd_mm)) == (0, 1000.0, float)
+        finally:
+            node.close()
+            node.destroy_node()
+    finally:
+        context.try_shutdown()

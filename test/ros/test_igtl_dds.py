@@ -20,7 +20,7 @@ import pyigtl
 import pytest
 from ros_harness import NodeProcess, Probe, domain_id, make_frame, ros_disabled, ros_env, stamp_key
 
-from diffpose_ros.bags.navigator import Receiver, free_port
+from diffpose_ros.ros.igtl.navigator import Receiver, free_port
 
 if ros_disabled():
     pytest.skip("DIFFPOSE_NO_ROS=1: ROS 2 tests skipped", allow_module_level=True)
@@ -31,7 +31,7 @@ DIAG_WARN = b"\x01"
 
 
 def _bridge(args: list[str], env, log: Path) -> NodeProcess:
-    command = [str(BRIDGE_EXE)] if BRIDGE_EXE.is_file() else [sys.executable, "-m", "diffpose_ros.ros.igtl"]
+    command = [str(BRIDGE_EXE)] if BRIDGE_EXE.is_file() else [sys.executable, "-m", "diffpose_ros.ros.igtl.node"]
     # Reliable images: a best-effort 128 KB frame can be lost on a busy machine, and then no IMAGE goes out.
     common = ["-p", f"stale_after_s:={STALE_S}", "-p", "address:=127.0.0.1", "-p", "image_qos:=reliable"]
     return NodeProcess(

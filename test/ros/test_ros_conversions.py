@@ -19,8 +19,8 @@ if ros_disabled():
 
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 
-from diffpose_ros.core import se3  # noqa: E402
-from diffpose_ros.core.geometry import Intrinsics  # noqa: E402
+from diffpose_ros.core.geometry import se3  # noqa: E402
+from diffpose_ros.core.geometry.camera import Intrinsics  # noqa: E402
 from diffpose_ros.ros import conversions as cv  # noqa: E402
 
 

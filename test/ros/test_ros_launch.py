@@ -98,7 +98,7 @@ def test_setup_installs_launch_and_config():
     assert "launch/*.launch.py" in setup and "config/*.yaml" in setup and "config/*.rviz" in setup
     assert "diffpose_node = diffpose_ros.ros.node:main" in setup
     for script in ("diffpose_igtl", "diffpose-igtl"):
-        assert f"{script} = diffpose_ros.ros.igtl:main" in setup
+        assert f"{script} = diffpose_ros.ros.igtl.node:main" in setup
 
 
 def _node_keywords(executable: str) -> dict:
@@ -176,29 +176,68 @@ def test_launch_file_runs_where_launch_ros_imports(tmp_path):
     assert type(rviz).__name__ == "Node"
 
 
-def test_config_yaml_holds_declared_parameters_only(monkeypatch):
+def test_config_yaml_holds_declared_parameters_only():
+    """Every value of ``config/diffpose.yaml`` is a parameter of ``diffpose_node`` at its default, and the
+    launch file gives the bridge the same file: the names they share mean the same and agree."""
+    from diffpose_ros.ros.igtl.bridge import BRIDGE_PARAMETERS
+    from diffpose_ros.ros.settings import PARAMETERS
+
+    doc = yaml.safe_load(CONFIG_YAML.read_text())
+    assert list(doc) == ["/**"] and list(doc["/**"]) == ["ros__parameters"]
+    values = dict(flatten_parameters(doc["/**"]["ros__parameters"]))
+    node = {p.name: p for p in PARAMETERS}
+    assert set(values) <= set(node), set(values) - set(node)
+    for name, value in values.items():  # the YAML shows the defaults, of the parameter's type
+        assert value == node[name].default and not node[name].problem(value), name
+    shared = [p for p in BRIDGE_PARAMETERS if p.name in node]
+    assert {p.name for p in shared} == {"mirror", "camera_frame", "ct_frame", "ct_ras_frame", "image_qos"}
+    for p in shared:
+        assert (p.default, p.choices) == (node[p.name].default, node[p.name].choices), p.name
+
+
+def test_node_declares_the_table(monkeypatch):
+    """``diffpose_node`` declares exactly its table's parameters (and the ones rclpy adds)."""
     if ros_disabled():
         pytest.skip("DIFFPOSE_NO_ROS=1")
     import rclpy
     from rclpy.context import Context
 
     from diffpose_ros.ros.node import DiffPoseNode
+    from diffpose_ros.ros.settings import PARAMETERS
 
-    doc = yaml.safe_load(CONFIG_YAML.read_text())
-    assert list(doc) == ["/**"] and list(doc["/**"]) == ["ros__parameters"]
-    values = dict(flatten_parameters(doc["/**"]["ros__parameters"]))
     for key, value in ros_env(domain_id(2)).items():
         monkeypatch.setenv(key, value)
     context = Context()
     rclpy.init(context=context, domain_id=domain_id(2))
     try:
+        plain = rclpy.create_node("diffpose_plain_node", context=context)
+        own = set(plain.list_parameters([], 0).names)  # what rclpy declares on every node
+        plain.destroy_node()
         node = DiffPoseNode(context=context)
         try:
-            declared = {name: node.get_parameter(name) for name in values if node.has_parameter(name)}
-            assert set(values) == set(declared), set(values) - set(declared)
-            for name, value in values.items():  # the YAML shows the defaults
-                assert declared[name].value == value, name
+            assert set(node.list_parameters([], 0).names) - own == {p.name for p in PARAMETERS}
+            for p in PARAMETERS:
+                value = node.get_parameter(p.name).value
+                assert value == (None if p.default == () else p.default), p.name
         finally:
             node.destroy_node()
     finally:
         context.try_shutdown()
+
+
+def test_docs_parameter_table_is_generated_from_the_declarations():
+    """``docs/node.md``'s table between the markers is :func:`markdown_table`'s (rewrite it with
+    ``python -m diffpose_ros.ros.parameter_docs docs/node.md``)."""
+    from diffpose_ros.ros.parameter_docs import BEGIN, END, NODES, markdown_table, with_table
+
+    table = markdown_table()
+    for node, parameters in NODES.items():
+        assert f"`{node}`" in table
+        assert all(f"| `{p.name}` |" in table for p in parameters), node
+    docs = REPO / "docs" / "node.md"
+    assert docs.is_file(), "docs/node.md is missing"
+    text = docs.read_text()
+    assert BEGIN in text and END in text, f"docs/node.md has no {BEGIN} ... {END} block"
+    assert with_table(text) == text, "docs/node.md's parameter table is out of date: python -m " + (
+        "diffpose_ros.ros.parameter_docs docs/node.md"
+    )

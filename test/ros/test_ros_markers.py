@@ -19,8 +19,9 @@ if ros_disabled():
 from builtin_interfaces.msg import Time  # noqa: E402
 from visualization_msgs.msg import Marker  # noqa: E402
 
-from diffpose_ros.core import scene, volume  # noqa: E402
-from diffpose_ros.core.geometry import Intrinsics, carm_pose  # noqa: E402
+from diffpose_ros.core.geometry.camera import Intrinsics, carm_pose  # noqa: E402
+from diffpose_ros.core.navigation import scene  # noqa: E402
+from diffpose_ros.core.rendering import volume
 from diffpose_ros.ros.markers import COLOURS, MarkerPublisher, carm_markers, scene_markers  # noqa: E402
 
 K = Intrinsics.from_detector(1020.0, 256, 200, 1.2)

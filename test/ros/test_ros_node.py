@@ -205,7 +205,7 @@ def test_markers_reach_a_late_subscriber(ros, scene):
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
     from visualization_msgs.msg import Marker, MarkerArray
 
-    from diffpose_ros.core.scene import MAX_TRIANGLES
+    from diffpose_ros.core.navigation.scene import MAX_TRIANGLES
     from diffpose_ros.ros.markers import COLOURS
 
     probe, _, _ = ros
@@ -307,7 +307,7 @@ def test_other_encodings_mirror_and_line_integrals(ros, scene):
         print(f"{encoding} {kw}: mTRE {error:.3f} mm")
         assert error < MTRE_LIMIT_MM
 
-    from diffpose_ros.core.simulate import simulate_transmission
+    from diffpose_ros.core.simulation.detector import simulate_transmission
 
     run(4, simulate_transmission(scene.line_integrals[4], dtype="uint8", rng=np.random.default_rng(5)), "mono8")
     run(3, scene.frames[3].astype(np.float32), "32FC1", step=256 * 4 + 8, is_bigendian=True)
@@ -337,8 +337,11 @@ def test_mirrored_off_centre_frame_gives_the_cli_pose(ros, scene, tmp_path):
     from ros_harness import DETECTOR, SDD, SPACING
 
     from diffpose_ros.cli import register
-    from diffpose_ros.core import metrics, render, simulate, volume
-    from diffpose_ros.core.geometry import Intrinsics
+    from diffpose_ros.core.geometry import metrics
+    from diffpose_ros.core.geometry.camera import Intrinsics
+    from diffpose_ros.core.rendering import renderer as render
+    from diffpose_ros.core.rendering import volume
+    from diffpose_ros.core.simulation import detector as simulate
     from diffpose_ros.ros.conversions import intrinsics_to_camera_info, numpy_to_image
 
     index = 1
@@ -385,7 +388,7 @@ def test_round_field_with_burned_in_text_is_posed(ros, scene):
     """An image intensifier's round field and burned-in text: the node masks them (valid_fraction in
     the frame status) and still poses the frame."""
     probe, _, _ = ros
-    from diffpose_ros.core.simulate import round_field_and_text
+    from diffpose_ros.core.simulation.detector import round_field_and_text
     from diffpose_ros.ros.conversions import numpy_to_image
 
     index = 3
@@ -403,7 +406,8 @@ def test_clinical_video_is_posed_and_the_same_view_inverted_is_refused(ros, scen
     posed, its status naming the polarity and the share of outlier pixels; the same view with bones
     bright is refused with the reason and publishes no TF."""
     probe, _, _ = ros
-    from diffpose_ros.core.simulate import ClinicalFactors, simulate_transmission
+    from diffpose_ros.core.simulation.clinical import ClinicalFactors
+    from diffpose_ros.core.simulation.detector import simulate_transmission
     from diffpose_ros.ros.conversions import numpy_to_image
 
     index = 2
@@ -430,7 +434,7 @@ def test_clinical_video_is_posed_and_the_same_view_inverted_is_refused(ros, scen
 def test_covariance_grows_with_less_information(ros, scene):
     """The same view at a lower dose (more quantum noise): a larger ~/pose covariance."""
     probe, _, _ = ros
-    from diffpose_ros.core.simulate import simulate_transmission
+    from diffpose_ros.core.simulation.detector import simulate_transmission
     from diffpose_ros.ros.conversions import numpy_to_image
 
     traces = []

@@ -18,8 +18,8 @@ if ros_disabled():
 
 from diagnostic_msgs.msg import DiagnosticStatus  # noqa: E402
 
-from diffpose_ros.core.geometry import Intrinsics  # noqa: E402
-from diffpose_ros.core.pipeline import Pipeline  # noqa: E402
+from diffpose_ros.core.geometry.camera import Intrinsics  # noqa: E402
+from diffpose_ros.core.registration.pipeline import Pipeline  # noqa: E402
 from diffpose_ros.ros import conversions as cv  # noqa: E402
 from diffpose_ros.ros.camera_info import CameraInfoCache, choose_intrinsics  # noqa: E402
 from diffpose_ros.ros.settings import PARAMETERS, Settings, pipeline_config, settings_problems  # noqa: E402
@@ -136,7 +136,7 @@ def test_camera_info_cache_waits_for_a_late_message():
 def test_transform_and_pose_messages():
     from builtin_interfaces.msg import Time
 
-    from diffpose_ros.core import se3
+    from diffpose_ros.core.geometry import se3
 
     T = se3.exp(torch.tensor([10.0, -20.0, 700.0, 0.1, -0.2, 0.3], dtype=torch.float64))
     stamp = Time(sec=5, nanosec=7)
@@ -177,7 +177,7 @@ def _frame(scene, index, sec, info_cache=None, **image_kw):
 
 
 def test_worker_outcomes_without_dds(worker_case, scene):
-    from diffpose_ros.core import metrics
+    from diffpose_ros.core.geometry import metrics
 
     worker, infos, settings = worker_case
     good = worker.handle(_frame(scene, 0, 100, infos))

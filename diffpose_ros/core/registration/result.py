@@ -1,0 +1,95 @@
+"""What the pipeline says about one frame: a typed :class:`FrameResult`, and its one dict form.
+
+Every consumer (the node's status, diagnostics and markers, the tools' JSON) reads a frame's outcome
+from :meth:`FrameResult.as_dict` or from the fields themselves, never from a copy made by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+__all__ = ["FrameResult", "Route", "covariance_in_parent"]
+
+
+class Route(str, Enum):
+    """How a refinement started, and on which levels it ran (compares equal to its value)."""
+
+    GIVEN = "given"
+    """From the caller's pose, the full pyramid."""
+    TRACKING = "tracking"
+    """From the pose predicted by the last accepted ones, one sparse level."""
+    PYRAMID = "pyramid"
+    """From the predicted pose, the full pyramid (tracking failed)."""
+    COLD = "cold"
+    """From the patient model's CNN, the full pyramid."""
+
+
+@dataclass
+class FrameResult:
+    """Outcome of one frame.
+
+    ``pose``: ``T_ct_source`` (4x4 float64, mm; the refined estimate even when rejected);
+    ``covariance``: 6x6 over ``xi = (rho mm, phi rad)`` in the source frame (inf when nothing was
+    refined); ``similarity``: the cost's final similarity in [-1, 1] (NaN when nothing was refined);
+    ``iterations``: refinement steps of the result's route; ``converged``: its finest level stopped on a
+    tolerance; ``accepted``: passed the gate; ``reason``: why not (empty when accepted); ``mode``: the
+    :class:`Route` of the result; ``initial_pose``: where that refinement started; ``timings``: seconds
+    per stage (``preprocess``, ``cnn``, ``start``: polarity and intensity map, ``refine``, ``total``);
+    ``polarity``: how the frame showed bone; ``polarity_scores``: ``(bones_dark, bones_bright)``;
+    ``outlier_fraction``: share of the valid pixels the refinement left out as outliers;
+    ``routes``: every route tried, in order; ``out_of_time``: the refinement stopped at the frame's
+    deadline once its pose had settled.
+    """
+
+    pose: torch.Tensor
+    covariance: torch.Tensor
+    similarity: float
+    iterations: int
+    converged: bool
+    accepted: bool
+    reason: str
+    mode: Route
+    initial_pose: torch.Tensor
+    timings: dict[str, float] = field(default_factory=dict)
+    polarity: str = "bones_dark"
+    polarity_scores: tuple[float, float] = (float("nan"), float("nan"))
+    outlier_fraction: float = 0.0
+    routes: tuple[Route, ...] = ()
+    out_of_time: bool = False
+
+    @property
+    def path(self) -> str:
+        """The routes tried, e.g. ``tracking>pyramid``."""
+        return ">".join(route.value for route in self.routes)
+
+    def as_dict(self) -> dict:
+        """JSON-ready (plain Python types; poses as nested row-major lists, mm)."""
+        return {
+            "accepted": self.accepted,
+            "reason": self.reason,
+            "mode": self.mode.value,
+            "path": self.path,
+            "T_ct_source": self.pose.tolist(),
+            "T_ct_source_init": self.initial_pose.tolist(),
+            "similarity": float(self.similarity),
+            "iterations": int(self.iterations),
+            "converged": bool(self.converged),
+            "out_of_time": bool(self.out_of_time),
+            "polarity": self.polarity,
+            "polarity_scores": [float(v) for v in self.polarity_scores],
+            "outlier_fraction": float(self.outlier_fraction),
+            "timings": {name: float(v) for name, v in self.timings.items()},
+        }
+
+
+def covariance_in_parent(pose: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
+    """Re-express a source-frame ``xi`` covariance for position (mm) and rotation (rad) about ``ct`` axes.
+
+    ``T exp(xi)`` moves the source position by ``R rho`` and rotates by ``R phi`` about ``ct`` axes.
+    """
+    R = pose[:3, :3].to(covariance)
+    A = torch.block_diag(R, R)
+    return A @ covariance @ A.T
