@@ -47,7 +47,7 @@ setup(
         "pyigtl>=0.3",
         # the bone surface of the RViz scene (core/navigation/scene.py: marching cubes)
         "scikit-image>=0.19",
-        # numba's thread pool; without it numba's OpenMP pool fights PyTorch's (see core/rendering/backends/numba_cpu.py)
+        # numba's thread pool, which does not fight PyTorch's OpenMP one (core/rendering/backends/numba_cpu.py)
         'tbb>=2021.6; platform_machine == "x86_64"',
     ],
     extras_require={

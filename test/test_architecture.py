@@ -92,7 +92,7 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """The package's modules that ``name`` imports anywhere in its body (lazy imports included)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -114,7 +114,7 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
 def _imported_names(path: Path) -> set[str]:
     """Absolute names of what a module imports (relative imports left out: they stay in the package)."""
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
@@ -163,7 +163,7 @@ def test_no_import_cycles():
 
 def test_modules_are_small():
     for name, path in _modules().items():
-        lines = len(path.read_text().splitlines())
+        lines = len(path.read_text(encoding="utf-8").splitlines())
         limit = MAX_NODE_LINES if name == "diffpose_ros.ros.node" else MAX_MODULE_LINES
         assert lines <= limit, f"{name} has {lines} lines (at most {limit})"
 

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     """Rewrite the table in each Markdown file named on the command line."""
     for name in sys.argv[1:] if argv is None else argv:
         path = Path(name)
-        path.write_text(with_table(path.read_text()))
+        path.write_text(with_table(path.read_text(encoding="utf-8")), encoding="utf-8")
     return 0
 
 

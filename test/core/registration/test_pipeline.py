@@ -191,6 +191,7 @@ its optimum depends on which 32 patches the start's DRR picks (0.04-0.87 mm, p90
 frames from the unpredicted start on a Zen 4 under its native, AVX2 and generic code paths)."""
 
 
+@pytest.mark.slow
 def test_prediction_starts_nearer_and_never_makes_an_accepted_pose_worse(pipeline, run, camera, mu, monkeypatch):
     """Three noisy tracks of the same motion: from the third frame on, the predicted start is less than
     half as far off, and the pose refined from it is as good: every one within the sparse level's
@@ -226,6 +227,7 @@ def test_prediction_starts_nearer_and_never_makes_an_accepted_pose_worse(pipelin
     assert mean[True] < mean[False] + 0.1, finals
 
 
+@pytest.mark.slow
 def test_a_deadline_cuts_tracking_short_and_leaves_cold_starts_alone(pipeline, run, mu):
     """With its deadline passed, each tracked frame stops once its pose settles: fewer steps, about
     the same error as without a deadline (these frames are noisy); the cold start is not cut."""
@@ -245,6 +247,7 @@ def test_a_deadline_cuts_tracking_short_and_leaves_cold_starts_alone(pipeline, r
     assert sum(r.iterations for r in results[1:]) < sum(f.iterations for f in free[1:])
 
 
+@pytest.mark.slow
 def test_tracking_falls_back_after_a_jump_and_starts_cold_after_a_rejected_frame(pipeline, run, camera, mu):
     images, poses = run
     targets = metrics.grid_targets(mu.center)

@@ -42,6 +42,7 @@ def test_drr_writes_npy_and_png(case, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_register_npy_and_png_recover_the_pose(case, hu, capsys):
     d, camera, truth = case
     if not (d / "view.npy").exists():

@@ -12,7 +12,7 @@ import importlib.util
 
 import pytest
 import yaml
-from ros_harness import CONFIG_YAML, REPO, domain_id, flatten_parameters, ros_disabled, ros_env
+from ros_harness import CONFIG_YAML, REPO, flatten_parameters, rclpy_context, ros_disabled
 
 LAUNCH_FILE = REPO / "launch" / "diffpose.launch.py"
 ARGUMENTS = {
@@ -131,6 +131,7 @@ def test_launch_file_starts_rviz_with_the_package_config():
     assert 'LaunchConfiguration("rviz").perform(context)' in LAUNCH_FILE.read_text()
 
 
+@pytest.mark.dds
 def test_launch_file_runs_where_launch_ros_imports(tmp_path):
     if importlib.util.find_spec("launch_ros") is None or importlib.util.find_spec("launch") is None:
         pytest.skip(
@@ -195,21 +196,17 @@ def test_config_yaml_holds_declared_parameters_only():
         assert (p.default, p.choices) == (node[p.name].default, node[p.name].choices), p.name
 
 
+@pytest.mark.dds
 def test_node_declares_the_table(monkeypatch):
     """``diffpose_node`` declares exactly its table's parameters (and the ones rclpy adds)."""
     if ros_disabled():
         pytest.skip("DIFFPOSE_NO_ROS=1")
     import rclpy
-    from rclpy.context import Context
 
     from diffpose_ros.ros.node import DiffPoseNode
     from diffpose_ros.ros.settings import PARAMETERS
 
-    for key, value in ros_env(domain_id(2)).items():
-        monkeypatch.setenv(key, value)
-    context = Context()
-    rclpy.init(context=context, domain_id=domain_id(2))
-    try:
+    with rclpy_context(monkeypatch) as context:
         plain = rclpy.create_node("diffpose_plain_node", context=context)
         own = set(plain.list_parameters([], 0).names)  # what rclpy declares on every node
         plain.destroy_node()
@@ -221,8 +218,6 @@ def test_node_declares_the_table(monkeypatch):
                 assert value == (None if p.default == () else p.default), p.name
         finally:
             node.destroy_node()
-    finally:
-        context.try_shutdown()
 
 
 def test_docs_parameter_table_is_generated_from_the_declarations():
@@ -236,7 +231,7 @@ def test_docs_parameter_table_is_generated_from_the_declarations():
         assert all(f"| `{p.name}` |" in table for p in parameters), node
     docs = REPO / "docs" / "node.md"
     assert docs.is_file(), "docs/node.md is missing"
-    text = docs.read_text()
+    text = docs.read_text(encoding="utf-8")
     assert BEGIN in text and END in text, f"docs/node.md has no {BEGIN} ... {END} block"
     assert with_table(text) == text, "docs/node.md's parameter table is out of date: python -m " + (
         "diffpose_ros.ros.parameter_docs docs/node.md"

@@ -176,6 +176,7 @@ def _frame(scene, index, sec, info_cache=None, **image_kw):
     return Received(msg, time.monotonic())
 
 
+@pytest.mark.slow
 def test_worker_outcomes_without_dds(worker_case, scene):
     from diffpose_ros.core.geometry import metrics
 

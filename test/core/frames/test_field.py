@@ -84,6 +84,7 @@ def test_prepare_frame_carries_the_mask_through_a_mirror(clean):
     ).mask.all()
 
 
+@pytest.mark.slow
 def test_a_round_field_with_text_registers_only_with_its_mask(mu, renderer, clinical_pose, hu):
     """The issue-19 failure: black corners and text pull NCC away; the mask keeps them out."""
     from diffpose_ros.core.geometry import se3

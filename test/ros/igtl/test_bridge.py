@@ -360,25 +360,20 @@ def test_outcome_status_of_each_kind():
 
 
 # ------------------------------------------------------------------------------ the bridge's node
+@pytest.mark.dds
 def test_bridge_node_declares_its_table(monkeypatch):
     """``diffpose_igtl`` declares its table's parameters with their descriptors; a float parameter
     takes an integer literal."""
-    from ros_harness import domain_id, ros_disabled, ros_env
+    from ros_harness import rclpy_context, ros_disabled
 
     if ros_disabled():
         pytest.skip("DIFFPOSE_NO_ROS=1")
-    import rclpy
-    from rclpy.context import Context
     from rclpy.parameter import Parameter
 
     from diffpose_ros.ros.igtl.bridge import BRIDGE_PARAMETERS
     from diffpose_ros.ros.igtl.node import IgtlNode
 
-    for key, value in ros_env(domain_id(2)).items():
-        monkeypatch.setenv(key, value)
-    context = Context()
-    rclpy.init(context=context, domain_id=domain_id(2))
-    try:
+    with rclpy_context(monkeypatch) as context:
         overrides = [Parameter("port", value=0), Parameter("sdd_mm", value=1000)]
         node = IgtlNode(context=context, parameter_overrides=overrides)
         try:
@@ -392,5 +387,3 @@ def test_bridge_node_declares_its_table(monkeypatch):
         finally:
             node.close()
             node.destroy_node()
-    finally:
-        context.try_shutdown()

@@ -1,12 +1,18 @@
-"""Shared fixtures for the ROS-free core tests.
+"""Fixtures and markers of the whole suite; helpers shared by test files live in ``test/support``.
 
 The bundled CT is loaded once per session (it is the slow part); renderers and the registrar are
 built on it once. Images are kept small (64^2 / 96^2 / 128^2) so the whole suite runs on 2 cores.
+The ROS 2 tests share one patient model and its frames (:func:`scene`).
+
+Markers: ``dds`` (the test starts ROS 2 participants: real DDS, other processes) and ``slow`` (the
+test trains or registers many frames). ``pytest -m "not dds and not slow"`` is the quick loop.
 """
 
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +21,16 @@ from diffpose_ros.core.geometry import camera as geometry
 from diffpose_ros.core.registration import registrar as register
 from diffpose_ros.core.rendering import renderer as render
 from diffpose_ros.core.rendering import volume
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
+
+from ros_harness import Scene, build_scene  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "dds: starts ROS 2 participants over real DDS (nodes, replays, launch)")
+    config.addinivalue_line("markers", "slow: trains a model or registers many frames")
+
 
 SDD = 1020.0
 
@@ -100,3 +116,16 @@ def pipeline(mu):
     ref = geometry.carm_pose(0.0, 0.0, 0.0, 750.0, mu.center)
     camera = geometry.Intrinsics.from_detector(1020, 256, 256, 1.2).resized(64)
     return Pipeline(PatientModel(PoseRegressor(ref, mu.center, image_size=64), mu, camera))
+
+
+@pytest.fixture(scope="session")
+def scene(tmp_path_factory) -> Scene:
+    """The patient model file and the rendered frames (see ros_harness)."""
+    return build_scene(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def env_patch():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()

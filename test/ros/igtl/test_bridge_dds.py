@@ -22,6 +22,8 @@ from ros_harness import NodeProcess, Probe, domain_id, make_frame, ros_disabled,
 
 from diffpose_ros.ros.igtl.navigator import Receiver, free_port
 
+pytestmark = pytest.mark.dds
+
 if ros_disabled():
     pytest.skip("DIFFPOSE_NO_ROS=1: ROS 2 tests skipped", allow_module_level=True)
 

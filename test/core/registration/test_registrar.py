@@ -77,10 +77,11 @@ def test_the_pyramid_ends_at_128_or_256_pixels():
         pyramid(512)
 
 
+@pytest.mark.slow
 def test_a_256_pixel_level_pins_the_pose_down_better_on_scattered_frames(registrar, hu, detector):
     """Mono16 frames with scatter and heel (physics the DRR lacks), from 3 deg / 10 mm off: ending
     the pyramid at 256 px (1.2 mm pixels) instead of 128 gives a clearly smaller 3D error (on 200
-    clinical frames, docs/benchmarks.md: median 0.69 -> 0.47 mm)."""
+    clinical frames, see docs/performance.md)."""
     targets = metrics.grid_targets(hu.center)
     iso = hu.center + torch.tensor([12.0, -8.0, 18.0], dtype=torch.float64)
     rng = np.random.default_rng(0)
@@ -120,6 +121,7 @@ def test_a_dense_level_renders_each_pose_once(registrar, truth, target, k128, mo
     assert calls == {"render": 0, "render_jacobian": len(registrar.config.levels) + result.iterations}
 
 
+@pytest.mark.slow
 def test_recovers_pose_from_a_diffdrr_image(registrar, truth, k128, hu, diffdrr_render):
     # Cross-renderer: the target comes from DiffDRR's Siddon (same attenuation), not our own renderer.
     T_true, iso = truth
@@ -176,6 +178,7 @@ def test_resample_image():
     assert resample_mask(mask, 4, 4) is mask
 
 
+@pytest.mark.slow
 def test_a_level_at_its_noise_floor_converges(mu, registrar, truth, detector):
     # At the optimum of a noisy frame, the Gauss-Newton model predicts an improvement below
     # cost_tolerance, so the level ends as converged without rendering the step; a trial step that is
@@ -226,6 +229,7 @@ def test_a_mask_keeps_spoiled_pixels_out(registrar, truth, target, k128, hu):
         registrar.register(target, k128, start, mask=mask[:64])
 
 
+@pytest.mark.slow
 def test_the_robust_cost_ignores_a_rod_that_the_plain_one_follows(mu, truth, hu, detector):
     """Two steel rods (not in the CT) across a frame: with the outlier rejection the pose is the
     clean frame's, without it the rods pull it; the share left out is reported."""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from ros_harness import REPO, domain_id, ros_disabled, ros_env
+from ros_harness import REPO, rclpy_context, ros_disabled
 
 if ros_disabled():
     pytest.skip("DIFFPOSE_NO_ROS=1: ROS 2 tests skipped", allow_module_level=True)
@@ -23,6 +23,8 @@ from diffpose_ros.core.geometry.camera import Intrinsics, carm_pose  # noqa: E40
 from diffpose_ros.core.navigation import scene  # noqa: E402
 from diffpose_ros.core.rendering import volume
 from diffpose_ros.ros.markers import COLOURS, MarkerPublisher, carm_markers, scene_markers  # noqa: E402
+
+pytestmark = pytest.mark.dds
 
 K = Intrinsics.from_detector(1020.0, 256, 200, 1.2)
 STAMP = Time(sec=12, nanosec=345)
@@ -165,16 +167,11 @@ def test_a_scene_that_fails_is_left_out_with_a_warning():
 def test_late_subscriber_gets_the_scene_and_the_carm(ball, monkeypatch):
     """Over DDS: both writers' last arrays reach a subscriber that joins after they were sent."""
     import rclpy
-    from rclpy.context import Context
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
     from visualization_msgs.msg import MarkerArray
 
-    for key, value in ros_env(domain_id(2)).items():
-        monkeypatch.setenv(key, value)
-    context = Context()
-    rclpy.init(context=context, domain_id=domain_id(2))
-    try:
+    with rclpy_context(monkeypatch) as context:
         node = rclpy.create_node("diffpose_markers_test", context=context)
         listener = rclpy.create_node("diffpose_markers_listener", context=context)
         markers = MarkerPublisher(node, "ct")
@@ -199,8 +196,6 @@ def test_late_subscriber_gets_the_scene_and_the_carm(ball, monkeypatch):
         executor.shutdown()
         listener.destroy_node()
         node.destroy_node()
-    finally:
-        context.try_shutdown()
 
 
 def test_rviz_config_shows_markers_tf_and_the_overlay():

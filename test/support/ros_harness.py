@@ -15,6 +15,7 @@ reference start.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -25,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from diffpose_ros.core.navigation.stamps import split_stamp, stamp_from_ns, stamp_ns
 
 REPO = Path(__file__).resolve().parents[2]
 FASTDDS_PROFILE = REPO / "config" / "fastdds_large_frames.xml"
@@ -148,12 +151,29 @@ class NodeProcess:
 def stamp_now():
     from builtin_interfaces.msg import Time
 
-    ns = time.time_ns()
-    return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
+    sec, nanosec = split_stamp(time.time_ns())
+    return Time(sec=sec, nanosec=nanosec)
 
 
 def stamp_key(stamp) -> str:
-    return f"{int(stamp.sec)}.{int(stamp.nanosec):09d}"
+    """The ``sec.nanosec`` text diagnostics and statuses give a stamp."""
+    return stamp_from_ns(stamp_ns(stamp))
+
+
+@contextlib.contextmanager
+def rclpy_context(monkeypatch, offset: int = 2):
+    """An rclpy context on the test's own DDS domain (:func:`domain_id` of ``offset``), shut down on exit."""
+    import rclpy
+    from rclpy.context import Context
+
+    for key, value in ros_env(domain_id(offset)).items():
+        monkeypatch.setenv(key, value)
+    context = Context()
+    rclpy.init(context=context, domain_id=domain_id(offset))
+    try:
+        yield context
+    finally:
+        context.try_shutdown()
 
 
 def status_values(status) -> dict[str, str]:

@@ -59,6 +59,7 @@ def test_quantile_matching_undoes_a_monotone_display_map(view):
     assert torch.all(mapped.flatten()[bent.flatten().argsort()].diff() >= -1e-6)  # monotone
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("factors", ["display", "display,field,text,scatter"])
 def test_an_inverted_frame_is_refused_unless_polarity_is_auto(pipeline, detector, mu, factors):
     ref = pipeline.regressor.decode(torch.zeros(1, 9))[0].double()

@@ -23,6 +23,8 @@ if ros_disabled():
 
 from diffpose_ros.bags.bagfile import BagWriter, QosSpec, read_messages  # noqa: E402
 
+pytestmark = pytest.mark.dds
+
 BIN = Path(sys.executable).parent
 
 
@@ -488,7 +490,7 @@ def _large_frames_reach_the_node(scene, dds: dict, tmp_path: Path, node_env: dic
     node (``command``, environment ``node_env``) and are posed, every one. Needs the OS to grant the
     profile's 4 MiB receive buffers (``scripts/dev.sh test`` raises the limit as root)."""
     if int(Path("/proc/sys/net/core/rmem_max").read_text()) < 4194304:
-        pytest.skip("net.core.rmem_max < 4194304: the node's socket buffer is capped (README, Large frames)")
+        pytest.skip("net.core.rmem_max < 4194304: the node's socket buffer is capped (docs/node.md, Large frames)")
     from diffpose_ros.cli import make_bag
     from diffpose_ros.core.io.files import save_json
 
@@ -589,7 +591,7 @@ def test_every_frame_of_a_replay_into_a_node_just_activated_gets_a_status(scene,
     """Replays of a 6-frame bag of 512^2 mono16, best effort as a C-arm publishes, each into the node
     right after deactivate/activate: the first frame (published once the subscription has matched on
     both sides) and the last (delivered before the replay exits) get a status like the others.
-    ``DIFFPOSE_REPLAY_RUNS`` sets how many replays (3; ``docs/benchmarks.md`` has a run of 20)."""
+    ``DIFFPOSE_REPLAY_RUNS`` sets how many replays (3; ``docs/performance.md`` has a run of 20)."""
     from diffpose_ros.cli import make_bag
 
     bag = tmp_path / "six"

@@ -1,5 +1,5 @@
 """diffpose_node built in this process (no model loaded): how it declares and takes parameters, and
-what a clock jumping back does. The node over DDS, from a process of its own, is test_ros_node.py."""
+what a clock jumping back does. The node over DDS, from a process of its own, is test_node.py."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from diffpose_ros.ros.camera_info import CameraInfoCache  # noqa: E402
 from diffpose_ros.ros.node import DiffPoseNode, ParameterError  # noqa: E402
 from diffpose_ros.ros.settings import PARAMETERS  # noqa: E402
 from diffpose_ros.ros.worker import FrameWorker  # noqa: E402
+
+pytestmark = pytest.mark.dds
 
 
 @pytest.fixture

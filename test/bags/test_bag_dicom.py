@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,7 @@ if ros_disabled():
     pytest.skip("DIFFPOSE_NO_ROS=1: ROS 2 tests skipped", allow_module_level=True)
 pytest.importorskip("pydicom")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "core"))  # the DICOM writer of the core tests
-from dicom_files import write_dicom  # noqa: E402
+from dicom_files import write_dicom
 
 from diffpose_ros.bags.bagfile import bag_topics, decode, read_messages  # noqa: E402
 from diffpose_ros.cli import make_bag  # noqa: E402

@@ -172,6 +172,7 @@ def test_register_dicom_without_camera_info(files, hu, capsys, name, extra):
         assert (result["frame"], result["frames"]) == (1, 2)
 
 
+@pytest.mark.slow
 def test_camera_info_overrides_the_tags(files, tmp_path, capsys):
     d, _, _ = files
     other = Intrinsics(128, 128, 900.0, 910.0, 60.0, 66.0)

@@ -71,6 +71,7 @@ def made(tmp_path_factory):
     return d, hu, poses
 
 
+@pytest.mark.slow
 def test_made_bag_reads_back_with_rosbags_and_rclpy(made):
     from rosbags.rosbag2 import Reader
     from rosbags.typesys import Stores, get_typestore
@@ -120,6 +121,7 @@ def test_made_bag_reads_back_with_rosbags_and_rclpy(made):
     assert len(scene["targets_ct_mm"]) > 10 and scene["frames"] == 3 and scene["ct"].endswith("cxr.nii.gz")
 
 
+@pytest.mark.slow
 def test_make_bag_mirrored_mono8_sqlite(made, tmp_path):
     d, hu, poses = made
     args = [
@@ -153,6 +155,7 @@ def test_make_bag_mirrored_mono8_sqlite(made, tmp_path):
     assert info.k[2] == pytest.approx(95 - 50) and info.k[5] == pytest.approx(30), "camera_info of the mirrored image"
 
 
+@pytest.mark.slow
 def test_make_bag_round_field_and_text_frames_are_masked(made, tmp_path):
     """--round-field and --burned-in-text make clinical-looking frames; the node's preparation step
     (here through the scorer's image_to_frame) leaves the black corners and the text out."""
@@ -174,6 +177,7 @@ def test_make_bag_round_field_and_text_frames_are_masked(made, tmp_path):
     assert make_bag.main(["--out", str(tmp_path / "neg"), "--views", "1", "--i0", "-1"]) == 2
 
 
+@pytest.mark.slow
 def test_make_bag_without_quantum_noise(made, tmp_path):
     """``--i0 0``: no quantum noise (the simulation's own convention), on the same scale as with it."""
     d, _, _ = made
@@ -187,6 +191,7 @@ def test_make_bag_without_quantum_noise(made, tmp_path):
     assert quiet.max() > 1000 and np.median(noisy / np.maximum(quiet, 1)) == pytest.approx(1.0, abs=0.05)
 
 
+@pytest.mark.slow
 def test_make_bag_clinical_video(made, tmp_path, capsys):
     """--clinical all with mono8: 8-bit video spanning the range, its field and text masked; the scene
     names the factors; an unknown factor is refused."""
@@ -207,6 +212,7 @@ def test_make_bag_clinical_video(made, tmp_path, capsys):
     assert "unknown clinical factor" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_make_bag_with_another_renderers_physics(made, tmp_path):
     """--renderer diffdrr: frames from DiffDRR's Siddon with its own HU-to-density map (a foreign run),
     the same view as our renderer's (NCC > 0.9 of the line integrals) but not the same image."""
@@ -228,6 +234,7 @@ def test_make_bag_with_another_renderers_physics(made, tmp_path):
     assert 0.9 < similarity < 0.9999, similarity
 
 
+@pytest.mark.slow
 def test_make_bag_refuses_to_overwrite_and_bad_pose_files(made, tmp_path, capsys):
     d, _, _ = made
     assert make_bag.main(["--out", str(d / "bag"), "--views", "1"]) == 2

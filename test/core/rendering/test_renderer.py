@@ -185,6 +185,7 @@ def test_backends_agree(numba_coarse, torch_coarse, poses, k64):
         assert float(b[i].mean() / a[i].mean()) == pytest.approx(1.0, abs=0.01)
 
 
+@pytest.mark.slow
 def test_batch_equals_individual_renders(renderer, torch_coarse, poses, k64):
     for r in (renderer, torch_coarse):
         batch = r.render(poses, k64)
@@ -301,6 +302,7 @@ CUDA_SIMULATOR_CHECK = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_cuda_backend_equals_the_cpu_kernel_in_numbas_simulator():
     """The CUDA kernel (the CPU kernel's per-ray march, compiled for the GPU) run by numba's CUDA
     simulator on the CPU: the same images, Jacobians and pose gradients as the CPU kernel. The

@@ -328,7 +328,7 @@ def test_train_config_yaml_matches_defaults():
 
     import yaml
 
-    doc = yaml.safe_load((Path(__file__).parents[2] / "config" / "training.yaml").read_text())
+    doc = yaml.safe_load((Path(__file__).parents[3] / "config" / "training.yaml").read_text())
     assert TrainConfig.from_dict(doc["training"]).as_dict() == TrainConfig().as_dict()
     with pytest.raises(ValueError, match="unknown"):
         TrainConfig.from_dict({"batchsize": 3})

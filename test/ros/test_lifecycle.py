@@ -28,6 +28,8 @@ from ros_harness import (
     status_values,
 )
 
+pytestmark = pytest.mark.dds
+
 if ros_disabled():
     pytest.skip("DIFFPOSE_NO_ROS=1: ROS 2 tests skipped", allow_module_level=True)
 
