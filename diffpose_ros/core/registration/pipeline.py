@@ -8,10 +8,11 @@ validity mask, from :func:`~diffpose_ros.core.frames.prepare.prepare_frame`) and
    start is that pose moved on at the velocity of the last two accepted poses (constant velocity
    in se(3)), and the refinement is one level on sparse feature patches (cheap by design);
 2. polarity and intensities (:mod:`.intensity`): the DRRs at the CNN's estimates for the frame and
-   for its negative (or at the given or tracked start) tell whether bones are dark or bright in the
-   frame; a frame whose polarity is not the configured one is refused (``polarity: auto`` registers
-   either). The frame's grey values are then mapped onto the DRR's by their quantiles over the
-   valid pixels (the unknown display chain's monotone map);
+   for its negative (or at the given or tracked start) score whether bones are dark or bright in
+   the frame. Unless the configured polarity wins clearly, the frame is refined both ways, and it
+   is refused when the other polarity's refinement passes the gate and matches clearly better
+   (``polarity: auto`` registers either). The frame's grey values are mapped onto the DRR's by
+   their quantiles over the valid pixels (the unknown display chain's monotone map);
 3. refinement: Levenberg-Marquardt on the registration cost (``mixed`` by default, :mod:`.cost`)
    through the differentiable renderer (:mod:`.registrar`), on the frame's valid pixels (a frame
    whose valid pixels are too few at some level is refused there);
@@ -107,24 +108,28 @@ class Start:
     or the configured one), the ``scores`` ``(bones_dark, bones_bright)`` it was judged by, the
     ``target`` the refinement compares DRRs with (the frame's line integrals, negated for bones
     bright, intensity-mapped), and the 64-pixel-wide ``drr`` at ``pose`` that all this was judged on
-    (it also guides a sparse refinement's choice of patches)."""
+    (it also guides a sparse refinement's choice of patches); ``other``: the other polarity's start,
+    when the scores do not favour the configured polarity clearly (then refinements decide)."""
 
     pose: torch.Tensor
     polarity: str
     scores: tuple[float, float]
     target: torch.Tensor
     drr: torch.Tensor
+    other: Start | None = None
 
 
 @dataclass
 class _Attempt:
     """One refinement of a frame: its ``route``, ``start``, ``result`` (None when refused before
-    refining) and ``reason`` (why it is not accepted; empty when it is)."""
+    refining), ``reason`` (why it is not accepted; empty when it is) and ``inverted`` (refused because
+    the other polarity's refinement matched the frame clearly better)."""
 
     route: Route
     start: Start
     result: RegistrationResult | None
     reason: str
+    inverted: bool = False
 
 
 def set_torch_threads(device: str | torch.device, requested: int = 0) -> int:
@@ -220,24 +225,17 @@ class Pipeline:
         scores = polarity_scores(small, drrs, mask)
         configured = self.config.polarity
         index = int(scores[1] > scores[0]) if configured == "auto" else POLARITIES.index(configured)
-        target = frame.image if index == 0 else -frame.image
-        if self.config.linearize:
-            target = match_quantiles(target, drrs[index][mask], frame.mask)
-        timings["start"] = timings.get("start", 0.0) + time.perf_counter() - t
-        return Start(poses[index].clone(), POLARITIES[index], scores, target, drrs[index])
 
-    def _polarity_problem(self, start: Start) -> str:
-        """Why a frame's polarity is refused (empty when it is not)."""
-        if self.config.polarity == "auto":
-            return ""
-        mine = POLARITIES.index(start.polarity)
-        if start.scores[1 - mine] > start.scores[mine] + POLARITY_MARGIN:
-            other = POLARITIES[1 - mine]
-            return (
-                f"frame polarity looks inverted ({other}: score {start.scores[1 - mine]:.2f} against "
-                f"{start.scores[mine]:.2f}); set polarity to {other} or auto if the device shows bone that way"
-            )
-        return ""
+        def start_as(i: int, other: Start | None = None) -> Start:
+            target = frame.image if i == 0 else -frame.image
+            if self.config.linearize:
+                target = match_quantiles(target, drrs[i][mask], frame.mask)
+            return Start(poses[i].clone(), POLARITIES[i], scores, target, drrs[i], other)
+
+        unclear = configured != "auto" and scores[index] < scores[1 - index] + POLARITY_MARGIN
+        start = start_as(index, start_as(1 - index) if unclear else None)
+        timings["start"] = timings.get("start", 0.0) + time.perf_counter() - t
+        return start
 
     @torch.no_grad()
     def render(self, pose: torch.Tensor, intrinsics: Intrinsics) -> torch.Tensor:
@@ -355,7 +353,7 @@ class Pipeline:
         tracking checks without having jumped to another view, the full pyramid from the same start."""
         start = self.start(frame, predicted, timings)
         tracked = self._refine(Route.TRACKING, frame, start, self.config.tracking_levels, timings, deadline)
-        if tracked.result is None:  # a refused start: the CNN's turn
+        if tracked.result is None or tracked.inverted:  # a refused start or polarity: the CNN's turn
             return [tracked]
         moved = self._moved_mm(start.pose, tracked.result.pose)
         tracked.reason = tracked.reason or self._tracking_problem(moved, tracked.result)
@@ -372,11 +370,38 @@ class Pipeline:
         timings: dict,
         deadline: float | None = None,
     ) -> _Attempt:
-        """Refine ``frame`` from ``start`` on ``levels`` (None: the cold pyramid) and gate the result;
-        a refused polarity or a mask too small for some level gives no result, with the reason."""
-        reason = self._polarity_problem(start)
-        if reason:
-            return _Attempt(route, start, None, reason)
+        """Refine ``frame`` from ``start`` on ``levels`` (None: the cold pyramid) and gate the result; a
+        mask too small for some level gives no result, with the reason. When the start's polarity is
+        unclear (``start.other``), the other polarity is refined too: if its result passes the gate and
+        its similarity beats the configured one's by more than :data:`POLARITY_MARGIN`, the frame is
+        refused as inverted, with both similarities in the reason."""
+        mine = self._refine_as(route, frame, start, levels, timings, deadline)
+        if start.other is None or mine.result is None:
+            return mine
+        theirs = self._refine_as(route, frame, start.other, levels, timings, deadline)
+        if theirs.result is None or theirs.reason:
+            return mine
+        ours, other = mine.result.similarity, theirs.result.similarity
+        if not other > ours + POLARITY_MARGIN:
+            return mine
+        mine.reason = (
+            f"frame polarity looks inverted (refined similarity {theirs.start.polarity} {other:.3f} against "
+            f"{start.polarity} {ours:.3f}; start scores {start.scores[0]:.2f} dark, {start.scores[1]:.2f} bright); "
+            f"set polarity to {theirs.start.polarity} or auto if the device shows bone that way"
+        )
+        mine.inverted = True
+        return mine
+
+    def _refine_as(
+        self,
+        route: Route,
+        frame: Frame,
+        start: Start,
+        levels: tuple[Level, ...] | None,
+        timings: dict,
+        deadline: float | None,
+    ) -> _Attempt:
+        """One refinement of ``frame`` from ``start`` with the gate's verdict (see :meth:`_refine`)."""
         t = time.perf_counter()
         try:
             result = self.registrar.register(

@@ -293,3 +293,31 @@ def test_the_renderer_backend_is_a_choice_of_the_config(pipeline):
         PipelineConfig(renderer="opengl")
     with pytest.raises(ValueError, match="needs a CUDA device"):
         Pipeline(pipeline.model, config=PipelineConfig(renderer="cuda"))
+
+
+@pytest.mark.slow
+def test_unclear_polarity_scores_leave_the_decision_to_the_refinements(pipeline, camera, mu, monkeypatch):
+    """Start scores that cannot be trusted (0.05 dark, 0.30 bright, as on a frame the CNN hardly knows):
+    the upright frame is registered as it is, the inverted one refused with both refined similarities."""
+    import numpy as np
+
+    from diffpose_ros.core.registration import pipeline as module
+    from diffpose_ros.core.simulation.clinical import ClinicalFactors
+
+    monkeypatch.setattr(module, "polarity_scores", lambda *args: (0.05, 0.30))
+    ref = pipeline.regressor.decode(torch.zeros(1, 9))[0].double()
+    truth = perturb_pose(ref, 3.0, 8.0, mu.center, torch.Generator().manual_seed(2))
+    drr = pipeline.render(truth, camera)
+    frames = {}
+    for name, factors in (("upright", "display"), ("inverted", "display,inverted")):
+        pixels = simulate_transmission(
+            drr, dtype="uint8", rng=np.random.default_rng(3), clinical=ClinicalFactors.parse(factors)
+        )
+        frames[name] = prepare_frame(pixels, "transmission", camera)
+    upright = pipeline.process(frames["upright"], track=False)
+    assert upright.accepted and upright.polarity == "bones_dark", upright.reason
+    assert float(metrics.mtre(upright.pose, truth, metrics.grid_targets(mu.center))) < 1.0
+    inverted = pipeline.process(frames["inverted"], track=False)
+    assert not inverted.accepted
+    assert inverted.reason.startswith("frame polarity looks inverted (refined similarity bones_bright"), inverted.reason
+    assert "against bones_dark" in inverted.reason and inverted.polarity_scores == (0.05, 0.30)
