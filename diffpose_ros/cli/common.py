@@ -31,7 +31,7 @@ def add_clinical_arguments(parser: argparse.ArgumentParser) -> None:
         "--clinical",
         default="",
         help="clinical factors, comma-separated: display (8-bit video), field, text, metal, scatter, inverted; "
-        "or all (default: %(default)r)",
+        "or all; after 'fp:' those of a flat panel instead of an image intensifier (default: %(default)r)",
     )
     parser.add_argument(
         "--round-field", type=float, default=0.0, help="image intensifier: round field radius / smaller side (0: none)"

@@ -4,11 +4,13 @@ A C-arm frame is not all image: an image intensifier gives a round field, collim
 bands along the borders, the vendor burns text and markers into the video, and a detector clips.
 :func:`validity_mask` finds these in the delivered pixels (before any log or flip):
 
-- **field**: the region outside a round field or beyond collimator blades is dark and reaches the
-  image border. Dense anatomy can be just as dark, so a dark border region is only taken for a
-  field edge when it has the field's shape: the complement of a circle (fitted to the convex hull of
-  the valid pixels) or bands of whole dark rows and columns along the borders. Anything else is left
-  valid. ``FieldSpec`` overrides the detection with a known round field (radius and centre, pixels).
+- **field**: the region outside a round field or beyond collimator blades or a shutter reaches the
+  image border, and is dark or one flat grey (what a display puts outside a shutter). Dense anatomy
+  can be just as dark, so a dark border region is only taken for a field edge when it has the
+  field's shape: the complement of a circle (fitted to the convex hull of the valid pixels) or bands
+  of whole dark rows and columns along the borders. A flat grey is outside whatever its shape (no
+  anatomy is that flat). ``FieldSpec`` overrides the detection with a known round field (radius and
+  centre, pixels).
 - **burned-in text and graphics**: thin strokes near the frame's brightest level (a white top-hat
   response of at least a quarter of the range), grown by two pixels.
 - **saturated pixels**: integer frames at their type's largest value.
@@ -30,6 +32,14 @@ __all__ = ["FieldSpec", "validity_mask"]
 
 DARK_FRACTION = 0.06
 """A pixel is dark below this fraction of the frame's bright level (its 99.9th percentile)."""
+
+GREY_BORDER_SHARE = 0.2
+"""A flat grey outside a shutter is looked for when one value holds at least this share of the
+border pixels, within ``GREY_TOLERANCE`` of the bright level, below half that level."""
+
+GREY_TOLERANCE = 0.004
+"""How far (a fraction of the bright level) a pixel of a flat grey, and its 3x3 neighbours, may lie
+from the border's value."""
 
 
 @dataclass(frozen=True)
@@ -82,15 +92,19 @@ def _detect_field(a: np.ndarray, text: np.ndarray, saturated: np.ndarray, margin
     bright level that sets "dark" is taken without it and without ``saturated`` pixels)."""
     h, w = a.shape
     image = ~(text | saturated)
-    dark = (a <= DARK_FRACTION * np.percentile(a[image] if image.any() else a, 99.9)) | text
-    outside = _border_connected(dark)
+    bright = float(np.percentile(a[image] if image.any() else a, 99.9))
+    grey = _grey_outside(a, bright)
+    outside = _border_connected((a <= DARK_FRACTION * bright) | text | grey)
     valid = np.ones((h, w), dtype=bool)
     if outside.mean() < 0.01:
         return valid
+    if grey.any():  # no anatomy is this flat: whatever its shape, it is outside
+        grown = cv2.dilate(grey.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=max(1, round(margin)))
+        valid &= grown == 0
     circle = _round_field(~outside, outside)
     if circle is not None:
         cx, cy, r = circle
-        return _disk(h, w, cx, cy, r - margin)
+        return valid & _disk(h, w, cx, cy, r - margin)
     # Blades: whole dark rows and columns from each border inwards.
     m = int(math.ceil(margin))
     rows, cols = outside.mean(1) >= 0.97, outside.mean(0) >= 0.97
@@ -105,6 +119,23 @@ def _detect_field(a: np.ndarray, text: np.ndarray, saturated: np.ndarray, margin
         valid[:, : left + m if left else 0] = False
         valid[:, w - right - m if right else w :] = False
     return valid
+
+
+def _grey_outside(a: np.ndarray, bright: float) -> np.ndarray:
+    """The border-connected pixels of one flat grey, not dark and below half the ``bright`` level:
+    the border's most common value (see :data:`GREY_BORDER_SHARE`) where the 3x3 neighbourhood stays
+    within :data:`GREY_TOLERANCE` of it; all False when the border holds no such value."""
+    tolerance = GREY_TOLERANCE * bright
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    binned = np.round(border / max(tolerance, 1e-12))
+    bins, counts = np.unique(binned, return_counts=True)
+    level = float(border[binned == bins[counts.argmax()]].mean())
+    if counts.max() < GREY_BORDER_SHARE * border.size or not DARK_FRACTION * bright < level < 0.5 * bright:
+        return np.zeros(a.shape, dtype=bool)
+    kernel = np.ones((3, 3), np.uint8)
+    near = np.abs(a - level) <= tolerance
+    flat = (cv2.dilate(a, kernel) - cv2.erode(a, kernel)) <= 2 * tolerance
+    return _border_connected(near & flat)
 
 
 def _run(flags: np.ndarray) -> int:

@@ -38,7 +38,10 @@ class ClinicalFactors:
     ``field``: an image intensifier's round field, radius as a fraction of the smaller side (0: none);
     ``text``: burned-in text and an orientation marker; ``metal``: number of steel rods (K-wires,
     screws); ``scatter``: scatter haze and anode heel effect; ``inverted``: the display shows bones
-    bright (the polarity that a frame must never be registered with silently).
+    bright (the polarity that a frame must never be registered with silently). ``family``: whose
+    factors these are (:attr:`FAMILIES`): ``ii``, this module's image intensifier, or ``fp``, the
+    flat panel of :mod:`.flat_panel` (its own shutter, overlays, metal parts and scatter for the same
+    names; ``field`` then only switches its shutter on).
     """
 
     display: bool = False
@@ -47,14 +50,24 @@ class ClinicalFactors:
     metal: int = 0
     scatter: bool = False
     inverted: bool = False
+    family: str = "ii"
 
     NAMES = ("display", "field", "text", "metal", "scatter", "inverted")
     """The names :meth:`parse` reads; ``all`` stands for every one but ``inverted``."""
+    FAMILIES = ("ii", "fp")
+    """The families of frames: an image intensifier (:mod:`.clinical`) and a flat panel (:mod:`.flat_panel`)."""
+
+    def __post_init__(self) -> None:
+        if self.family not in self.FAMILIES:
+            raise ValueError(f"unknown family of clinical frames {self.family!r}: one of {', '.join(self.FAMILIES)}")
 
     @classmethod
     def parse(cls, spec: str) -> ClinicalFactors:
         """Factors from a comma-separated list of :attr:`NAMES` (``field`` = a 0.45 radius, ``metal`` =
-        2 rods) or ``all``; ``""`` or ``none``: no factor. ``ValueError`` for an unknown name."""
+        2 rods) or ``all``, optionally after a family and a colon (``fp:all``; default ``ii``);
+        ``""`` or ``none``: no factor. ``ValueError`` for an unknown name or family."""
+        family, _, spec = spec.rpartition(":")
+        family = family.strip() or "ii"
         names = {n.strip() for n in spec.split(",") if n.strip() and n.strip() != "none"}
         if "all" in names:
             names = (names - {"all"}) | set(cls.NAMES[:-1])
@@ -68,11 +81,12 @@ class ClinicalFactors:
             metal=2 if "metal" in names else 0,
             scatter="scatter" in names,
             inverted="inverted" in names,
+            family=family,
         )
 
     def names(self) -> list[str]:
         """The factors that are on, by name."""
-        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name)]
+        return [f.name for f in dataclasses.fields(self) if f.name != "family" and getattr(self, f.name)]
 
 
 def _uniform(lo: float, hi: float, n: int, g: torch.Generator | None, device=None) -> torch.Tensor:

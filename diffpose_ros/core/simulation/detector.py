@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import flat_panel
 from .clinical import ClinicalFactors, display_chain, gaussian_blur, metal_rods, scatter_and_heel
 
 __all__ = ["COLLIMATOR_TRANSMISSION", "round_field_and_text", "simulate_transmission"]
@@ -49,11 +50,10 @@ def simulate_transmission(
         raise ValueError(f"unsupported frame type {dtype!r} (uint16, uint8 or float32)")
     clinical = clinical or ClinicalFactors()
     rng = rng or np.random.default_rng()
-    drawn = clinical.metal or clinical.scatter or clinical.display  # no extra draw: clean frames stay as they were
-    g = torch.Generator().manual_seed(int(rng.integers(2**62))) if drawn else None
+    family = _FlatPanel(clinical, rng) if clinical.family == "fp" else _ImageIntensifier(clinical, rng)
     L = line_integrals.detach().double().cpu()
     if clinical.metal:
-        L = L + metal_rods((1, *L.shape), torch.tensor([clinical.metal]), g)[0]
+        L = L + family.metal(L.shape)
     photons = i0 if i0 > 0 else 1.0
     expected = photons * torch.exp(-L)
     if collimation > 0:
@@ -63,13 +63,12 @@ def simulate_transmission(
         shut[dy : h - dy, dx : w - dx] = False
         expected = torch.where(shut, expected * COLLIMATOR_TRANSMISSION, expected)
     if clinical.scatter:
-        expected = scatter_and_heel(expected[None], generator=g)[0]
+        expected = family.scatter(expected)
     counts = torch.from_numpy(rng.poisson(expected.numpy()).astype(np.float64)) if i0 > 0 else expected
     if blur_sigma_px > 0:
         counts = gaussian_blur(counts[None], blur_sigma_px)[0]
     if clinical.display:
-        shown = display_chain(counts[None], inverted=clinical.inverted, generator=g)[0].double()
-        frame = shown * (top[dtype] or 1.0)
+        frame = family.display(counts) * (top[dtype] or 1.0)
     else:
         if clinical.inverted:
             raise ValueError("an inverted frame needs the display chain ('display,inverted')")
@@ -79,8 +78,48 @@ def simulate_transmission(
         frame = np.ascontiguousarray(frame[:, ::-1])
     frame = frame.astype(np.float32) if top[dtype] is None else np.clip(np.rint(frame), 0, top[dtype]).astype(dtype)
     if clinical.field > 0 or clinical.text:
-        frame = round_field_and_text(frame, clinical.field, clinical.text)
+        frame = family.overlay(frame)
     return frame
+
+
+class _ImageIntensifier:
+    """The ``ii`` family's factors (:mod:`.clinical`), drawn from one torch generator seeded by ``rng``."""
+
+    def __init__(self, clinical: ClinicalFactors, rng: np.random.Generator):
+        self.clinical = clinical
+        drawn = clinical.metal or clinical.scatter or clinical.display  # no extra draw: clean frames stay as they were
+        self.g = torch.Generator().manual_seed(int(rng.integers(2**62))) if drawn else None
+
+    def metal(self, shape: tuple[int, int]) -> torch.Tensor:
+        return metal_rods((1, *shape), torch.tensor([self.clinical.metal]), self.g)[0]
+
+    def scatter(self, expected: torch.Tensor) -> torch.Tensor:
+        return scatter_and_heel(expected[None], generator=self.g)[0]
+
+    def display(self, counts: torch.Tensor) -> torch.Tensor:
+        return display_chain(counts[None], inverted=self.clinical.inverted, generator=self.g)[0].double()
+
+    def overlay(self, frame: np.ndarray) -> np.ndarray:
+        return round_field_and_text(frame, self.clinical.field, self.clinical.text)
+
+
+class _FlatPanel:
+    """The ``fp`` family's factors (:mod:`.flat_panel`), drawn from ``rng``."""
+
+    def __init__(self, clinical: ClinicalFactors, rng: np.random.Generator):
+        self.clinical, self.rng = clinical, rng
+
+    def metal(self, shape: tuple[int, int]) -> torch.Tensor:
+        return torch.from_numpy(flat_panel.metal_parts(shape, self.clinical.metal, self.rng))
+
+    def scatter(self, expected: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(flat_panel.scatter(expected.numpy(), self.rng))
+
+    def display(self, counts: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(flat_panel.display(counts.numpy(), self.rng, self.clinical.inverted))
+
+    def overlay(self, frame: np.ndarray) -> np.ndarray:
+        return flat_panel.shutter_and_overlays(frame, self.clinical.field > 0, self.clinical.text, self.rng)
 
 
 def round_field_and_text(frame: np.ndarray, radius_fraction: float = 0.45, text: bool = True) -> np.ndarray:

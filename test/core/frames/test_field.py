@@ -106,3 +106,24 @@ def test_a_round_field_with_text_registers_only_with_its_mask(mu, renderer, clin
         f"unmasked {float(metrics.mtre(worse.pose, clinical_pose, targets)):.3f} mm ({worse.failure()})"
     )
     assert worse.failure() or float(metrics.mtre(worse.pose, clinical_pose, targets)) > 2.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_a_flat_grey_outside_a_shutter_is_outside(renderer, clinical_pose, seed):
+    """A flat panel's shutter (rectangular with rounded corners, or a clipped round field) with grey
+    outside: the grey leaves the mask, and the anatomy inside stays in it."""
+    from diffpose_ros.core.simulation.clinical import ClinicalFactors
+
+    with torch.no_grad():
+        view = renderer.render(clinical_pose, CAMERA)
+    rng = np.random.default_rng(seed)
+    raw = simulate_transmission(view, dtype="uint8", rng=rng, clinical=ClinicalFactors.parse("fp:display"))
+    shut = simulate_transmission(
+        view, dtype="uint8", rng=np.random.default_rng(seed), clinical=ClinicalFactors.parse("fp:display,field")
+    )
+    border = np.concatenate([shut[0], shut[-1], shut[:, 0], shut[:, -1]])
+    values, counts = np.unique(border, return_counts=True)
+    grey = (shut == values[counts.argmax()]) & (shut != raw)  # the shutter's flat grey
+    mask = validity_mask(shut)
+    assert grey.mean() > 0.02 and (mask & grey).sum() <= 0.002 * grey.sum()
+    assert mask.mean() > 0.7 * (1 - grey.mean())  # the anatomy stays
