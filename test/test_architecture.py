@@ -69,6 +69,7 @@ PUBLIC_API = {
     "sample_views",
     "save_json",
     "save_patient_model",
+    "set_renderer_threads",
     "set_torch_threads",
     "simulate_transmission",
     "split_stamp",

@@ -41,10 +41,14 @@ def add_clinical_arguments(parser: argparse.ArgumentParser) -> None:
 
 def clinical_factors(args: argparse.Namespace) -> ClinicalFactors:
     """The :class:`ClinicalFactors` of :func:`add_clinical_arguments`' options; ``ValueError`` for an
-    unknown factor or a round field outside 0-0.75."""
+    unknown factor, a round field outside 0-0.75, or a round field with the flat panel's family."""
     if not 0 <= args.round_field <= 0.75:
         raise ValueError("--round-field is a radius as a fraction of the smaller side: 0 (none) to 0.75")
     factors = ClinicalFactors.parse(args.clinical)
+    if args.round_field > 0 and factors.family != "ii":
+        raise ValueError(
+            "--round-field is the image intensifier's; the flat panel's field (fp:field) is its own shutter"
+        )
     if args.round_field > 0:
         factors = dataclasses.replace(factors, field=args.round_field)
     if args.burned_in_text:

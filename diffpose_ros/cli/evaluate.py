@@ -4,10 +4,11 @@ Views are drawn from the geometry contract's clinical range with their own seed,
 256x256 detector of 1.2 mm at SDD 1020 mm (by our renderer on the full-resolution CT, or by DiffDRR
 with its own HU-to-density map: physics the model was not trained on), turned into mono16
 transmission frames with quantum noise and blur, optionally with the clinical factors of
-:class:`~diffpose_ros.core.simulation.detector.ClinicalFactors` (``--clinical display,field,text,metal,scatter``
-or ``all``; ``inverted`` for bones bright), preprocessed as the node does (validity mask included),
-and registered by the pipeline (CNN initialisation, then refinement). Writes ``evaluation.json`` (per frame and
-summary) and ``evaluation.png`` (error distributions and overlays).
+:class:`~diffpose_ros.core.simulation.clinical.ClinicalFactors` (``--clinical
+display,field,text,metal,scatter`` or ``all``; ``inverted`` for bones bright; after ``fp:``, a flat
+panel's), preprocessed as the node does (validity mask included), and registered by the pipeline
+(CNN initialisation, then refinement). Writes ``evaluation.json`` (per frame and summary) and
+``evaluation.png`` (error distributions and overlays).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ _API = {
     "geometry.conventions": ("LPS_TO_RAS", "carm_to_ras", "fluoro_ijk_to_world", "ras_to_carm"),
     "rendering.volume": ("Volume", "default_ct_path", "default_labels_path", "hu_to_mu", "load_ct", "load_labels"),
     "rendering.renderer": ("BACKENDS", "Renderer"),
+    "rendering.backends.numba_cpu": ("set_renderer_threads",),
     "frames.prepare": ("FRAME_KINDS", "Frame", "prepare_frame"),
     "frames.field": ("FieldSpec",),
     "registration.cost": ("COSTS",),

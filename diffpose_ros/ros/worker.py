@@ -23,8 +23,15 @@ from typing import Any
 
 from diagnostic_msgs.msg import DiagnosticStatus
 
-from diffpose_ros.core import Frame, FrameResult, Pipeline, prepare_frame, stamp_from_ns, stamp_ns
-from diffpose_ros.core.rendering.backends.numba_cpu import set_renderer_threads
+from diffpose_ros.core import (
+    Frame,
+    FrameResult,
+    Pipeline,
+    prepare_frame,
+    set_renderer_threads,
+    stamp_from_ns,
+    stamp_ns,
+)
 
 from .camera_info import CameraInfoCache, choose_intrinsics
 from .conversions import camera_info_to_intrinsics, frame_kind, image_to_numpy
@@ -81,7 +88,10 @@ class Mailbox:
 
 
 class OutcomeKind(str, Enum):
-    """What became of a frame (compares equal to its value)."""
+    """What became of a frame (compares equal to its value, and prints as it)."""
+
+    def __str__(self) -> str:
+        return self.value
 
     PUBLISHED = "published"
     """``result`` is an accepted pose for ``frame``."""

@@ -34,8 +34,9 @@ DARK_FRACTION = 0.06
 """A pixel is dark below this fraction of the frame's bright level (its 99.9th percentile)."""
 
 GREY_BORDER_SHARE = 0.2
-"""A flat grey outside a shutter is looked for when one value holds at least this share of the
-border pixels, within ``GREY_TOLERANCE`` of the bright level, below half that level."""
+"""A flat grey outside a shutter is looked for when one bin of the border's values (bins of
+``GREY_TOLERANCE`` times the bright level) holds at least this share of the border pixels, and its
+mean lies between the dark level and half the bright one."""
 
 GREY_TOLERANCE = 0.004
 """How far (a fraction of the bright level) a pixel of a flat grey, and its 3x3 neighbours, may lie

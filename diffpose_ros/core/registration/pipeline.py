@@ -56,11 +56,16 @@ from .levels import Level
 from .registrar import MIN_SIMILARITY, Registrar, RegistrationConfig, RegistrationResult
 from .result import FrameResult, Route
 
-__all__ = ["POLARITY_MARGIN", "Pipeline", "PipelineConfig", "Start", "set_torch_threads"]
+__all__ = ["POLARITY_MARGIN", "REFINED_POLARITY_MARGIN", "Pipeline", "PipelineConfig", "Start", "set_torch_threads"]
 
 POLARITY_MARGIN = 0.1
-"""A frame counts as having the other polarity when that polarity's score (:func:`~.intensity.polarity_scores`)
-beats the configured one's by more than this."""
+"""The start's polarity is clear when the configured polarity's score
+(:func:`~.intensity.polarity_scores`, an NCC in [-1, 1]) beats the other's by at least this; otherwise
+the frame is refined both ways."""
+
+REFINED_POLARITY_MARGIN = 0.1
+"""Of two refinements of a frame, one per polarity, one wins when its final similarity (the cost's,
+in [-1, 1]) beats the other's by more than this."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,7 @@ class PipelineConfig:
     outside the sparse level's basin); ``max_source_distance_mm``:
     largest plausible distance of the source from the CT centre;
     ``polarity``: how the frames show bone (:data:`~.intensity.POLARITIES`; a frame that looks the
-    other way is refused) or ``auto`` (each frame registered with the polarity it shows);
+    other way is refused, see :meth:`Pipeline._refine`) or ``auto`` (each frame registered with the polarity it shows);
     ``linearize``: map the frame's grey values onto the DRR's (:func:`~.intensity.match_quantiles`);
     ``renderer``: the renderer backend (:data:`~diffpose_ros.core.rendering.renderer.BACKENDS` or ``auto``, see
     :class:`~diffpose_ros.core.rendering.renderer.Renderer`).
@@ -312,7 +317,7 @@ class Pipeline:
         else:
             predicted = self.predicted_pose(stamp) if track and stamp is not None else None
             attempts = [] if predicted is None else self._track(frame, predicted, deadline, timings)
-            if not attempts or attempts[-1].reason:
+            if not attempts or (attempts[-1].reason and not attempts[-1].inverted):  # inverted: the verdict
                 attempts.append(self._refine(Route.COLD, frame, self.start(frame, None, timings), None, timings))
         timings["total"] = frame.prepare_seconds + time.perf_counter() - t0
         last = attempts[-1]
@@ -372,24 +377,27 @@ class Pipeline:
     ) -> _Attempt:
         """Refine ``frame`` from ``start`` on ``levels`` (None: the cold pyramid) and gate the result; a
         mask too small for some level gives no result, with the reason. When the start's polarity is
-        unclear (``start.other``), the other polarity is refined too: if its result passes the gate and
-        its similarity beats the configured one's by more than :data:`POLARITY_MARGIN`, the frame is
-        refused as inverted, with both similarities in the reason."""
+        unclear (``start.other``), the other polarity is refined too, and the frame is refused as
+        inverted (both refined similarities in the reason) when the other's result passes the gate
+        and wins by :data:`REFINED_POLARITY_MARGIN`, or when the start scores favoured the other by
+        :data:`POLARITY_MARGIN` and the configured polarity's result does not pass the gate and win."""
         mine = self._refine_as(route, frame, start, levels, timings, deadline)
         if start.other is None or mine.result is None:
             return mine
         theirs = self._refine_as(route, frame, start.other, levels, timings, deadline)
-        if theirs.result is None or theirs.reason:
-            return mine
-        ours, other = mine.result.similarity, theirs.result.similarity
-        if not other > ours + POLARITY_MARGIN:
-            return mine
-        mine.reason = (
-            f"frame polarity looks inverted (refined similarity {theirs.start.polarity} {other:.3f} against "
-            f"{start.polarity} {ours:.3f}; start scores {start.scores[0]:.2f} dark, {start.scores[1]:.2f} bright); "
-            f"set polarity to {theirs.start.polarity} or auto if the device shows bone that way"
-        )
-        mine.inverted = True
+        ours = mine.result.similarity
+        other = theirs.result.similarity if theirs.result is not None else float("nan")
+        side = POLARITIES.index(start.polarity)
+        scores_favour_other = start.scores[1 - side] > start.scores[side] + POLARITY_MARGIN
+        theirs_wins = not theirs.reason and other > ours + REFINED_POLARITY_MARGIN
+        mine_wins = not mine.reason and not ours <= other + REFINED_POLARITY_MARGIN  # a NaN other loses
+        if theirs_wins or (scores_favour_other and not mine_wins):
+            mine.reason = (
+                f"frame polarity looks inverted (refined similarity {theirs.start.polarity} {other:.3f} against "
+                f"{start.polarity} {ours:.3f}; start scores {start.scores[0]:.2f} dark, {start.scores[1]:.2f} "
+                f"bright); set polarity to {theirs.start.polarity} or auto if the device shows bone that way"
+            )
+            mine.inverted = True
         return mine
 
     def _refine_as(

@@ -15,7 +15,11 @@ __all__ = ["FrameResult", "Route", "covariance_in_parent"]
 
 
 class Route(str, Enum):
-    """How a refinement started, and on which levels it ran (compares equal to its value)."""
+    """How a refinement started, and on which levels it ran (compares equal to its value, and prints
+    as it)."""
+
+    def __str__(self) -> str:
+        return self.value
 
     GIVEN = "given"
     """From the caller's pose, the full pyramid."""
@@ -66,7 +70,8 @@ class FrameResult:
         return ">".join(route.value for route in self.routes)
 
     def as_dict(self) -> dict:
-        """JSON-ready (plain Python types; poses as nested row-major lists, mm)."""
+        """JSON-ready (plain Python types; poses as nested row-major lists, mm); ``similarity`` is NaN
+        when nothing was refined (``json.dumps`` writes ``NaN``)."""
         return {
             "accepted": self.accepted,
             "reason": self.reason,

@@ -38,12 +38,12 @@ class StopRules:
     was below this (the pose had settled).
     """
 
-    max_iterations: int = 20
-    step_tolerance_mm: float = 0.02
-    cost_tolerance: float = 1e-6
-    radius_mm: float = 100.0
-    damping: float = 1e-3
-    deadline_step_mm: float = 0.5
+    max_iterations: int
+    step_tolerance_mm: float
+    cost_tolerance: float
+    radius_mm: float
+    damping: float
+    deadline_step_mm: float
 
 
 @dataclass

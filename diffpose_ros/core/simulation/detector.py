@@ -3,8 +3,9 @@
 ``I = gain * Poisson(I0 * exp(-L))`` blurred by the detector, quantised to the output type; with
 :class:`ClinicalFactors`, what an operating-room C-arm adds (:mod:`.clinical`): steel rods that are not
 in the CT, scatter and the heel effect, the vendor's display chain (8-bit video, possibly inverted),
-an image intensifier's round field and burned-in text. Used by the evaluation, the bag tools and
-the tests; training draws the same factors as augmentations (:mod:`~diffpose_ros.core.model.augment`).
+an image intensifier's round field and burned-in text; or, with ``family="fp"``, a flat panel's
+factors of the same names (:mod:`.flat_panel`). Used by the evaluation, the bag tools and the tests;
+training draws the image intensifier's factors as augmentations (:mod:`~diffpose_ros.core.model.augment`).
 """
 
 from __future__ import annotations

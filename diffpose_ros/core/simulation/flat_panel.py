@@ -4,8 +4,9 @@ The registration and the training were shaped on :mod:`.clinical`'s frames; a me
 if it also poses frames of a family it never saw. This family differs in every factor:
 
 - :func:`display`: log, a sigmoid VOI LUT (DICOM's ``SIGMOID`` function) around a drawn centre and
-  width, 10-bit levels, contrast-limited adaptive histogram equalisation (CLAHE) on tiles of a drawn
-  size, an unsharp mask of a drawn radius and strength; bones dark, or bright when inverted;
+  width, 10-bit levels (before the output type's own), contrast-limited adaptive histogram
+  equalisation (CLAHE) on tiles of a drawn size, an unsharp mask of a drawn radius and strength;
+  bones dark, or bright when inverted;
 - :func:`shutter_and_overlays`: a rectangular shutter with rounded corners, or a vignetted round
   field off centre and partly clipped by the image edge; grey (not black) outside; a crosshair, a
   ruler, text in another font and a boxed orientation letter;
@@ -15,7 +16,8 @@ if it also poses frames of a family it never saw. This family differs in every f
   linear exposure gradient across the field.
 
 Every function works on one image (NumPy, float64 unless said) and draws from ``rng``
-(``numpy.random.Generator``): a seed reproduces a frame. Lengths scale with ``min(H, W) / 256``.
+(``numpy.random.Generator``, the one the quantum noise draws from too): a seed reproduces a frame.
+Lengths scale with ``min(H, W) / 256``.
 """
 
 from __future__ import annotations

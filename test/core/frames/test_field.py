@@ -127,3 +127,23 @@ def test_a_flat_grey_outside_a_shutter_is_outside(renderer, clinical_pose, seed)
     mask = validity_mask(shut)
     assert grey.mean() > 0.02 and (mask & grey).sum() <= 0.002 * grey.sum()
     assert mask.mean() > 0.7 * (1 - grey.mean())  # the anatomy stays
+
+
+@pytest.mark.parametrize("spec", ["", "display", "all", "display,text", "scatter"])
+def test_the_image_intensifiers_frames_have_no_flat_grey_border(renderer, clinical_pose, spec):
+    """The grey-shutter rule leaves the first family's frames (raw, collimated, with a black round
+    field or a display chain) as the dark-field rules alone would."""
+    from diffpose_ros.core.frames.field import _grey_outside
+    from diffpose_ros.core.simulation.clinical import ClinicalFactors
+
+    with torch.no_grad():
+        view = renderer.render(clinical_pose, CAMERA)
+    for seed in range(3):
+        for collimation in (0.0, 0.1):
+            dtype = "uint8" if "display" in spec or spec == "all" else "uint16"
+            frame = simulate_transmission(
+                view, dtype=dtype, rng=np.random.default_rng(seed), collimation=collimation,
+                clinical=ClinicalFactors.parse(spec),
+            )  # fmt: skip
+            a = frame.astype(np.float32)
+            assert not _grey_outside(a, float(np.percentile(a, 99.9))).any(), (spec, seed, collimation)
