@@ -381,10 +381,23 @@ class Pipeline:
         inverted (both refined similarities in the reason) when the other's result passes the gate
         and wins by :data:`REFINED_POLARITY_MARGIN`, or when the start scores favoured the other by
         :data:`POLARITY_MARGIN` and the configured polarity's result does not pass the gate and win."""
-        mine = self._refine_as(route, frame, start, levels, timings, deadline)
+
+        def attempt(s: Start) -> _Attempt:
+            t = time.perf_counter()
+            try:
+                result = self.registrar.register(
+                    s.target, frame.intrinsics, s.pose, levels=levels, mask=frame.mask, guide=s.drr, deadline=deadline
+                )
+            except MaskTooSmall as err:  # the frame cannot be compared at some level
+                return _Attempt(route, s, None, f"cannot register this frame: {err}")
+            finally:
+                timings["refine"] += time.perf_counter() - t
+            return _Attempt(route, s, result, self._gate(result))
+
+        mine = attempt(start)
         if start.other is None or mine.result is None:
             return mine
-        theirs = self._refine_as(route, frame, start.other, levels, timings, deadline)
+        theirs = attempt(start.other)
         ours = mine.result.similarity
         other = theirs.result.similarity if theirs.result is not None else float("nan")
         side = POLARITIES.index(start.polarity)
@@ -399,33 +412,6 @@ class Pipeline:
             )
             mine.inverted = True
         return mine
-
-    def _refine_as(
-        self,
-        route: Route,
-        frame: Frame,
-        start: Start,
-        levels: tuple[Level, ...] | None,
-        timings: dict,
-        deadline: float | None,
-    ) -> _Attempt:
-        """One refinement of ``frame`` from ``start`` with the gate's verdict (see :meth:`_refine`)."""
-        t = time.perf_counter()
-        try:
-            result = self.registrar.register(
-                start.target,
-                frame.intrinsics,
-                start.pose,
-                levels=levels,
-                mask=frame.mask,
-                guide=start.drr,
-                deadline=deadline,
-            )
-        except MaskTooSmall as err:  # the frame cannot be compared at some level
-            return _Attempt(route, start, None, f"cannot register this frame: {err}")
-        finally:
-            timings["refine"] += time.perf_counter() - t
-        return _Attempt(route, start, result, self._gate(result))
 
     def _remember(self, accepted: bool, stamp: float | None, mode: Route, result: RegistrationResult | None) -> None:
         """Tracking state after a frame: an accepted pose extends the track (a cold or given one starts
