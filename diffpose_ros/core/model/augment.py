@@ -3,14 +3,21 @@
 All functions take a batch of line-integral images ``(B, H, W)`` (what the renderer makes) and
 return what preprocessing of a device frame would give: quantum noise is applied to the
 transmission image ``I0 exp(-L)`` and undone with the same ``log``; contrast, blur, detector gain,
-collimation and occluders act where they act on a real device. The clinical factors come from
-:mod:`~diffpose_ros.core.simulation.clinical`, the same code that makes the evaluation's clinical
-frames: steel rods are added to the line integrals, scatter and heel to the expected counts, a vendor
-display chain turns the counts into 8-bit video that is then taken back to line integrals as
-:func:`~diffpose_ros.core.frames.prepare.prepare_frame` does (``-log`` against the bright level), and a
-round field leaves its outside at the mean of the inside, as the pipeline fills invalid pixels before
-the CNN. Randomness comes from one CPU ``torch.Generator`` so a seed reproduces a batch; images may
-live on any device (on a GPU the per-pixel noise comes from a device generator seeded from that one).
+collimation and occluders act where they act on a real device. The clinical factors come from the
+code that makes the evaluation's clinical frames, for each image from one of the configured
+families (:attr:`AugmentConfig.families`): the image intensifier's
+(:mod:`~diffpose_ros.core.simulation.clinical`: steel rods, scatter and heel, an 8-bit display
+chain, a round field) or the flat panel's (:mod:`~diffpose_ros.core.simulation.flat_panel`: plates,
+screws and blades, box scatter and a gradient, a 10-bit chain with a sigmoid LUT, CLAHE and an
+unsharp mask, a shutter). Metal is added to the line integrals, scatter to the expected counts; a
+display chain turns the counts into video that is taken back to line integrals as
+:func:`~diffpose_ros.core.frames.prepare.prepare_frame` does (``-log`` against the bright level); a
+field leaves its outside at the mean of the inside, as the pipeline fills invalid pixels before the
+CNN. Beyond either family, a random monotone map and a random local contrast change stand for the
+display chains of devices nobody modelled. Randomness comes from one CPU ``torch.Generator`` (the
+flat panel's NumPy functions from a NumPy generator seeded by it) so a seed reproduces a batch;
+images may live on any device (on a GPU the per-pixel noise comes from a device generator seeded
+from that one).
 """
 
 from __future__ import annotations
@@ -18,9 +25,17 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 
-from diffpose_ros.core.simulation.clinical import display_chain, gaussian_blur, metal_rods, scatter_and_heel
+from diffpose_ros.core.simulation import flat_panel
+from diffpose_ros.core.simulation.clinical import (
+    ClinicalFactors,
+    display_chain,
+    gaussian_blur,
+    metal_rods,
+    scatter_and_heel,
+)
 
 __all__ = ["AugmentConfig", "augment"]
 
@@ -37,8 +52,13 @@ class AugmentConfig:
     up to ``erase_size`` of the image side; ``offset``: additive line-integral offset (scatter, unknown
     I0 estimate), as a fraction of the image's mean. Probabilities per image of the clinical factors
     (:mod:`~diffpose_ros.core.simulation.clinical`): ``metal`` (1-3 steel rods), ``scatter`` (scatter
-    and heel), ``display`` (a vendor display chain), ``round_field`` (a round field of 0.35-0.5 of the
-    side).
+    and heel), ``display`` (a vendor display chain), ``round_field`` (a field: the image
+    intensifier's round one of 0.35-0.5 of the side, or the flat panel's shutter), each from one of
+    ``families`` (:attr:`~diffpose_ros.core.simulation.clinical.ClinicalFactors.FAMILIES`, drawn per
+    image); ``monotone``: probability of a random increasing map of the line integrals (piecewise
+    linear, 6 pieces); ``local_contrast``: probability of a random local contrast change (the
+    difference from a local mean of 1-8 % of the side scaled by -0.5 to 1.5) with a smooth
+    exposure gradient of up to 30 % of the mean line integral.
     """
 
     i0: tuple[float, float] = (4e3, 4e5)
@@ -52,6 +72,16 @@ class AugmentConfig:
     scatter: float = 0.35
     display: float = 0.4
     round_field: float = 0.3
+    families: tuple[str, ...] = ClinicalFactors.FAMILIES
+    monotone: float = 0.3
+    local_contrast: float = 0.3
+
+    def __post_init__(self) -> None:
+        unknown = set(self.families) - set(ClinicalFactors.FAMILIES)
+        if unknown or not self.families:
+            raise ValueError(
+                f"augmentation families: some of {', '.join(ClinicalFactors.FAMILIES)}, got {list(self.families)}"
+            )
 
     @classmethod
     def from_dict(cls, d: dict | None) -> AugmentConfig:
@@ -84,28 +114,89 @@ def _poisson(rate: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
     return torch.poisson(rate, generator=g)
 
 
+def _per_image(x: torch.Tensor, rows: torch.Tensor, make) -> torch.Tensor:
+    """``x`` ``(B, H, W)`` with each image ``i`` of the boolean ``rows`` ``(B,)`` replaced by ``make(i)``
+    (a NumPy ``(H, W)`` array: the flat panel's functions work on one image at a time)."""
+    out = x.clone()
+    for i in rows.nonzero()[:, 0].tolist():
+        out[i] = torch.from_numpy(make(i)).to(out)
+    return out
+
+
+def _numpy(image: torch.Tensor) -> np.ndarray:
+    return image.detach().cpu().double().numpy()
+
+
+def _monotone(x: torch.Tensor, on: torch.Tensor, g: torch.Generator | None, pieces: int = 6) -> torch.Tensor:
+    """``x`` ``(B, H, W)`` with images ``on`` ``(B,)`` through a random increasing piecewise-linear map
+    of ``[0, max]`` onto itself (increments of each piece drawn in [0.1, 1.1])."""
+    B = x.shape[0]
+    top = x.flatten(1).amax(1).clamp(min=1e-6)[:, None, None]
+    knots = torch.cat([torch.zeros(B, 1), (torch.rand(B, pieces, generator=g) + 0.1).cumsum(1)], 1)
+    knots = (knots / knots[:, -1:]).to(x)
+    u = (x.clamp(min=0) / top).clamp(max=1) * pieces
+    index = u.floor().clamp(max=pieces - 1).long()
+    low = knots.gather(1, index.flatten(1)).view_as(x)
+    high = knots.gather(1, (index + 1).flatten(1)).view_as(x)
+    mapped = top * (low + (u - index) * (high - low))
+    return torch.where(on.to(x.device)[:, None, None], mapped, x)
+
+
+def _local_contrast(x: torch.Tensor, on: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+    """``x`` ``(B, H, W)`` with images ``on`` ``(B,)`` given a random local contrast change and a smooth
+    exposure gradient (see :class:`AugmentConfig`)."""
+    B, H, W = x.shape
+    dev = x.device
+    sigma = _uniform((0.01, 0.08), B, g, dev) * min(H, W)
+    gain = _uniform((-0.5, 1.5), B, g, dev)[:, None, None]
+    changed = x + gain * (x - gaussian_blur(x, sigma))
+    angle = _uniform((0.0, 2 * math.pi), B, g, dev)[:, None, None]
+    rows = torch.linspace(-0.5, 0.5, H, device=dev)[None, :, None]
+    cols = torch.linspace(-0.5, 0.5, W, device=dev)[None, None, :]
+    ramp = cols * torch.cos(angle) + rows * torch.sin(angle)
+    changed = changed + _uniform((-0.3, 0.3), B, g, dev)[:, None, None] * x.mean((1, 2), keepdim=True) * ramp
+    return torch.where(on.to(dev)[:, None, None], changed.clamp(min=0), x)
+
+
 def augment(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """Augmented copies of line-integral images ``(B, H, W)`` (float32, on the images' device)."""
     x = images.float()
     B, H, W = x.shape
     g, dev = generator, x.device
+    # Whose clinical factors each image gets: True = the flat panel's.
+    fp = torch.full((B,), "fp" in config.families)
+    if len(config.families) > 1:
+        fp = torch.rand(B, generator=g) < 0.5
+    rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=g)))
     # Nonlinear response first (on the physics), then quantum noise on the transmission image.
     x = x.clamp(min=0) ** _uniform(config.gamma, B, g, dev)[:, None, None]
     if config.metal > 0:
-        rods = (torch.rand(B, generator=g) < config.metal) * torch.randint(1, 4, (B,), generator=g)
-        x = x + metal_rods((B, H, W), rods, g).to(x)
+        count = (torch.rand(B, generator=g) < config.metal) * torch.randint(1, 4, (B,), generator=g)
+        x = x + metal_rods((B, H, W), count * ~fp, g).to(x)
+        steel = x
+        x = _per_image(
+            steel, fp & (count > 0), lambda i: _numpy(steel[i]) + flat_panel.metal_parts((H, W), int(count[i]), rng)
+        )
     i0 = _uniform(config.i0, B, g, dev, log=True)[:, None, None]
     expected = i0 * torch.exp(-x)
     if config.scatter > 0:
-        on = (torch.rand(B, generator=g) < config.scatter).to(dev)[:, None, None]
-        expected = torch.where(on, scatter_and_heel(expected, generator=g), expected)
+        on = torch.rand(B, generator=g) < config.scatter
+        expected = torch.where((on & ~fp).to(dev)[:, None, None], scatter_and_heel(expected, generator=g), expected)
+        primary = expected
+        expected = _per_image(primary, on & fp, lambda i: flat_panel.scatter(_numpy(primary[i]), rng))
     counts = _poisson(expected, g)
     x = torch.log(i0) - torch.log(counts.clamp(min=0.5))
     if config.display > 0:
-        on = (torch.rand(B, generator=g) < config.display).to(dev)[:, None, None]
-        shown = display_chain(counts, generator=g).clamp(min=0.5 / 255)  # the 8-bit floor, as prepare_frame's
+        on = torch.rand(B, generator=g) < config.display
+        # Each chain's floor (half its lowest level: 8 bit, 10 bit), as prepare_frame's.
+        shown = display_chain(counts, generator=g).clamp(min=0.5 / 255)
+        shown = _per_image(shown, on & fp, lambda i: flat_panel.display(_numpy(counts[i]), rng).clip(0.5 / 1023, None))
         bright = torch.quantile(shown.flatten(1), 0.999, dim=1)[:, None, None]
-        x = torch.where(on, (torch.log(bright) - torch.log(shown)).clamp(min=0), x)
+        x = torch.where(on.to(dev)[:, None, None], (torch.log(bright) - torch.log(shown)).clamp(min=0), x)
+    if config.monotone > 0:
+        x = _monotone(x, torch.rand(B, generator=g) < config.monotone, g)
+    if config.local_contrast > 0:
+        x = _local_contrast(x, torch.rand(B, generator=g) < config.local_contrast, g)
     x = gaussian_blur(x, _uniform(config.blur_px, B, g, dev), radius=3)
     x = x + _uniform(config.offset, B, g, dev)[:, None, None] * x.mean((1, 2), keepdim=True)
     # Collimation: a band at each side at the collimator's (high-attenuation) level.
@@ -129,10 +220,11 @@ def augment(images: torch.Tensor, config: AugmentConfig, generator: torch.Genera
     box = box & (cols >= left[:, None, None]) & (cols < (left + size[:, 1])[:, None, None]) & on[:, None, None]
     x = torch.where(box, level[:, None, None] * torch.rand(B, 1, 1, generator=g).to(dev), x)
     if config.round_field > 0:
-        on = (torch.rand(B, generator=g) < config.round_field).to(dev)
+        on = torch.rand(B, generator=g) < config.round_field
         radius = _uniform((0.35, 0.5), B, g, dev)[:, None, None] * min(H, W)
         r = torch.hypot(cols - (W - 1) / 2, rows - (H - 1) / 2)
-        outside = (r > radius) & on[:, None, None]
+        outside = ((r > radius) & (on & ~fp).to(dev)[:, None, None]).float()
+        outside = _per_image(outside, on & fp, lambda i: 1.0 * (flat_panel.shutter((H, W), rng) < 0.5)) > 0.5
         inside_mean = (x * ~outside).sum((1, 2), keepdim=True) / (~outside).sum((1, 2), keepdim=True)
         x = torch.where(outside, inside_mean, x)
     return x

@@ -4,7 +4,8 @@ A level renders at its own width on a volume of its own voxel size. From the sec
 a sparse level) the pixels that disagree with the DRR far beyond the noise leave the cost: whatever
 the CT does not hold (instruments, wires). A sparse level (:attr:`Level.sparse`) renders only square
 patches where the DRR has the strongest edges (:func:`feature_patches`), as DiffPose does, which is
-what makes tracking cheap.
+what makes tracking cheap. A level may compare with a cost of its own (:attr:`Level.cost`): the
+256 px level of :func:`pyramid` compares gradients only.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from diffpose_ros.core.frames.prepare import resample_image, resample_mask
 from diffpose_ros.core.geometry.camera import Intrinsics
 from diffpose_ros.core.rendering.renderer import Renderer, patch_pixels
 
-from .cost import Cost, MaskTooSmall, PatchCost, make_cost
+from .cost import COSTS, Cost, MaskTooSmall, PatchCost, make_cost
 from .similarity import sobel, standardize
 
 __all__ = ["FINEST_WIDTHS", "MIN_LEVEL_PIXELS", "Level", "LevelProblem", "feature_patches", "prepare_level", "pyramid"]
@@ -28,18 +29,23 @@ __all__ = ["FINEST_WIDTHS", "MIN_LEVEL_PIXELS", "Level", "LevelProblem", "featur
 @dataclass(frozen=True)
 class Level:
     """One pyramid level: image width (pixels; height keeps the aspect), volume voxel size (mm),
-    iteration cap, the patch size of the cost's local term (None: global terms only), and
-    ``sparse``: render only this many feature patches of that size (None: the whole image)."""
+    iteration cap, the patch size of the cost's local term (None: global terms only),
+    ``sparse``: render only this many feature patches of that size (None: the whole image), and
+    ``cost``: this level's cost by name (:data:`~.cost.COSTS`; None: the registration's own, the one
+    its gate reads)."""
 
     width: int
     voxel_mm: float
     max_iterations: int = 20
     patch: int | None = None
     sparse: int | None = None
+    cost: str | None = None
 
     def __post_init__(self) -> None:
         if self.sparse is not None and not (self.patch and self.patch >= 3 and self.sparse >= 1):
             raise ValueError("a sparse level needs a patch size of at least 3 and at least one patch")
+        if self.cost is not None and self.cost not in COSTS:
+            raise ValueError(f"unknown registration cost {self.cost!r}: one of {', '.join(COSTS)}")
 
 
 FINEST_WIDTHS = (128, 256)
@@ -48,16 +54,17 @@ FINEST_WIDTHS = (128, 256)
 
 def pyramid(finest_width: int = 128) -> tuple[Level, ...]:
     """The cold-start pyramid: 32 px on a 4 mm volume, 64 px on 2 mm, 128 px on 1.4 mm and, for a
-    ``finest_width`` of 256, a last level of 256 px on the same 1.4 mm volume (``ValueError`` for
-    another width).
+    ``finest_width`` of 256, a last level of 256 px on the same 1.4 mm volume that compares image
+    gradients only (``gradient_ncc``); ``ValueError`` for another width.
 
     The 256-pixel level constrains the source's depth, the largest part of a single view's 3D error,
-    better, at a cost in time (both in docs/performance.md).
+    better, and gradients are what a display chain's local contrast changes (CLAHE, unsharp masks,
+    vignetting) leave in place; it costs time (both in docs/performance.md).
     """
     if finest_width not in FINEST_WIDTHS:
         raise ValueError(f"finest pyramid width must be one of {FINEST_WIDTHS} (got {finest_width!r})")
     levels = (Level(32, 4.0, 15), Level(64, 2.0, 10, patch=8), Level(128, 1.4, 10, patch=13))
-    return levels + ((Level(256, 1.4, 10, patch=16),) if finest_width == 256 else ())
+    return levels + ((Level(256, 1.4, 10, cost="gradient_ncc"),) if finest_width == 256 else ())
 
 
 MIN_LEVEL_PIXELS = 64
@@ -106,12 +113,14 @@ def prepare_level(
 
     ``first``: the pyramid's first level (no outliers are looked for on a dense one); ``mask``:
     ``(H, W)`` bool validity (None: every pixel); ``cost``, ``global_weight``: the registration cost
-    (:func:`~.cost.make_cost`); ``outlier_sigma``: robust standard deviations beyond which a pixel is an
-    outlier (0: none); ``guide``: a DRR at ``pose``, any resolution, from which a sparse level picks
-    its patches instead of rendering a half-width preview. ``MaskTooSmall`` when the mask leaves
+    (:func:`~.cost.make_cost`; the level's own when it names one); ``outlier_sigma``: robust standard
+    deviations beyond which a pixel is an outlier (0: none); ``guide``: a DRR at ``pose``, any
+    resolution, from which a sparse level picks its patches instead of rendering a half-width
+    preview. ``MaskTooSmall`` when the mask leaves
     fewer than :data:`MIN_LEVEL_PIXELS` pixels at this level.
     """
     k = intrinsics.resized(level.width)
+    cost = level.cost or cost
     target = resample_image(image, k.width, k.height).to(renderer.device)
     level_mask = None if mask is None else resample_mask(mask, k.width, k.height)
     if level_mask is not None and int(level_mask.sum()) < MIN_LEVEL_PIXELS:

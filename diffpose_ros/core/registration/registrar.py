@@ -76,9 +76,12 @@ class RegistrationConfig:
 class RegistrationResult:
     """Outcome of one registration.
 
-    ``pose``: refined ``T_ct_source`` (4x4 float64, mm); ``similarity``: final similarity at the
-    finest level; ``iterations``: LM steps tried (renders); ``seconds``: wall time; ``converged``:
-    the finest level stopped on a tolerance, not on its cap; ``hessian``: 6x6 Gauss-Newton
+    ``pose``: refined ``T_ct_source`` (4x4 float64, mm); ``similarity``: the gate's measure, the
+    registration cost's similarity at the final pose on the last level that compares with that cost
+    (a finer level with a cost of its own, :attr:`~.levels.Level.cost`, moves the pose but is not
+    what the gate reads: 256 px gradients are dominated by quantum noise); ``iterations``: LM steps
+    tried (renders); ``seconds``: wall time; ``converged``: the finest level stopped on a tolerance,
+    not on its cap; ``hessian``: 6x6 Gauss-Newton
     information ``J^T J`` of the final cost in ``xi = (rho mm, phi rad)``; ``residuals``: how many
     residuals that cost sums; ``cost``: its value ``0.5 |r|^2``; ``history``: per-step records;
     ``outlier_fraction``: share of the valid pixels that the finest level left out as outliers;
@@ -177,6 +180,7 @@ class Registrar:
             raise ValueError(f"mask is {tuple(mask.shape)} but the image is {tuple(image.shape)}")
         result = RegistrationResult(pose, float("nan"), 0, 0.0, False, torch.zeros(6, 6, dtype=torch.float64))
         settled = False  # the last accepted step moved less than deadline_step_mm
+        gauge = None  # the last level that compares with the registration's own cost: the gate's
         for li, level in enumerate(levels):
             problem = prepare_level(
                 level,
@@ -203,8 +207,12 @@ class Registrar:
             result.hessian = (J.T @ J).double().cpu()
             result.residuals, result.cost = r.numel(), solution.cost
             result.outlier_fraction = problem.outlier_fraction
+            if level.cost in (None, cfg.cost):
+                gauge = problem
             if solution.out_of_time:
                 break
+        if gauge is not None and gauge is not problem:  # the gate reads the registration's cost at the final pose
+            result.similarity = gauge.cost.similarity(gauge.residuals(pose)[0])
         result.seconds = time.perf_counter() - start
         return result
 

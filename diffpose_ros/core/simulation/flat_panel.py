@@ -7,7 +7,7 @@ if it also poses frames of a family it never saw. This family differs in every f
   width, 10-bit levels (before the output type's own), contrast-limited adaptive histogram
   equalisation (CLAHE) on tiles of a drawn size, an unsharp mask of a drawn radius and strength;
   bones dark, or bright when inverted;
-- :func:`shutter_and_overlays`: a rectangular shutter with rounded corners, or a vignetted round
+- :func:`shutter` and :func:`shutter_and_overlays`: a rectangular shutter with rounded corners, or a vignetted round
   field off centre and partly clipped by the image edge; grey (not black) outside; a crosshair, a
   ruler, text in another font and a boxed orientation letter;
 - :func:`metal_parts`: plates with screw holes, screws with heads and a retractor blade across a
@@ -25,7 +25,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-__all__ = ["display", "metal_parts", "scatter", "shutter_and_overlays", "voi_lut"]
+__all__ = ["display", "metal_parts", "scatter", "shutter", "shutter_and_overlays", "voi_lut"]
 
 STEEL_PER_MM = 0.5
 """Linear attenuation of steel (1/mm) at fluoroscopy energies, in the line integrals' units."""
@@ -103,26 +103,32 @@ def scatter(expected: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (expected + rng.uniform(0.2, 1.0) * haze) * (1.0 + rng.uniform(0.0, 0.25) * ramp)
 
 
+def shutter(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Transmission ``shape`` of a shutter in [0, 1] (0 outside): a rectangle with rounded corners, or
+    a vignetted round field off centre and clipped by the image's edge (half the draws each)."""
+    h, w = shape
+    v, u = np.mgrid[0:h, 0:w].astype(np.float64)
+    if rng.uniform() < 0.5:  # rectangular shutter with rounded corners
+        half_w, half_h = rng.uniform(0.32, 0.46) * w, rng.uniform(0.32, 0.46) * h
+        corner = rng.uniform(0.05, 0.15) * min(h, w)
+        dx = np.clip(np.abs(u - (w - 1) / 2) - (half_w - corner), 0, None)
+        dy = np.clip(np.abs(v - (h - 1) / 2) - (half_h - corner), 0, None)
+        return np.clip((corner - np.hypot(dx, dy)) / 1.5, 0.0, 1.0)
+    cx, cy = (0.5 + rng.uniform(-0.08, 0.08)) * w, (0.5 + rng.uniform(-0.08, 0.08)) * h
+    radius = rng.uniform(0.48, 0.58) * min(h, w)
+    d = np.hypot(u - cx, v - cy)
+    return np.clip((radius - d) / 4.0, 0.0, 1.0) * np.clip(1.0 - 0.4 * (d / radius) ** 2, 0.5, 1.0)
+
+
 def shutter_and_overlays(frame: np.ndarray, field: bool, text: bool, rng: np.random.Generator) -> np.ndarray:
-    """``frame`` with, when ``field``, a shutter (see the module) and grey outside it, and, when
-    ``text``, a crosshair, a ruler, text and an orientation letter in the frame's white; same type and size."""
+    """``frame`` with, when ``field``, a :func:`shutter` and grey outside it, and, when ``text``, a
+    crosshair, a ruler, text and an orientation letter in the frame's white; same type and size."""
     h, w = frame.shape
     integer = np.issubdtype(frame.dtype, np.integer)
     top = np.iinfo(frame.dtype).max if integer else float(frame.max())
     out = frame.astype(np.float64)
     if field:
-        v, u = np.mgrid[0:h, 0:w].astype(np.float64)
-        if rng.uniform() < 0.5:  # rectangular shutter with rounded corners
-            half_w, half_h = rng.uniform(0.32, 0.46) * w, rng.uniform(0.32, 0.46) * h
-            corner = rng.uniform(0.05, 0.15) * min(h, w)
-            dx = np.clip(np.abs(u - (w - 1) / 2) - (half_w - corner), 0, None)
-            dy = np.clip(np.abs(v - (h - 1) / 2) - (half_h - corner), 0, None)
-            inside = np.clip((corner - np.hypot(dx, dy)) / 1.5, 0.0, 1.0)
-        else:  # a vignetted round field, off centre, clipped by the image's edge
-            cx, cy = (0.5 + rng.uniform(-0.08, 0.08)) * w, (0.5 + rng.uniform(-0.08, 0.08)) * h
-            radius = rng.uniform(0.48, 0.58) * min(h, w)
-            d = np.hypot(u - cx, v - cy)
-            inside = np.clip((radius - d) / 4.0, 0.0, 1.0) * np.clip(1.0 - 0.4 * (d / radius) ** 2, 0.5, 1.0)
+        inside = shutter((h, w), rng)
         grey = rng.uniform(0.07, 0.25) * np.percentile(out, 99.9)  # a dark grey for the frame's own levels
         out = out * inside + grey * (1.0 - inside)
     out = np.clip(np.rint(out) if integer else out, 0, top).astype(frame.dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pickle
@@ -86,25 +87,66 @@ def test_augment_is_seeded_and_changes_images():
         scatter=0.0,
         display=0.0,
         round_field=0.0,
+        monotone=0.0,
+        local_contrast=0.0,
     )
     torch.testing.assert_close(augment(x, quiet, torch.Generator().manual_seed(0)), x, atol=2e-3, rtol=0)
 
 
-def test_clinical_augmentations_each_change_what_the_network_sees():
-    """Each clinical factor, alone and always on, changes the images (seeded, finite); a round field
+QUIET = dict(i0=(1e7, 1e7), gamma=(1, 1), blur_px=(0, 0), collimation=(0, 0), erase=0.0, offset=(0, 0))
+OFF = dict(metal=0.0, scatter=0.0, display=0.0, round_field=0.0, monotone=0.0, local_contrast=0.0)
+
+
+@pytest.mark.parametrize("family", ["ii", "fp"])
+def test_clinical_augmentations_each_change_what_the_network_sees(family):
+    """Each clinical factor of each family, and each randomisation beyond them, alone and always on,
+    changes the images (seeded, finite), and a family's factor differs from the other's; a field
     leaves its outside at one value, the inside's mean, as the pipeline fills it before the CNN."""
     x = torch.rand(1, 48, 48).repeat(6, 1, 1) * 2
-    off = dict(metal=0.0, scatter=0.0, display=0.0, round_field=0.0)
-    base = dict(i0=(1e7, 1e7), gamma=(1, 1), blur_px=(0, 0), collimation=(0, 0), erase=0.0, offset=(0, 0))
-    plain = augment(x, AugmentConfig(**base, **off), torch.Generator().manual_seed(3))
-    for factor in off:
-        config = AugmentConfig(**base, **{**off, factor: 1.0})
+    plain = augment(x, AugmentConfig(**QUIET, **OFF, families=(family,)), torch.Generator().manual_seed(3))
+    other = "fp" if family == "ii" else "ii"
+    for factor in OFF:
+        config = AugmentConfig(**QUIET, **{**OFF, factor: 1.0}, families=(family,))
         a = augment(x, config, torch.Generator().manual_seed(3))
         torch.testing.assert_close(a, augment(x, config, torch.Generator().manual_seed(3)))
         assert torch.isfinite(a).all() and float((a - plain).abs().mean()) > 0.01, factor
-    field = augment(x, AugmentConfig(**base, **{**off, "round_field": 1.0}), torch.Generator().manual_seed(3))
+        if factor in ("metal", "scatter", "display", "round_field"):
+            elsewhere = augment(x, dataclasses.replace(config, families=(other,)), torch.Generator().manual_seed(3))
+            assert float((a - elsewhere).abs().mean()) > 0.01, factor
+    field = augment(x, AugmentConfig(**QUIET, **{**OFF, "round_field": 1.0}), torch.Generator().manual_seed(3))
     corners = field[:, [0, 0, -1, -1], [0, -1, 0, -1]]
     assert torch.allclose(corners, corners[:, :1].expand_as(corners))
+
+
+def test_both_families_are_drawn_and_the_families_are_checked():
+    x = torch.rand(1, 48, 48).repeat(32, 1, 1) * 2
+    display = dict(QUIET, **{**OFF, "display": 1.0})
+    both = augment(x, AugmentConfig(**display), torch.Generator().manual_seed(4))
+    only = {
+        f: augment(x, AugmentConfig(**display, families=(f,)), torch.Generator().manual_seed(4)) for f in ("ii", "fp")
+    }
+    # the flat panel's chain keeps 10-bit levels, the image intensifier's 8-bit ones: each image is one or the other
+    levels = [len(torch.unique(image)) for image in both]
+    assert AugmentConfig().families == ("ii", "fp") and min(levels) < max(levels)
+    assert not torch.equal(both, only["ii"]) and not torch.equal(both, only["fp"])
+    with pytest.raises(ValueError, match="families"):
+        AugmentConfig(families=("ct",))
+    with pytest.raises(ValueError, match="families"):
+        AugmentConfig(families=())
+    assert AugmentConfig.from_dict({"families": ["fp"]}).families == ("fp",)
+
+
+def test_the_random_monotone_map_keeps_the_order_of_line_integrals():
+    from diffpose_ros.core.model.augment import _local_contrast, _monotone
+
+    x = torch.rand(8, 32, 32) * 3
+    mapped = _monotone(x, torch.ones(8, dtype=torch.bool), torch.Generator().manual_seed(0))
+    order = x.flatten(1).argsort(1)
+    assert bool((mapped.flatten(1).gather(1, order).diff(dim=1) >= 0).all())
+    assert not torch.allclose(mapped, x, atol=0.05)
+    torch.testing.assert_close(mapped.flatten(1).amax(1), x.flatten(1).amax(1))  # [0, max] onto itself
+    off = torch.zeros(8, dtype=torch.bool)
+    assert torch.equal(_monotone(x, off, None), x) and torch.equal(_local_contrast(x, off, None), x)
 
 
 def test_turning_a_pool_render_is_the_exact_view_of_the_turned_camera(trainer):

@@ -77,6 +77,25 @@ def test_the_pyramid_ends_at_128_or_256_pixels():
         pyramid(512)
 
 
+def test_a_level_with_its_own_cost_moves_the_pose_and_the_gate_reads_the_registrations(registrar, truth, detector):
+    """A level that names a cost (the 256 px level compares gradients) refines the pose; the result's
+    similarity, what the gate reads, is the registration's own cost at the final pose on the last
+    level that uses it."""
+    with pytest.raises(ValueError, match="unknown registration cost"):
+        Level(64, 2.0, cost="ssd")
+    assert pyramid(256)[-1].cost == "gradient_ncc" and all(level.cost is None for level in pyramid(128))
+    T_true, iso = truth
+    drr = registrar.renderer().render(T_true, detector).reshape(256, 256)
+    image = line_integrals_from_transmission(simulate_transmission(drr, rng=np.random.default_rng(3)))
+    start = perturbed(T_true, iso, seed=4, angle_deg=2.0, shift_mm=5.0)
+    coarse = Level(64, 2.0, 10, patch=8)
+    alone = registrar.register(image, detector, start, levels=(coarse,))
+    polished = registrar.register(image, detector, start, levels=(coarse, Level(128, 1.4, 4, cost="gradient_ncc")))
+    assert not torch.equal(polished.pose, alone.pose)
+    gauge = registrar.register(image, detector, polished.pose, levels=(Level(64, 2.0, 0, patch=8),))
+    assert gauge.iterations == 0 and polished.similarity == gauge.similarity
+
+
 @pytest.mark.slow
 def test_a_256_pixel_level_pins_the_pose_down_better_on_scattered_frames(registrar, hu, detector):
     """Mono16 frames with scatter and heel (physics the DRR lacks), from 3 deg / 10 mm off: ending
