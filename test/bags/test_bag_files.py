@@ -208,6 +208,11 @@ def test_make_bag_clinical_video(made, tmp_path, capsys):
     assert 0.4 < frame.valid_fraction < 0.63
     clinical = json.loads(msgs["/diffpose/scene"].data)["exposure"]["clinical"]
     assert clinical["display"] and clinical["metal"] == 2 and clinical["field"] == 0.45 and not clinical["inverted"]
+    assert json.loads(msgs["/diffpose/scene"].data)["exposure"]["recursive_filter"] is None
+    # A flat panel's video lags behind motion: its sequence records the recursive filter's weight.
+    assert make_bag.main([*args[:1], str(tmp_path / "f"), *args[2:], "--clinical", "fp:display", "--seed", "2"]) == 0
+    scene = json.loads(decode(*next((raw, mt) for _, mt, _, raw in read_messages(tmp_path / "f", topics[2:]))).data)
+    assert 0.35 <= scene["exposure"]["recursive_filter"] <= 0.7 and scene["exposure"]["clinical"]["family"] == "fp"
     assert make_bag.main(["--out", str(tmp_path / "g"), "--views", "1", "--clinical", "glare"]) == 2
     assert "unknown clinical factor" in capsys.readouterr().err
 

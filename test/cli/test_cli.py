@@ -146,3 +146,18 @@ def test_demo_refuses_a_node_parameter_without_a_value_before_doing_anything(tmp
     assert exit_info.value.code == 2
     assert "--param takes NAME:=VALUE, not 'renderer_threads'" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+def test_the_evaluation_counts_a_refused_frame_as_lost():
+    from diffpose_ros.cli.evaluate import summarize
+
+    def frame(accepted, mtre, reason=""):
+        keys = ("cnn_mtre_mm", "mpe_mm", "rotation_deg", "translation_mm", "iterations")
+        return {"accepted": accepted, "mtre_mm": mtre, "reason": reason, **dict.fromkeys(keys, 1.0)} | {
+            f"{stage}_s": 0.1 for stage in ("cnn", "start", "refine", "total")
+        }
+
+    frames = [frame(True, 0.5), frame(True, 3.0), frame(False, 0.4, "frame polarity looks inverted (...)")]
+    s = summarize(frames)
+    assert s["accepted"] == 2 and s["posed_under_2mm"] == pytest.approx(1 / 3) and s["worst_accepted_mm"] == 3.0
+    assert s["polarity_refusals"] == 1 and s["success_rate"]["<2mm"] == pytest.approx(2 / 3)

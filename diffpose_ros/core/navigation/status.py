@@ -14,9 +14,9 @@ from .stamps import parse_stamp
 
 __all__ = ["SOURCES", "PoseStatus", "StaleTimer"]
 
-SOURCES = {"cold": "cnn", "tracking": "tracking", "pyramid": "tracking"}
-"""The status ``source`` of a pipeline ``mode``: the CNN's estimate, or the last accepted pose
-(refined sparsely, or by the full pyramid when that failed)."""
+SOURCES = {"cold": "cnn", "multistart": "cnn", "tracking": "tracking", "pyramid": "tracking"}
+"""The status ``source`` of a pipeline ``mode``: the CNN's estimate (refined, or the best start
+around it), or the last accepted pose (refined sparsely, or by the full pyramid when that failed)."""
 
 
 @dataclass(frozen=True)

@@ -20,19 +20,13 @@ validity mask, from :func:`~diffpose_ros.core.frames.prepare.prepare_frame`) and
    the caller's deadline once its pose had settled: the node's ``tracking.frame_budget``, so that
    it keeps up with the stream), the similarity reaches the threshold and the pose is plausible. A
    tracking attempt must also stay near its start and keep the similarity of the last tracked frame;
-   when it fails, the full pyramid runs from the same start (``pyramid``), then the CNN (``cold``).
+   when it fails, the full pyramid runs from the same start (``pyramid``), then the CNN (``cold``);
+   a cold start that fails the gate gets a second chance from starts around it within
+   ``multistart_budget_s`` (``multistart``, :mod:`.multistart`; ``FrameResult.start`` names the winner).
    A tracking result that moved far from its start is a jump to another view, where the predicted
    start is no guide: the CNN takes over at once. A rejected frame ends tracking: the next one
-   starts cold. ``FrameResult.path`` says which paths a frame took.
-
-``Pipeline.render`` and ``Pipeline.overlay`` show the DRR at a pose (the node's ``~/overlay``, the
-tools' pictures).
-
-Covariance: ``sigma^2 (J^T J)^-1`` of the final Gauss-Newton problem (symmetric), with ``sigma^2`` the
-residual variance; pixel residuals are correlated, so this is a lower bound on the true spread, but it grows
-as the image constrains the pose less. It is reported for ``xi = (rho mm, phi rad)`` in the source
-frame and, by :func:`~.result.covariance_in_parent`, for position (mm) and rotation (rad) about ``ct`` axes.
-"""
+   starts cold. ``FrameResult.path`` says which paths a frame took; its covariance is the final
+   fit's (:func:`~.result.fit_covariance`)."""
 
 from __future__ import annotations
 
@@ -50,13 +44,15 @@ from diffpose_ros.core.model.bundle import PatientModel, load_patient_model
 from diffpose_ros.core.navigation.overlay import render_overlay
 from diffpose_ros.core.rendering.renderer import BACKENDS
 
+from .attempt import Attempt, Start
 from .cost import MaskTooSmall
 from .intensity import POLARITIES, match_quantiles, polarity_scores
 from .levels import Level
+from .multistart import multistart
 from .registrar import MIN_SIMILARITY, Registrar, RegistrationConfig, RegistrationResult
-from .result import FrameResult, Route
+from .result import FrameResult, Route, fit_covariance
 
-__all__ = ["POLARITY_MARGIN", "REFINED_POLARITY_MARGIN", "Pipeline", "PipelineConfig", "Start", "set_torch_threads"]
+__all__ = ["POLARITY_MARGIN", "REFINED_POLARITY_MARGIN", "Pipeline", "PipelineConfig", "set_torch_threads"]
 
 POLARITY_MARGIN = 0.1
 """The start's polarity is clear when the configured polarity's score
@@ -85,7 +81,8 @@ class PipelineConfig:
     other way is refused, see :meth:`Pipeline._refine`) or ``auto`` (each frame registered with the polarity it shows);
     ``linearize``: map the frame's grey values onto the DRR's (:func:`~.intensity.match_quantiles`);
     ``renderer``: the renderer backend (:data:`~diffpose_ros.core.rendering.renderer.BACKENDS` or ``auto``, see
-    :class:`~diffpose_ros.core.rendering.renderer.Renderer`).
+    :class:`~diffpose_ros.core.rendering.renderer.Renderer`); ``multistart_budget_s``: seconds a cold
+    start that failed the gate may spend on :func:`~.multistart.multistart` (0: none).
     """
 
     min_similarity: float = MIN_SIMILARITY
@@ -99,42 +96,13 @@ class PipelineConfig:
     tracking_max_step_mm: float = 5.0
     tracking_similarity_drop: float = 0.1
     renderer: str = "auto"
+    multistart_budget_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.polarity not in (*POLARITIES, "auto"):
             raise ValueError(f"unknown polarity {self.polarity!r}: one of {', '.join(POLARITIES)}, auto")
         if self.renderer not in (*BACKENDS, "auto"):
             raise ValueError(f"unknown renderer backend {self.renderer!r}: one of {', '.join(BACKENDS)}, auto")
-
-
-@dataclass(frozen=True)
-class Start:
-    """Where a refinement starts: ``pose`` (``T_ct_source``, mm), the frame's ``polarity`` (detected,
-    or the configured one), the ``scores`` ``(bones_dark, bones_bright)`` it was judged by, the
-    ``target`` the refinement compares DRRs with (the frame's line integrals, negated for bones
-    bright, intensity-mapped), and the 64-pixel-wide ``drr`` at ``pose`` that all this was judged on
-    (it also guides a sparse refinement's choice of patches); ``other``: the other polarity's start,
-    when the scores do not favour the configured polarity clearly (then refinements decide)."""
-
-    pose: torch.Tensor
-    polarity: str
-    scores: tuple[float, float]
-    target: torch.Tensor
-    drr: torch.Tensor
-    other: Start | None = None
-
-
-@dataclass
-class _Attempt:
-    """One refinement of a frame: its ``route``, ``start``, ``result`` (None when refused before
-    refining), ``reason`` (why it is not accepted; empty when it is) and ``inverted`` (refused because
-    the other polarity's refinement matched the frame clearly better)."""
-
-    route: Route
-    start: Start
-    result: RegistrationResult | None
-    reason: str
-    inverted: bool = False
 
 
 def set_torch_threads(device: str | torch.device, requested: int = 0) -> int:
@@ -221,26 +189,32 @@ class Pipeline:
         timings["cnn"] = timings.get("cnn", 0.0) + (time.perf_counter() - t if pose is None else 0.0)
         t = time.perf_counter()
         k = frame.intrinsics.resized(64)
-        small = resample_image(frame.image, k.width, k.height)
         mask = resample_mask(frame.mask, k.width, k.height)
         if not bool(mask.any()):
             mask = torch.ones_like(mask)
         drrs = self.registrar.renderer(self._coarse_voxel_mm).render(poses, k).cpu().expand(2, -1, -1)
         poses = poses.expand(2, 4, 4)
-        scores = polarity_scores(small, drrs, mask)
+        scores = polarity_scores(resample_image(frame.image, k.width, k.height), drrs, mask)
         configured = self.config.polarity
         index = int(scores[1] > scores[0]) if configured == "auto" else POLARITIES.index(configured)
 
         def start_as(i: int, other: Start | None = None) -> Start:
-            target = frame.image if i == 0 else -frame.image
-            if self.config.linearize:
-                target = match_quantiles(target, drrs[i][mask], frame.mask)
+            target = self._target(frame, POLARITIES[i], drrs[i][mask])
             return Start(poses[i].clone(), POLARITIES[i], scores, target, drrs[i], other)
 
         unclear = configured != "auto" and scores[index] < scores[1 - index] + POLARITY_MARGIN
         start = start_as(index, start_as(1 - index) if unclear else None)
         timings["start"] = timings.get("start", 0.0) + time.perf_counter() - t
         return start
+
+    def _target(self, frame: Frame, polarity: str, reference: torch.Tensor) -> torch.Tensor:
+        """What a refinement compares DRRs with: the frame's line integrals, negated for bones bright,
+        mapped onto the values ``reference`` of a DRR near the frame's pose when ``linearize``, unless
+        that DRR is flat between its 1st and 99th percentiles (the CT hardly in view: a map onto it
+        would flatten the frame, and a flat frame matches any flat DRR)."""
+        target = frame.image if polarity == POLARITIES[0] else -frame.image
+        flat = not float(torch.quantile(reference.float(), 0.99) - torch.quantile(reference.float(), 0.01)) > 0
+        return target if flat or not self.config.linearize else match_quantiles(target, reference, frame.mask)
 
     @torch.no_grad()
     def render(self, pose: torch.Tensor, intrinsics: Intrinsics) -> torch.Tensor:
@@ -281,17 +255,6 @@ class Pipeline:
             return f"source {distance:.0f} mm from the CT centre (limit {cfg.max_source_distance_mm:.0f} mm)"
         return ""
 
-    def _covariance(self, result) -> torch.Tensor:
-        """``sigma^2 (J^T J)^-1``, symmetric to the last bit: ``J^T J`` comes from a float32 product
-        whose two triangles may round apart on some CPUs, and so does an LU inverse."""
-        H = result.hessian
-        residual_variance = 2 * result.cost / max(1, result.residuals - 6)
-        try:
-            C = residual_variance * torch.linalg.inv(0.5 * (H + H.T) + 1e-12 * torch.eye(6, dtype=H.dtype))
-        except RuntimeError:
-            return torch.full((6, 6), float("inf"), dtype=torch.float64)
-        return 0.5 * (C + C.T)
-
     def process(
         self,
         frame: Frame,
@@ -331,7 +294,8 @@ class Pipeline:
             timings=timings,
             polarity=last.start.polarity,
             polarity_scores=last.start.scores,
-            routes=tuple(attempt.route for attempt in attempts),
+            routes=tuple(route for attempt in attempts for route in attempt.routes),
+            start=last.origin,
         )
         if last.result is None:  # refused before any refinement
             return FrameResult(
@@ -344,7 +308,7 @@ class Pipeline:
             )
         return FrameResult(
             pose=last.result.pose,
-            covariance=self._covariance(last.result),
+            covariance=fit_covariance(last.result.hessian, last.result.cost, last.result.residuals),
             similarity=last.result.similarity,
             iterations=last.result.iterations,
             converged=last.result.converged,
@@ -353,7 +317,7 @@ class Pipeline:
             **common,
         )
 
-    def _track(self, frame: Frame, predicted: torch.Tensor, deadline: float | None, timings: dict) -> list[_Attempt]:
+    def _track(self, frame: Frame, predicted: torch.Tensor, deadline: float | None, timings: dict) -> list[Attempt]:
         """Tracking from ``predicted``: one sparse level, then, when its result fails the gate or its
         tracking checks without having jumped to another view, the full pyramid from the same start."""
         start = self.start(frame, predicted, timings)
@@ -374,30 +338,38 @@ class Pipeline:
         levels: tuple[Level, ...] | None,
         timings: dict,
         deadline: float | None = None,
-    ) -> _Attempt:
+    ) -> Attempt:
         """Refine ``frame`` from ``start`` on ``levels`` (None: the cold pyramid) and gate the result; a
         mask too small for some level gives no result, with the reason. When the start's polarity is
         unclear (``start.other``), the other polarity is refined too, and the frame is refused as
         inverted (both refined similarities in the reason) when the other's result passes the gate
         and wins by :data:`REFINED_POLARITY_MARGIN`, or when the start scores favoured the other by
-        :data:`POLARITY_MARGIN` and the configured polarity's result does not pass the gate and win."""
+        :data:`POLARITY_MARGIN` and the configured polarity's result does not pass the gate and win.
+        When no cold refinement passes the gate, the better one gets its :meth:`_rescue` before the
+        polarities are compared (one multistart per frame at most)."""
+        rescue = route is Route.COLD
 
-        def attempt(s: Start) -> _Attempt:
+        def attempt(s: Start) -> Attempt:
             t = time.perf_counter()
             try:
                 result = self.registrar.register(
                     s.target, frame.intrinsics, s.pose, levels=levels, mask=frame.mask, guide=s.drr, deadline=deadline
                 )
             except MaskTooSmall as err:  # the frame cannot be compared at some level
-                return _Attempt(route, s, None, f"cannot register this frame: {err}")
+                return Attempt(route, s, None, f"cannot register this frame: {err}")
             finally:
                 timings["refine"] += time.perf_counter() - t
-            return _Attempt(route, s, result, self._gate(result))
+            return Attempt(route, s, result, self._gate(result))
 
         mine = attempt(start)
         if start.other is None or mine.result is None:
-            return mine
+            return self._rescue(frame, mine, timings) if rescue else mine
         theirs = attempt(start.other)
+        if rescue and mine.reason and theirs.reason:
+            if theirs.result is not None and theirs.result.similarity > mine.result.similarity:
+                theirs = self._rescue(frame, theirs, timings)
+            else:
+                mine = self._rescue(frame, mine, timings)
         ours = mine.result.similarity
         other = theirs.result.similarity if theirs.result is not None else float("nan")
         side = POLARITIES.index(start.polarity)
@@ -412,6 +384,22 @@ class Pipeline:
             )
             mine.inverted = True
         return mine
+
+    def _rescue(self, frame: Frame, cold: Attempt, timings: dict) -> Attempt:
+        """``cold``, or when it failed the gate after refining, the :func:`~.multistart.multistart`
+        around its start within ``multistart_budget_s`` (0: none) as a ``multistart`` attempt, compared
+        with the same target (a map taken at each start could flatten the frame where a start shows
+        little of the CT, and a flat target matches a flat DRR)."""
+        budget = self.config.multistart_budget_s
+        if not cold.reason or cold.result is None or budget <= 0:
+            return cold
+        t = time.perf_counter()
+        s = cold.start
+        found = multistart(self.registrar, s.target, frame.intrinsics, frame.mask, s.pose, cold.result, budget)
+        timings["refine"] += time.perf_counter() - t
+        if found is None:  # the budget does not hold one more pyramid
+            return cold
+        return Attempt(Route.MULTISTART, s, found.result, self._gate(found.result), origin=found.name)
 
     def _remember(self, accepted: bool, stamp: float | None, mode: Route, result: RegistrationResult | None) -> None:
         """Tracking state after a frame: an accepted pose extends the track (a cold or given one starts

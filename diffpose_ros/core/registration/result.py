@@ -11,7 +11,7 @@ from enum import Enum
 
 import torch
 
-__all__ = ["FrameResult", "Route", "covariance_in_parent"]
+__all__ = ["FrameResult", "Route", "covariance_in_parent", "fit_covariance"]
 
 
 class Route(str, Enum):
@@ -29,6 +29,9 @@ class Route(str, Enum):
     """From the predicted pose, the full pyramid (tracking failed)."""
     COLD = "cold"
     """From the patient model's CNN, the full pyramid."""
+    MULTISTART = "multistart"
+    """From the best of several starts around the CNN's estimate, the full pyramid (the cold
+    refinement failed the gate)."""
 
 
 @dataclass
@@ -40,12 +43,15 @@ class FrameResult:
     refined); ``similarity``: the cost's final similarity in [-1, 1] (NaN when nothing was refined);
     ``iterations``: refinement steps of the result's route; ``converged``: its finest level stopped on a
     tolerance; ``accepted``: passed the gate; ``reason``: why not (empty when accepted); ``mode``: the
-    :class:`Route` of the result; ``initial_pose``: where that refinement started; ``timings``: seconds
+    :class:`Route` of the result; ``initial_pose``: where that refinement started (on the multistart
+    route, the CNN's estimate that its starts move); ``timings``: seconds
     per stage (``preprocess``, ``cnn``, ``start``: polarity and intensity map, ``refine``, ``total``);
     ``polarity``: how the frame showed bone; ``polarity_scores``: ``(bones_dark, bones_bright)``;
     ``outlier_fraction``: share of the valid pixels the refinement left out as outliers;
     ``routes``: every route tried, in order; ``out_of_time``: the refinement stopped at the frame's
-    deadline once its pose had settled.
+    deadline once its pose had settled; ``start``: where the result's refinement started: ``cnn``,
+    ``given``, ``predicted`` (tracking) or, on the multistart route, the winning start
+    (``refined``, or a name of :data:`~.multistart.OFFSETS`).
     """
 
     pose: torch.Tensor
@@ -63,6 +69,7 @@ class FrameResult:
     outlier_fraction: float = 0.0
     routes: tuple[Route, ...] = ()
     out_of_time: bool = False
+    start: str = ""
 
     @property
     def path(self) -> str:
@@ -77,6 +84,7 @@ class FrameResult:
             "reason": self.reason,
             "mode": self.mode.value,
             "path": self.path,
+            "start": self.start,
             "T_ct_source": self.pose.tolist(),
             "T_ct_source_init": self.initial_pose.tolist(),
             "similarity": float(self.similarity),
@@ -98,3 +106,21 @@ def covariance_in_parent(pose: torch.Tensor, covariance: torch.Tensor) -> torch.
     R = pose[:3, :3].to(covariance)
     A = torch.block_diag(R, R)
     return A @ covariance @ A.T
+
+
+def fit_covariance(hessian: torch.Tensor, cost: float, residuals: int) -> torch.Tensor:
+    """``sigma^2 (J^T J)^-1`` (6x6, float64) of a least-squares fit with information ``hessian``
+    (``J^T J``, over ``xi = (rho mm, phi rad)`` in the source frame), ``cost`` ``0.5 |r|^2`` over
+    ``residuals`` residuals (``sigma^2`` their variance); inf where ``J^T J`` cannot be inverted.
+
+    Pixel residuals are correlated, so this is a lower bound on the true spread, but it grows as the
+    image constrains the pose less (:func:`covariance_in_parent`: about ``ct`` axes). Symmetric to
+    the last bit: ``J^T J`` comes from a float32 product whose two triangles may round apart on some
+    CPUs, and so does an LU inverse."""
+    H = hessian.double()
+    residual_variance = 2 * cost / max(1, residuals - 6)
+    try:
+        C = residual_variance * torch.linalg.inv(0.5 * (H + H.T) + 1e-12 * torch.eye(6, dtype=H.dtype))
+    except RuntimeError:
+        return torch.full((6, 6), float("inf"), dtype=torch.float64)
+    return 0.5 * (C + C.T)

@@ -12,6 +12,8 @@ if it also poses frames of a family it never saw. This family differs in every f
   ruler, text in another font and a boxed orientation letter;
 - :func:`metal_parts`: plates with screw holes, screws with heads and a retractor blade across a
   third of the field (steel, not in the CT);
+- :class:`RecursiveFilter`: on a sequence, recursive temporal filtering (frame averaging that lags
+  behind motion), as a flat panel's fluoroscopy mode does;
 - :func:`scatter`: a scatter field proportional to a wide box average of the primary, plus a
   linear exposure gradient across the field.
 
@@ -25,7 +27,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-__all__ = ["display", "metal_parts", "scatter", "shutter", "shutter_and_overlays", "voi_lut"]
+__all__ = ["RecursiveFilter", "display", "metal_parts", "scatter", "shutter", "shutter_and_overlays", "voi_lut"]
 
 STEEL_PER_MM = 0.5
 """Linear attenuation of steel (1/mm) at fluoroscopy energies, in the line integrals' units."""
@@ -148,3 +150,30 @@ def shutter_and_overlays(frame: np.ndarray, field: bool, text: bool, rng: np.ran
         cv2.putText(layer, "L", (x0 + int(4 * s), y0 + int(16 * s)), cv2.FONT_HERSHEY_DUPLEX, 0.55 * s, 255, 1)
         out = np.where(layer > 0, top, out).astype(frame.dtype)
     return out
+
+
+class RecursiveFilter:
+    """A sequence's recursive temporal filter: ``out_t = weight x_t + (1 - weight) out_{t-1}`` (``out_0 =
+    x_0``), each output rounded to the frames' type when it is an integer one. ``weight`` in (0, 1]
+    (1: no filtering; smaller: more noise averaged away, more lag behind motion); ``ValueError`` for
+    another weight, or for a frame whose shape or type differs from the first one's."""
+
+    def __init__(self, weight: float):
+        if not 0.0 < weight <= 1.0:
+            raise ValueError(f"a recursive filter's weight lies in (0, 1], got {weight}")
+        self.weight = float(weight)
+        self._state: np.ndarray | None = None
+        self._like: tuple[tuple[int, ...], np.dtype] | None = None
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        like = (frame.shape, frame.dtype)
+        if self._like is not None and like != self._like:
+            raise ValueError(f"frame is {frame.shape} {frame.dtype}, the sequence's {self._like[0]} {self._like[1]}")
+        x = frame.astype(np.float64)
+        self._state = x if self._state is None else self.weight * x + (1.0 - self.weight) * self._state
+        self._like = like
+        return (
+            np.rint(self._state).astype(frame.dtype)
+            if np.issubdtype(frame.dtype, np.integer)
+            else self._state.astype(frame.dtype)
+        )

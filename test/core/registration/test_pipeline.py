@@ -11,7 +11,7 @@ import torch
 
 from diffpose_ros.core.frames.prepare import Frame, prepare_frame, warp_to_camera
 from diffpose_ros.core.geometry import metrics, se3
-from diffpose_ros.core.geometry.camera import Intrinsics, perturb_pose
+from diffpose_ros.core.geometry.camera import Intrinsics, carm_pose, perturb_pose
 from diffpose_ros.core.registration.pipeline import Pipeline, PipelineConfig, set_torch_threads
 from diffpose_ros.core.registration.result import covariance_in_parent
 from diffpose_ros.core.simulation.detector import simulate_transmission
@@ -51,6 +51,7 @@ def test_cold_then_tracking(pipeline, frames, camera, mu):
     assert second.accepted and second.mode == "tracking"
     assert float(metrics.mtre(second.pose, poses[1], targets)) < 1.0
     assert second.iterations < first.iterations
+    assert (first.start, second.start) == ("cnn", "predicted")
     assert set(first.timings) == {"preprocess", "cnn", "start", "refine", "total"} and second.timings["cnn"] == 0.0
     # Too old for tracking: cold again.
     third = pipeline.process(images[2], stamp=20.0)
@@ -268,7 +269,7 @@ def test_tracking_falls_back_after_a_jump_and_starts_cold_after_a_rejected_frame
     # A rejected frame ends the track: the next frame starts from the CNN, not from the last pose.
     noise = torch.rand(256, 256, generator=torch.Generator().manual_seed(0)) + 1
     rejected = pipeline.process(prepare_frame(noise, "transmission", camera), stamp=300.0 + 4 * dt)
-    assert not rejected.accepted and rejected.path == "tracking>pyramid>cold"
+    assert not rejected.accepted and rejected.path == "tracking>pyramid>cold>multistart"
     after = pipeline.process(images[5], stamp=300.0 + 5 * dt)
     assert after.accepted and after.path == "cold"
 
@@ -323,3 +324,55 @@ def test_unclear_polarity_scores_leave_the_decision_to_the_refinements(pipeline,
     assert not inverted.accepted
     assert inverted.reason.startswith("frame polarity looks inverted (refined similarity bones_bright"), inverted.reason
     assert "against bones_dark" in inverted.reason and inverted.polarity_scores == scores
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "far",
+    [(0.0, 0.0, 0.0, 0.0, 0.0, 0.6), (0.0, 0.0, 120.0, 0.15, 0.0, 0.0)],
+    ids=["roll 34 deg: no convergence", "depth 120 mm: polarity unclear"],
+)
+def test_a_cold_start_from_a_poor_estimate_recovers_through_the_multistart(pipeline, camera, mu, monkeypatch, far):
+    """A CNN estimate outside the pyramid's basin (an upright frame then fails to converge, or is even
+    taken for inverted) gets a second chance: the multistart ranks its starts (here the failed
+    refinement's pose and one move that leads back to the truth) and the frame is posed, saying which
+    start won. Without a budget there is no second chance."""
+    import numpy as np
+
+    from diffpose_ros.core.registration import multistart
+
+    ref = pipeline.regressor.decode(torch.zeros(1, 9))[0].double()
+    truth = perturb_pose(ref, 2.0, 5.0, mu.center, torch.Generator().manual_seed(6))
+    far = torch.tensor(far, dtype=torch.float64)
+    poor = truth @ se3.exp(-far)
+    monkeypatch.setattr(pipeline, "_cnn", lambda frame: torch.stack([poor, poor]))
+    monkeypatch.setattr(multistart, "OFFSETS", (("back to the truth", tuple(far.tolist())),))
+    pixels = simulate_transmission(pipeline.render(truth, camera), rng=np.random.default_rng(1))
+    frame = prepare_frame(pixels, "transmission", camera)
+    monkeypatch.setattr(pipeline, "config", dataclasses.replace(pipeline.config, multistart_budget_s=0.0))
+    alone = pipeline.process(frame, track=False)
+    assert not alone.accepted and alone.path == "cold" and alone.start == "cnn"
+    monkeypatch.setattr(pipeline, "config", dataclasses.replace(pipeline.config, multistart_budget_s=60.0))
+    rescued = pipeline.process(frame, track=False)
+    assert rescued.accepted, rescued.reason
+    assert rescued.path == "cold>multistart" and rescued.mode == "multistart" and rescued.polarity == "bones_dark"
+    assert rescued.start == "back to the truth" and rescued.as_dict()["start"] == rescued.start
+    assert float(metrics.mtre(rescued.pose, truth, metrics.grid_targets(mu.center))) < 2.0
+
+
+def test_the_multistart_ranks_what_its_budget_allows(registrar, mu, camera):
+    """No start when the budget cannot hold one more pyramid; with a generous one, the failed
+    refinement's own pose and every move are ranked, and the winner is refined through the pyramid."""
+    from diffpose_ros.core.registration.multistart import OFFSETS, multistart
+    from diffpose_ros.core.registration.registrar import RegistrationResult
+
+    truth = carm_pose(math.radians(10.0), math.radians(-5.0), 0.0, 760.0, mu.center)
+    image = registrar.renderer().render(truth, camera)
+    poor = truth @ se3.exp(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.5], dtype=torch.float64))
+    failed = RegistrationResult(truth, 0.2, 10, 1.0, False, torch.zeros(6, 6, dtype=torch.float64))
+    assert multistart(registrar, image, camera, None, poor, failed, budget_s=1.0) is None
+    generous = multistart(registrar, image, camera, None, poor, failed, budget_s=600.0)
+    assert generous.tried == 1 + len(OFFSETS) and generous.name in ("refined", *dict(OFFSETS))
+    assert float(metrics.mtre(generous.result.pose, truth, metrics.grid_targets(mu.center))) < 0.1
+    unrefined = multistart(registrar, image, camera, None, poor, None, budget_s=600.0)
+    assert unrefined.tried == len(OFFSETS) and unrefined.name in dict(OFFSETS)

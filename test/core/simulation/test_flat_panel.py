@@ -94,3 +94,17 @@ def test_an_inverted_flat_panel_frame_is_never_registered_as_upright(pipeline, d
         )
         result = pipeline.process(prepare_frame(pixels, "transmission", detector), track=False)
         assert not result.accepted, seed
+
+
+def test_the_recursive_filter_keeps_a_still_scene_and_lags_behind_a_change():
+    lag = flat_panel.RecursiveFilter(0.5)
+    still, moved = np.full((4, 4), 1000, np.uint16), np.full((4, 4), 3000, np.uint16)
+    assert np.array_equal(lag(still), still) and np.array_equal(lag(still), still)
+    assert np.all(lag(moved) == 2000) and np.all(lag(moved) == 2500)  # half the way each frame
+    assert lag(moved).dtype == np.uint16
+    with pytest.raises(ValueError, match="sequence"):
+        lag(np.zeros((4, 5), np.uint16))
+    for weight in (0.0, 1.5):
+        with pytest.raises(ValueError, match="weight"):
+            flat_panel.RecursiveFilter(weight)
+    assert np.array_equal(flat_panel.RecursiveFilter(1.0)(moved), moved)
