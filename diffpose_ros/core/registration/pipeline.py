@@ -82,7 +82,8 @@ class PipelineConfig:
     ``linearize``: map the frame's grey values onto the DRR's (:func:`~.intensity.match_quantiles`);
     ``renderer``: the renderer backend (:data:`~diffpose_ros.core.rendering.renderer.BACKENDS` or ``auto``, see
     :class:`~diffpose_ros.core.rendering.renderer.Renderer`); ``multistart_budget_s``: seconds a cold
-    start that failed the gate may spend on :func:`~.multistart.multistart` (0: none).
+    refinement that failed the gate (each polarity's, when both were refined) may spend on
+    :func:`~.multistart.multistart` (0: none).
     """
 
     min_similarity: float = MIN_SIMILARITY
@@ -345,8 +346,8 @@ class Pipeline:
         inverted (both refined similarities in the reason) when the other's result passes the gate
         and wins by :data:`REFINED_POLARITY_MARGIN`, or when the start scores favoured the other by
         :data:`POLARITY_MARGIN` and the configured polarity's result does not pass the gate and win.
-        When no cold refinement passes the gate, the better one gets its :meth:`_rescue` before the
-        polarities are compared (one multistart per frame at most)."""
+        When no cold refinement passes the gate, each gets its :meth:`_rescue` before the polarities
+        are compared."""
         rescue = route is Route.COLD
 
         def attempt(s: Start) -> Attempt:
@@ -365,11 +366,8 @@ class Pipeline:
         if start.other is None or mine.result is None:
             return self._rescue(frame, mine, timings) if rescue else mine
         theirs = attempt(start.other)
-        if rescue and mine.reason and theirs.reason:
-            if theirs.result is not None and theirs.result.similarity > mine.result.similarity:
-                theirs = self._rescue(frame, theirs, timings)
-            else:
-                mine = self._rescue(frame, mine, timings)
+        if rescue and mine.reason and theirs.reason:  # neither passes: both get the same second chance
+            mine, theirs = self._rescue(frame, mine, timings), self._rescue(frame, theirs, timings)
         ours = mine.result.similarity
         other = theirs.result.similarity if theirs.result is not None else float("nan")
         side = POLARITIES.index(start.polarity)
