@@ -31,14 +31,18 @@ attenuated, what detectors and most fluoroscopy video deliver) or ``bones_bright
 def match_quantiles(image: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, knots: int = 33) -> torch.Tensor:
     """``image`` ``(H, W)`` through the increasing map that sends its quantiles over ``mask`` (True =
     valid) to the quantiles of ``reference`` (any shape, every value counts) at ``knots`` evenly
-    spaced levels from 1 % to 99 %; linear between knots, constant beyond the end ones. On the CPU
-    in NumPy, which is quicker than torch at this size (a step of every tracked frame)."""
+    spaced levels from 1 % to 99 %; linear between knots, constant beyond the end ones. ``image``
+    itself when ``reference`` is flat between those levels (the CT hardly in view: a map onto it
+    would flatten the image, and a flat image matches any flat DRR). On the CPU in NumPy, which is
+    quicker than torch at this size (a step of every tracked frame)."""
     levels = np.linspace(0.01, 0.99, knots)
+    ref = reference.detach().cpu().flatten().float().numpy()
+    y = _quantiles(ref[:: max(1, ref.size // 100_000)], levels)
+    if not y[-1] - y[0] > 0:
+        return image
     pixels = image.detach().cpu().float().numpy()
     values = pixels[mask.cpu().numpy()]
     x = _quantiles(values[:: max(1, values.size // 100_000)], levels)
-    ref = reference.detach().cpu().flatten().float().numpy()
-    y = _quantiles(ref[:: max(1, ref.size // 100_000)], levels)
     # Equal quantiles (flat histograms, clipped video) would make the map a step: keep x increasing.
     x = x + np.arange(knots) * 1e-6 * (x[-1] - x[0] + 1e-6)
     mapped = np.interp(pixels, x.astype(np.float32), y.astype(np.float32))

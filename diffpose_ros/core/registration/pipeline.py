@@ -190,32 +190,26 @@ class Pipeline:
         timings["cnn"] = timings.get("cnn", 0.0) + (time.perf_counter() - t if pose is None else 0.0)
         t = time.perf_counter()
         k = frame.intrinsics.resized(64)
+        small = resample_image(frame.image, k.width, k.height)
         mask = resample_mask(frame.mask, k.width, k.height)
         if not bool(mask.any()):
             mask = torch.ones_like(mask)
         drrs = self.registrar.renderer(self._coarse_voxel_mm).render(poses, k).cpu().expand(2, -1, -1)
         poses = poses.expand(2, 4, 4)
-        scores = polarity_scores(resample_image(frame.image, k.width, k.height), drrs, mask)
+        scores = polarity_scores(small, drrs, mask)
         configured = self.config.polarity
         index = int(scores[1] > scores[0]) if configured == "auto" else POLARITIES.index(configured)
 
         def start_as(i: int, other: Start | None = None) -> Start:
-            target = self._target(frame, POLARITIES[i], drrs[i][mask])
+            target = frame.image if i == 0 else -frame.image
+            if self.config.linearize:
+                target = match_quantiles(target, drrs[i][mask], frame.mask)
             return Start(poses[i].clone(), POLARITIES[i], scores, target, drrs[i], other)
 
         unclear = configured != "auto" and scores[index] < scores[1 - index] + POLARITY_MARGIN
         start = start_as(index, start_as(1 - index) if unclear else None)
         timings["start"] = timings.get("start", 0.0) + time.perf_counter() - t
         return start
-
-    def _target(self, frame: Frame, polarity: str, reference: torch.Tensor) -> torch.Tensor:
-        """What a refinement compares DRRs with: the frame's line integrals, negated for bones bright,
-        mapped onto the values ``reference`` of a DRR near the frame's pose when ``linearize``, unless
-        that DRR is flat between its 1st and 99th percentiles (the CT hardly in view: a map onto it
-        would flatten the frame, and a flat frame matches any flat DRR)."""
-        target = frame.image if polarity == POLARITIES[0] else -frame.image
-        flat = not float(torch.quantile(reference.float(), 0.99) - torch.quantile(reference.float(), 0.01)) > 0
-        return target if flat or not self.config.linearize else match_quantiles(target, reference, frame.mask)
 
     @torch.no_grad()
     def render(self, pose: torch.Tensor, intrinsics: Intrinsics) -> torch.Tensor:

@@ -57,6 +57,10 @@ def test_quantile_matching_undoes_a_monotone_display_map(view):
     mapped = match_quantiles(bent, view, mask)
     assert float(ncc(mapped, view, dims=2)) > 0.99
     assert torch.all(mapped.flatten()[bent.flatten().argsort()].diff() >= -1e-6)  # monotone
+    # A DRR that shows almost none of the CT (flat between its 1st and 99th percentiles) sets no map.
+    mostly_empty = torch.zeros_like(view)
+    mostly_empty[:2, :2] = 1.0
+    assert match_quantiles(bent, mostly_empty, mask) is bent
 
 
 @pytest.mark.slow
