@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .similarity import patches, sobel, standardize, standardize_with_jacobian
 
-__all__ = ["COSTS", "Cost", "GradientNCC", "MaskTooSmall", "Mixed", "NCC", "PatchCost", "make_cost"]
+__all__ = ["COSTS", "Cost", "GradientNCC", "MaskTooSmall", "Mixed", "NCC", "PatchCost", "check_cost", "make_cost"]
 
 
 class MaskTooSmall(ValueError):
@@ -144,13 +144,18 @@ COSTS: dict[str, type[Cost]] = {cls.name: cls for cls in (NCC, GradientNCC, Mixe
 """The registration costs by name."""
 
 
+def check_cost(name: str) -> str:
+    """``name`` when it names one of :data:`COSTS`; ``ValueError`` otherwise."""
+    if name not in COSTS:
+        raise ValueError(f"unknown registration cost {name!r}: one of {', '.join(COSTS)}")
+    return name
+
+
 def make_cost(
     name: str, target: torch.Tensor, mask: torch.Tensor | None, patch: int | None, global_weight: float
 ) -> Cost:
     """The cost ``name`` for ``target`` ``(H, W)`` (and its validity ``mask``); ``ValueError`` for an unknown name."""
-    if name not in COSTS:
-        raise ValueError(f"unknown registration cost {name!r}: one of {', '.join(COSTS)}")
-    return COSTS[name](target, mask, patch, global_weight)
+    return COSTS[check_cost(name)](target, mask, patch, global_weight)
 
 
 class PatchCost(Cost):
@@ -161,9 +166,7 @@ class PatchCost(Cost):
     """
 
     def __init__(self, name: str, target: torch.Tensor, global_weight: float):
-        if name not in COSTS:
-            raise ValueError(f"unknown registration cost {name!r}: one of {', '.join(COSTS)}")
-        self.name = name
+        self.name = check_cost(name)
         self.shape = tuple(target.shape)
         intensity, gradient = name in ("ncc", "mixed"), name in ("gradient_ncc", "mixed")
         share = 0.5 if intensity and gradient else 1.0

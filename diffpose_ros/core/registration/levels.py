@@ -20,7 +20,7 @@ from diffpose_ros.core.frames.prepare import resample_image, resample_mask
 from diffpose_ros.core.geometry.camera import Intrinsics
 from diffpose_ros.core.rendering.renderer import Renderer, patch_pixels
 
-from .cost import COSTS, Cost, MaskTooSmall, PatchCost, make_cost
+from .cost import Cost, MaskTooSmall, PatchCost, check_cost, make_cost
 from .similarity import sobel, standardize
 
 __all__ = ["FINEST_WIDTHS", "MIN_LEVEL_PIXELS", "Level", "LevelProblem", "feature_patches", "prepare_level", "pyramid"]
@@ -44,8 +44,8 @@ class Level:
     def __post_init__(self) -> None:
         if self.sparse is not None and not (self.patch and self.patch >= 3 and self.sparse >= 1):
             raise ValueError("a sparse level needs a patch size of at least 3 and at least one patch")
-        if self.cost is not None and self.cost not in COSTS:
-            raise ValueError(f"unknown registration cost {self.cost!r}: one of {', '.join(COSTS)}")
+        if self.cost is not None:
+            check_cost(self.cost)
 
 
 FINEST_WIDTHS = (128, 256)

@@ -20,7 +20,7 @@ from diffpose_ros.core.geometry.camera import Intrinsics
 from diffpose_ros.core.rendering.renderer import Renderer
 from diffpose_ros.core.rendering.volume import Volume
 
-from .cost import COSTS
+from .cost import check_cost
 from .levels import Level, prepare_level, pyramid
 from .solver import StopRules, levenberg_marquardt
 
@@ -57,8 +57,7 @@ class RegistrationConfig:
     outlier_sigma: float = 3.5
 
     def __post_init__(self) -> None:
-        if self.cost not in COSTS:
-            raise ValueError(f"unknown registration cost {self.cost!r}: one of {', '.join(COSTS)}")
+        check_cost(self.cost)
 
     def stop_rules(self, level: Level) -> StopRules:
         """The solver's rules on ``level``."""
