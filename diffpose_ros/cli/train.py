@@ -1,4 +1,8 @@
-"""``diffpose-train``: train the patient-specific pose CNN on one CT and write the patient model."""
+"""``diffpose-train``: train the patient-specific pose CNN on one CT and write the patient model.
+
+``--views-range PRESET`` trains for a procedure's views (``ap``, the default, ``lateral``, ``spine``,
+``pelvis``, ``orbit``: docs/patient-model.md); the model records them, and the evaluation and bag
+tools and the node's range check take them from it."""
 
 from __future__ import annotations
 
@@ -10,22 +14,26 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from diffpose_ros.core import PatientModel, TrainConfig, Trainer, hu_to_mu, save_patient_model
+from diffpose_ros.core import PRESETS, PatientModel, TrainConfig, Trainer, hu_to_mu, save_patient_model
 
 from .common import load_ct_and_targets, run_cli
 
 
-def load_config(path: str | None, device: str = "cpu") -> TrainConfig:
-    """``TrainConfig`` for ``device``: its defaults, overridden by the ``training:`` mapping of a YAML file."""
-    if path is None:
-        return TrainConfig.for_device(device)
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"training config not found: {p}")
-    doc = yaml.safe_load(p.read_text()) or {}
-    if not isinstance(doc, dict) or not isinstance(doc.get("training", {}), dict):
-        raise ValueError(f"{p}: expected a mapping under 'training:'")
-    return TrainConfig.for_device(device, doc.get("training"))
+def load_config(path: str | None, device: str = "cpu", views_range: str | None = None) -> TrainConfig:
+    """``TrainConfig`` for ``device``: its defaults, overridden by the ``training:`` mapping of a YAML
+    file, and its ``view_range`` by ``views_range`` (a preset's name or a file) when given."""
+    training = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"training config not found: {p}")
+        doc = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(doc, dict) or not isinstance(doc.get("training", {}), dict):
+            raise ValueError(f"{p}: expected a mapping under 'training:'")
+        training = dict(doc.get("training") or {})
+    if views_range is not None:
+        training["view_range"] = views_range
+    return TrainConfig.for_device(device, training)
 
 
 def plot_history(history: list[dict], path: Path) -> None:
@@ -57,6 +65,12 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument(
         "--config", help="training YAML; its keys override the device's defaults (see config/training.yaml)"
     )
+    parser.add_argument(
+        "--views-range",
+        metavar="PRESET|FILE",
+        help=f"the views to train for: a procedure preset ({', '.join(PRESETS)}) or a YAML file of view-range "
+        "boxes; overrides the config's view_range (default: ap, near-AP views)",
+    )
     parser.add_argument("--time-budget", type=float, default=15.0, help="training time in minutes (default 15)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint if there is one")
@@ -64,11 +78,13 @@ def _main(argv: list[str] | None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but torch sees no CUDA device")
 
-    config = load_config(args.config, args.device)
+    config = load_config(args.config, args.device, args.views_range)
     ct_path, hu, targets, target_desc = load_ct_and_targets(args.ct, args.mask)
     out = Path(args.out)
     checkpoint = out.with_name(out.name + ".ckpt")
     print(f"CT {ct_path}; targets: {target_desc}; device {args.device}; budget {args.time_budget:g} min")
+    views = config.view_range
+    print(f"views: {views.name + ' preset' if views.name else 'own range'}, {len(views.modes)} mode(s)")
 
     trainer = Trainer(hu, targets, config, device=args.device)
     print(

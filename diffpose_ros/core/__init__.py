@@ -4,7 +4,7 @@ Subpackages, each a concept: :mod:`.geometry` (intrinsics, se(3), frame conventi
 measures), :mod:`.rendering` (CT volumes and the differentiable renderer), :mod:`.frames` (a
 device frame made ready to register), :mod:`.registration` (costs, the Levenberg-Marquardt
 solver, its levels, the registrar and the intraoperative pipeline), :mod:`.model` (the patient
-model: CNN, view sampling, augmentation, training, the model file), :mod:`.simulation` (what a
+model: CNN, view ranges and presets, view sampling, augmentation, training, the model file), :mod:`.simulation` (what a
 detector and a clinical C-arm make of a DRR), :mod:`.io` (image, pose and DICOM files) and
 :mod:`.navigation` (what a navigator reads: status, stamps, scene, overlay).
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 
 _API = {
-    "geometry.camera": ("CONTRACT_PIXEL_MM", "CONTRACT_SDD_MM", "Intrinsics", "carm_pose"),
+    "geometry.camera": ("CONTRACT_PIXEL_MM", "CONTRACT_SDD_MM", "Intrinsics", "carm_parameters", "carm_pose"),
     "geometry.conventions": ("LPS_TO_RAS", "carm_to_ras", "fluoro_ijk_to_world", "ras_to_carm"),
     "rendering.volume": ("Volume", "default_ct_path", "default_labels_path", "hu_to_mu", "load_ct", "load_labels"),
     "rendering.renderer": ("BACKENDS", "Renderer"),
@@ -32,7 +32,8 @@ _API = {
     "registration.pipeline": ("Pipeline", "PipelineConfig", "set_torch_threads"),
     "registration.result": ("FrameResult", "Route", "covariance_in_parent"),
     "model.bundle": ("PatientModel", "PatientModelError", "load_patient_model", "save_patient_model"),
-    "model.sampling": ("CLINICAL_RANGE", "ViewRange", "carm_sweep", "sample_views"),
+    "model.sampling": ("carm_sweep", "sample_views"),
+    "model.views": ("CLINICAL_RANGE", "PRESETS", "Margin", "ViewRange", "ViewSet"),
     "model.train": ("TrainConfig", "Trainer"),
     "simulation.clinical": ("ClinicalFactors",),
     "simulation.detector": ("simulate_transmission",),

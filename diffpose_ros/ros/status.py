@@ -1,7 +1,8 @@
 """``diffpose_node``'s ``~/status`` and its staleness: whether each frame got a pose, and since when none did.
 
 ``~/status`` is a ``std_msgs/String`` holding :class:`~diffpose_ros.core.navigation.status.PoseStatus` JSON
-(``valid``, ``reason``, ``similarity``, ``latency_s``, ``stamp``, ``source``, ``frame_id``), one per
+(``valid``, ``reason``, ``similarity``, ``latency_s``, ``stamp``, ``source``, ``frame_id``,
+``in_view_range``), one per
 frame, accepted or not; reliable and transient local (depth 1), so a late subscriber gets the last
 one. Consumers of ``/tf`` can tell "no new pose: the frame was rejected" from "no frames".
 """
@@ -36,6 +37,7 @@ def outcome_status(outcome, header, frame_id: str, latency_s: float | None) -> P
         stamp=stamp_from_ns(stamp_ns(header.stamp)),
         source=None if result is None else SOURCES.get(result.mode.value),
         frame_id=frame_id,
+        in_view_range=None if result is None else bool(result.in_view_range),
     )
 
 

@@ -121,7 +121,10 @@ def diagnostic_values(result: FrameResult) -> dict:
     """The frame status's values of a pipeline result, from its ``as_dict()``: its scalars, the
     polarity scores as one string and each timing as ``t_<stage>_s``."""
     d = result.as_dict()
-    values = {key: d[key] for key in ("mode", "path", "start", "similarity", "iterations", "converged", "out_of_time")}
+    values = {
+        key: d[key]
+        for key in ("mode", "path", "start", "similarity", "iterations", "converged", "out_of_time", "in_view_range")
+    }
     values["polarity"] = d["polarity"]
     values["polarity_scores"] = " ".join(f"{v:.3f}" for v in d["polarity_scores"])
     values["outlier_fraction"] = d["outlier_fraction"]
@@ -243,6 +246,9 @@ class FrameWorker:
         if not result.accepted:
             message = f"rejected by the gate: {result.reason}"
             return Outcome(OutcomeKind.REJECTED, DiagnosticStatus.ERROR, message, values, result, frame)
+        if not result.in_view_range:  # a pose the CNN was not trained near: worth a look, still gated
+            message = "pose published, outside the patient model's range of views"
+            return Outcome(OutcomeKind.PUBLISHED, DiagnosticStatus.WARN, message, values, result, frame)
         return Outcome(OutcomeKind.PUBLISHED, DiagnosticStatus.OK, "pose published", values, result, frame)
 
     def _deadline(self, item: Received, s: Settings) -> float | None:

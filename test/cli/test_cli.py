@@ -161,3 +161,43 @@ def test_the_evaluation_counts_a_refused_frame_as_lost():
     s = summarize(frames)
     assert s["accepted"] == 2 and s["posed_under_2mm"] == pytest.approx(1 / 3) and s["worst_accepted_mm"] == 3.0
     assert s["polarity_refusals"] == 1 and s["success_rate"]["<2mm"] == pytest.approx(2 / 3)
+
+
+def test_bags_and_training_take_a_views_range(hu, mu, tmp_path):
+    """``--views-range`` names where random views come from (a preset, a file, a patient model),
+    ``--sweep-alpha`` where a sweep goes; ``diffpose-train --views-range`` sets the training views."""
+    import argparse
+    import math
+
+    from diffpose_ros.cli.make_bag import add_arguments, poses_from_arguments
+    from diffpose_ros.cli.train import load_config
+    from diffpose_ros.core.geometry.camera import carm_parameters
+    from diffpose_ros.core.model.train import TrainConfig
+    from diffpose_ros.core.model.views import PRESETS, Margin
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    lateral, _ = poses_from_arguments(parser.parse_args(["--views", "20", "--views-range", "lateral"]), hu.center)
+    assert bool(PRESETS["lateral"].contains(lateral, hu.center).all())
+    ap, description = poses_from_arguments(parser.parse_args(["--views", "20"]), hu.center)
+    assert bool(PRESETS["ap"].contains(ap, hu.center).all()) and "ap range" in description
+    config = TrainConfig.from_dict({"view_range": "spine"})
+    model = tmp_path / "spine.safetensors"
+    ref = carm_pose(0.0, 0.0, 0.0, 750.0, mu.center)
+    metadata = {"training": config.as_dict()}
+    save_patient_model(
+        model, PatientModel(PoseRegressor(ref, mu.center, image_size=64), mu, config.intrinsics, metadata)
+    )
+    spine, _ = poses_from_arguments(parser.parse_args(["--views", "60", "--views-range", str(model)]), hu.center)
+    alpha = torch.rad2deg(carm_parameters(spine, hu.center)[:, 0])
+    assert bool(PRESETS["spine"].contains(spine, hu.center).all()) and float(alpha.abs().max()) > 75
+    swing, description = poses_from_arguments(
+        parser.parse_args(["--sweep", "16", "--fps", "7.5", "--sweep-alpha", "0", "90"]), hu.center
+    )
+    alpha = torch.rad2deg(carm_parameters(swing, hu.center)[:, 0])
+    assert math.isclose(float(alpha[0]), 0.0, abs_tol=1e-9) and math.isclose(float(alpha[-1]), 90.0, abs_tol=1e-9)
+    assert "0..90 deg" in description
+    with pytest.raises(ValueError, match="give --views N"):
+        poses_from_arguments(parser.parse_args(["--sweep", "4", "--views-range", "spine"]), hu.center)
+    assert load_config(None, "cpu", "spine").view_range == PRESETS["spine"].widened(Margin())
+    assert load_config(None, "cuda", "spine").view_range == PRESETS["spine"].widened(Margin(5, 2, 20, 5))

@@ -20,7 +20,15 @@ import yaml
 
 from . import se3
 
-__all__ = ["Intrinsics", "carm_pose", "perturb_pose", "BASE_ROTATION", "CONTRACT_SDD_MM", "CONTRACT_PIXEL_MM"]
+__all__ = [
+    "Intrinsics",
+    "carm_pose",
+    "carm_parameters",
+    "perturb_pose",
+    "BASE_ROTATION",
+    "CONTRACT_SDD_MM",
+    "CONTRACT_PIXEL_MM",
+]
 
 CONTRACT_SDD_MM = 1020.0
 """Source-to-detector distance (mm) of the contract's detector (256 x 256 pixels of 1.2 mm, fx = fy = 850)."""
@@ -233,6 +241,26 @@ def carm_pose(
     # Source at -sod along the rotated principal ray from the isocentre.
     t = isocenter.expand(*shape, 3) - sod[..., None] * R[..., :, 2]
     return se3.make_pose(R, t)
+
+
+def carm_parameters(pose: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """The C-arm parameters ``(..., 7)`` of views ``T_ct_source`` ``(..., 4, 4)`` (mm): alpha, beta,
+    gamma (rad), SOD (mm) and the isocentre (``ct``, mm, 3), which :func:`carm_pose` maps back to
+    the same poses.
+
+    Of the points on the principal ray, the isocentre is the one nearest ``center`` (``ct``, mm).
+    alpha lies in ``(-pi, pi]`` and beta in ``[-pi/2, pi/2]``; at ``beta = +-pi/2`` alpha is arbitrary.
+    """
+    pose = pose.to(torch.float64)
+    R, source = pose[..., :3, :3], pose[..., :3, 3]
+    d = R[..., :, 2]  # the principal ray: (-sin(alpha) cos(beta), cos(alpha) cos(beta), sin(beta))
+    beta = torch.asin(d[..., 2].clamp(-1.0, 1.0))
+    alpha = torch.atan2(-d[..., 0], d[..., 1])
+    rest = (_rot("z", alpha) @ _rot("x", beta) @ BASE_ROTATION.to(pose)).transpose(-1, -2) @ R  # Rz(gamma)
+    gamma = torch.atan2(rest[..., 1, 0], rest[..., 0, 0])
+    sod = ((center.to(pose) - source) * d).sum(-1)
+    isocenter = source + sod[..., None] * d
+    return torch.cat([torch.stack([alpha, beta, gamma, sod], -1), isocenter], -1)
 
 
 def perturb_pose(

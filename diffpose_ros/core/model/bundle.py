@@ -26,6 +26,7 @@ from diffpose_ros.core.geometry.camera import Intrinsics
 from diffpose_ros.core.rendering.volume import Volume
 
 from .regressor import PoseRegressor
+from .views import Margin, ViewSet
 
 __all__ = ["FORMAT_VERSION", "PatientModel", "save_patient_model", "load_patient_model", "PatientModelError"]
 
@@ -49,6 +50,21 @@ class PatientModel:
     mu: Volume
     intrinsics: Intrinsics
     metadata: dict = field(default_factory=dict)
+
+    @property
+    def views(self) -> ViewSet:
+        """The views the model is for, as a surgeon takes them: its training preset (unwidened), or
+        the boxes it was trained on when they were its own. A model that records no preset (made
+        before presets, or without training metadata) is an ``ap`` model."""
+        spec = self.metadata.get("training", {}).get("view_range")
+        return ViewSet.from_spec(spec if isinstance(spec, (str, list)) else "ap")
+
+    @property
+    def trained_views(self) -> ViewSet:
+        """The views the CNN was trained on (margin included): a pose outside them is extrapolation."""
+        training = self.metadata.get("training", {})
+        spec = training.get("view_range", "ap")
+        return ViewSet.from_spec(spec, Margin.from_dict(training.get("view_margin")))
 
 
 def save_patient_model(path: str | Path, model: PatientModel) -> None:

@@ -1,87 +1,52 @@
-"""C-arm views: random over the clinical range (training, evaluation) and smooth sweeps (sequences).
+"""C-arm views: random over a range (training, evaluation) and smooth sweeps (sequences).
 
-Views are drawn uniformly in the contract's parameters (``alpha, beta, gamma`` in degrees, ``SOD``
-in mm, isocentre offset in mm from the CT centre) and mapped to SE(3) by
-:func:`~diffpose_ros.core.geometry.camera.carm_pose`: every pose is a rigid C-arm view about an isocentre, the rotation
-ranges are geodesic angles about the anatomical axes, and the same seed gives the same poses.
-Ranges are configured in readable units (see ``config/training.yaml``); the defaults cover the
-contract's range with a margin (2 deg, 1 deg of roll, 10 mm of SOD, 2 mm of isocentre) so that
-views at its edges are not extrapolation. A wider margin (:data:`~.train.GPU_PROFILE`'s: 5 deg, 2 deg of
-roll, 20 mm, 5 mm) spreads the same number of training views over a larger pose space.
+Views are drawn from the modes of a :class:`~.views.ViewSet` by their weights, and within a mode
+uniformly in the contract's parameters (``alpha, beta, gamma`` in degrees, ``SOD`` in mm, isocentre
+offset in mm from the CT centre), then mapped to SE(3) by
+:func:`~diffpose_ros.core.geometry.camera.carm_pose`: every pose is a rigid C-arm view about an
+isocentre, the rotation ranges are geodesic angles about the anatomical axes, and the same seed
+gives the same poses. Ranges and procedure presets: :mod:`.views`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
 
 import torch
 
 from diffpose_ros.core.geometry.camera import carm_pose
 
-__all__ = ["ViewRange", "CLINICAL_RANGE", "sample_views", "carm_sweep"]
+from .views import ViewRange, ViewSet
 
-
-@dataclass(frozen=True)
-class ViewRange:
-    """Uniform ranges ``(low, high)``: angles in degrees, SOD in mm; ``isocenter_mm``: half-widths
-    of the isocentre box around the CT centre per LPS axis (mm)."""
-
-    alpha_deg: tuple[float, float] = (-32.0, 32.0)
-    beta_deg: tuple[float, float] = (-22.0, 22.0)
-    gamma_deg: tuple[float, float] = (-11.0, 11.0)
-    sod_mm: tuple[float, float] = (640.0, 860.0)
-    isocenter_mm: tuple[float, float, float] = (42.0, 42.0, 42.0)
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = tuple(float(v) for v in getattr(self, f.name))
-            object.__setattr__(self, f.name, value)
-            if f.name != "isocenter_mm" and (len(value) != 2 or value[0] > value[1]):
-                raise ValueError(f"{f.name} must be [low, high] with low <= high, got {list(value)}")
-        if len(self.isocenter_mm) != 3 or min(self.isocenter_mm) < 0:
-            raise ValueError(f"isocenter_mm must be three non-negative half-widths, got {list(self.isocenter_mm)}")
-        if self.sod_mm[0] <= 0:
-            raise ValueError("sod_mm must be positive")
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> ViewRange:
-        """From a mapping with the field names (missing keys keep their defaults; unknown keys are errors)."""
-        d = dict(d or {})
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown view-range keys: {sorted(unknown)}")
-        return cls(**d)
-
-    def as_dict(self) -> dict:
-        return {k: list(v) for k, v in asdict(self).items()}
-
-
-CLINICAL_RANGE = ViewRange((-30, 30), (-20, 20), (-10, 10), (650, 850), (40, 40, 40))
-"""The geometry contract's clinical range (evaluation and test sequences; training adds a margin)."""
+__all__ = ["sample_views", "carm_sweep"]
 
 
 def sample_views(
-    view_range: ViewRange, n: int, center_ct: torch.Tensor, generator: torch.Generator | None = None
+    views: ViewRange | ViewSet, n: int, center_ct: torch.Tensor, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` poses ``T_ct_source`` ``(n, 4, 4)`` (float64, mm) and their parameters ``(n, 7)``.
 
     Parameters per row: alpha, beta, gamma (rad), SOD (mm), isocentre (LPS mm, 3).
-    ``center_ct``: the CT centre the isocentre box is centred on.
+    ``center_ct``: the CT centre the isocentre box is centred on. A set of one mode draws exactly
+    what its :class:`~.views.ViewRange` alone draws.
     """
+    modes, weights = (views.modes, views.weights) if isinstance(views, ViewSet) else ((views,), (1.0,))
+    if len(modes) == 1:
+        index = torch.zeros(n, dtype=torch.long)
+    else:
+        index = torch.multinomial(torch.tensor(weights), n, replacement=True, generator=generator)
 
-    def uniform(lo_hi, scale=1.0):
-        lo, hi = lo_hi
+    def column(name: str) -> torch.Tensor:
+        return torch.tensor([getattr(m, name) for m in modes], dtype=torch.float64)[index]
+
+    def uniform(name: str, scale: float = 1.0) -> torch.Tensor:
+        lo, hi = column(name).unbind(-1)
         return (lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)) * scale
 
     rad = math.pi / 180
-    alpha, beta, gamma = (
-        uniform(view_range.alpha_deg, rad),
-        uniform(view_range.beta_deg, rad),
-        uniform(view_range.gamma_deg, rad),
-    )
-    sod = uniform(view_range.sod_mm)
-    half = torch.tensor(view_range.isocenter_mm, dtype=torch.float64)
+    alpha, beta, gamma = uniform("alpha_deg", rad), uniform("beta_deg", rad), uniform("gamma_deg", rad)
+    sod = uniform("sod_mm")
+    half = column("isocenter_mm")
     iso = center_ct.to(torch.float64) + (2 * torch.rand(n, 3, generator=generator, dtype=torch.float64) - 1) * half
     poses = carm_pose(alpha, beta, gamma, sod, iso)
     return poses, torch.stack([alpha, beta, gamma, sod, *iso.unbind(-1)], -1)

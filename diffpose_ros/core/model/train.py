@@ -1,9 +1,10 @@
 """Preoperative, self-supervised training of the pose CNN on one patient's CT.
 
-Each step draws views over the clinical range (:mod:`.sampling`), renders their DRRs with our
-renderer on a coarsened attenuation volume, applies device-like augmentations (:mod:`.augment`),
-and regresses the pose (:mod:`.regressor`). The loss is the 3D mean target registration error
-(mm, over the target points) plus a small rotation term (degrees): the metric we report, directly.
+Each step draws views over the model's views (a procedure preset of :mod:`.views` widened by a
+margin; :mod:`.sampling`), renders their DRRs with our renderer on a coarsened attenuation volume,
+applies device-like augmentations (:mod:`.augment`), and regresses the pose (:mod:`.regressor`).
+The loss is the 3D mean target registration error (mm, over the target points) plus a small
+rotation term (degrees): the metric we report, directly.
 
 On a CPU rendering is the costly half, so renders are pooled and reused with an exact augmentation:
 a camera turned about its focal spot sees the same rays, so its image is an exact homography of the
@@ -40,24 +41,19 @@ from diffpose_ros.core.rendering.volume import Volume, hu_to_mu
 
 from .augment import AugmentConfig, augment
 from .regressor import STEMS, PoseRegressor, bfloat16_is_fast
-from .sampling import ViewRange, sample_views
+from .sampling import sample_views
+from .views import Margin, ViewSet
 
 __all__ = ["GPU_PROFILE", "TrainConfig", "Trainer", "validation_errors"]
 
 #: Defaults that differ on a CUDA device: rendering costs little there, so each step renders its
 #: whole batch fresh and batches are larger; validation and checkpoints come more often in a run of
-#: minutes; the backbone keeps timm's stage widths and stem and the training range its wider margin
+#: minutes; the backbone keeps timm's stage widths and stem and the range of views its wider margin
 #: (the narrower ones spend a CPU's fewer steps better). What it reaches: ``docs/performance.md``.
 GPU_PROFILE = {
     "backbone_channels": None,
     "backbone_stem": None,
-    "view_range": {
-        "alpha_deg": [-35, 35],
-        "beta_deg": [-25, 25],
-        "gamma_deg": [-12, 12],
-        "sod_mm": [630, 870],
-        "isocenter_mm": [45, 45, 45],
-    },
+    "view_margin": {"angle_deg": 5.0, "roll_deg": 2.0, "sod_mm": 20.0, "isocenter_mm": 5.0},
     "batch_size": 128,
     "learning_rate": 3e-3,
     "warmup_steps": 300,
@@ -81,6 +77,8 @@ class TrainConfig:
     ``None`` for the model's own (what a ``backbone`` named without widths gets); ``backbone_stem``:
     ``"patch"`` or ``None`` (:data:`.regressor.STEMS`; likewise). ``aim_deg``: largest
     tilt (degrees) of the principal ray about the focal spot applied to pool renders on reuse.
+    ``view_range``: the views trained on, :meth:`.views.ViewSet.from_spec` of the configured value
+    (a preset's name, widened by ``view_margin``; or boxes of one's own, taken as they are).
     """
 
     image_size: int = 64
@@ -105,14 +103,15 @@ class TrainConfig:
     rotation_weight: float = 1.0
     mixed_precision: bool | str = "auto"
     seed: int = 0
-    view_range: ViewRange = field(default_factory=ViewRange)
+    view_range: ViewSet = field(default_factory=lambda: ViewSet.from_spec("ap", Margin()))
+    view_margin: Margin = field(default_factory=Margin)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     @classmethod
     def for_device(cls, device: str | torch.device, d: dict | None = None) -> TrainConfig:
         """The defaults for ``device`` (a CUDA device starts from :data:`GPU_PROFILE`), overridden by ``d``."""
         merged = dict(GPU_PROFILE) if torch.device(device).type == "cuda" else {}
-        for key, value in (d or {}).items():  # nested sections (view_range, augment) merge key by key
+        for key, value in (d or {}).items():  # nested sections (view_margin, augment) merge key by key
             both = isinstance(value, dict) and isinstance(merged.get(key), dict)
             merged[key] = {**merged[key], **value} if both else value
         return cls.from_dict(merged)
@@ -120,9 +119,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict | None) -> TrainConfig:
         d = dict(d or {})
-        view = ViewRange.from_dict(d.pop("view_range", None))
+        margin = Margin.from_dict(d.pop("view_margin", None))
+        view = ViewSet.from_spec(d.pop("view_range", "ap"), margin)
         aug = AugmentConfig.from_dict(d.pop("augment", None))
-        known = {f for f in cls.__dataclass_fields__} - {"view_range", "augment"}
+        known = {f for f in cls.__dataclass_fields__} - {"view_range", "view_margin", "augment"}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown training keys: {sorted(unknown)}")
@@ -143,11 +143,12 @@ class TrainConfig:
         widths = d.get("backbone_channels")
         if widths is not None and (len(widths) != 4 or not all(isinstance(w, int) and w > 0 for w in widths)):
             raise ValueError(f"backbone_channels must be four positive integers (one per stage), got {list(widths)}")
-        return cls(view_range=view, augment=aug, **d)
+        return cls(view_range=view, view_margin=margin, augment=aug, **d)
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d["view_range"] = self.view_range.as_dict()
+        d["view_range"] = self.view_range.as_spec()
+        d["view_margin"] = self.view_margin.as_dict()
         d["augment"] = self.augment.as_dict()
         d["bone_scales"] = list(self.bone_scales)
         d["backbone_channels"] = list(self.backbone_channels) if self.backbone_channels else None
@@ -219,17 +220,14 @@ class Trainer:
         ]
         self.camera = config.intrinsics
         # Pool renders are larger, so that any turn (roll and aim) can be resampled into image_size.
-        self._roll = tuple(math.radians(g) for g in config.view_range.gamma_deg)
+        self._roll = tuple(math.radians(g) for g in config.view_range.roll_deg)
         self._max_aim = math.radians(config.aim_deg)
         pool_px = _pool_pixels(self.camera, max(abs(g) for g in self._roll), self._max_aim)
         self.pool_camera = Intrinsics(
             pool_px, pool_px, self.camera.fx, self.camera.fy, (pool_px - 1) / 2, (pool_px - 1) / 2
         )
-        mid = lambda r: sum(r) / 2  # noqa: E731
-        vr = config.view_range
-        reference = carm_pose(
-            math.radians(mid(vr.alpha_deg)), math.radians(mid(vr.beta_deg)), 0.0, mid(vr.sod_mm), self.center
-        )
+        alpha, beta, sod = config.view_range.centre
+        reference = carm_pose(math.radians(alpha), math.radians(beta), 0.0, sod, self.center)
         self.model = PoseRegressor(
             reference, self.center, config.backbone, config.image_size, config.backbone_channels, config.backbone_stem
         ).to(self.device)
@@ -256,10 +254,8 @@ class Trainer:
             return renderer.render(poses.to(self.device), camera).float()
 
     def _views(self, n: int, roll: bool) -> torch.Tensor:
-        vr = self.config.view_range
-        if not roll:
-            vr = ViewRange(vr.alpha_deg, vr.beta_deg, (0.0, 0.0), vr.sod_mm, vr.isocenter_mm)
-        return sample_views(vr, n, self.center, self.generator)[0]
+        views = self.config.view_range if roll else self.config.view_range.without_roll()
+        return sample_views(views, n, self.center, self.generator)[0]
 
     def _refresh_pool(self, n: int) -> None:
         """Render ``n`` new gamma = 0 views into the pool (evicting the oldest when full)."""

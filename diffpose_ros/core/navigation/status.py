@@ -27,7 +27,10 @@ class PoseStatus:
     when no pose was accepted for a while); ``similarity``: the final similarity, or None;
     ``latency_s``: the frame's stamp to this status being sent (s), or None; ``stamp``: the frame's
     stamp as ``sec.nanosec`` (9 digits, exact); ``source``: ``cnn`` or ``tracking`` (see
-    :data:`SOURCES`), or None when the frame was not registered; ``frame_id``: the frame's TF frame.
+    :data:`SOURCES`), or None when the frame was not registered; ``frame_id``: the frame's TF frame;
+    ``in_view_range``: whether the frame's estimate lies among the views the patient model was
+    trained on (false: a view it was not made for, whether or not it was accepted), or None when
+    the frame was not registered.
     """
 
     valid: bool
@@ -37,6 +40,7 @@ class PoseStatus:
     stamp: str
     source: str | None
     frame_id: str = ""
+    in_view_range: bool | None = None
 
     def to_json(self) -> str:
         """One-line JSON; a non-finite number is written as null."""
@@ -59,6 +63,7 @@ class PoseStatus:
                 stamp=str(doc["stamp"]),
                 source=doc.get("source"),
                 frame_id=str(doc.get("frame_id", "")),
+                in_view_range=None if doc.get("in_view_range") is None else bool(doc["in_view_range"]),
             )
             status.stamp_ns  # noqa: B018 - checks the stamp
             return status

@@ -129,6 +129,7 @@ class Pipeline:
         self.config = config or PipelineConfig()
         self.regressor = model.regressor.to(self.device).eval()
         self.registrar = Registrar(model.mu, self.config.cold, backend=self.config.renderer, device=self.device)
+        self.views = model.trained_views  # a pose outside them is flagged (FrameResult.in_view_range)
         # Polarity and the intensity map look at 64-pixel DRRs: the volume of a pyramid level of that size.
         self._coarse_voxel_mm = min(self.config.cold.levels, key=lambda level: abs(level.width - 64)).voxel_mm
         self._tracked: list[tuple[float, torch.Tensor]] = []  # the last (at most 2) accepted (stamp, pose)
@@ -281,7 +282,9 @@ class Pipeline:
         last = attempts[-1]
         accepted = not last.reason
         self._remember(accepted, stamp, last.route, last.result)
+        pose = last.start.pose if last.result is None else last.result.pose
         common = dict(
+            in_view_range=bool(self.views.contains(pose, self.model.mu.center)),
             accepted=accepted,
             reason=last.reason,
             mode=last.route,
@@ -294,7 +297,7 @@ class Pipeline:
         )
         if last.result is None:  # refused before any refinement
             return FrameResult(
-                pose=last.start.pose,
+                pose=pose,
                 covariance=torch.full((6, 6), float("inf"), dtype=torch.float64),
                 similarity=float("nan"),
                 iterations=0,
@@ -302,7 +305,7 @@ class Pipeline:
                 **common,
             )
         return FrameResult(
-            pose=last.result.pose,
+            pose=pose,
             covariance=fit_covariance(last.result.hessian, last.result.cost, last.result.residuals),
             similarity=last.result.similarity,
             iterations=last.result.iterations,

@@ -51,7 +51,9 @@ class FrameResult:
     ``routes``: every route tried, in order; ``out_of_time``: the refinement stopped at the frame's
     deadline once its pose had settled; ``start``: where the result's refinement started: ``cnn``,
     ``given``, ``predicted`` (tracking) or, on the multistart route, the winning start
-    (``refined``, or a name of :data:`~.multistart.OFFSETS`).
+    (``refined``, or a name of :data:`~.multistart.OFFSETS`); ``in_view_range``: the pose lies among
+    the views the patient model was trained on (:attr:`~diffpose_ros.core.model.bundle.PatientModel.trained_views`);
+    outside them the CNN extrapolated.
     """
 
     pose: torch.Tensor
@@ -70,6 +72,7 @@ class FrameResult:
     routes: tuple[Route, ...] = ()
     out_of_time: bool = False
     start: str = ""
+    in_view_range: bool = True
 
     @property
     def path(self) -> str:
@@ -85,6 +88,7 @@ class FrameResult:
             "mode": self.mode.value,
             "path": self.path,
             "start": self.start,
+            "in_view_range": bool(self.in_view_range),
             "T_ct_source": self.pose.tolist(),
             "T_ct_source_init": self.initial_pose.tolist(),
             "similarity": float(self.similarity),

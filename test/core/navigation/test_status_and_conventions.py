@@ -90,7 +90,7 @@ def test_ras_to_carm_undoes_carm_to_ras():
 
 
 def test_pose_status_json_round_trip():
-    status = PoseStatus(True, "", 0.83, 0.42, "1712345678.000000042", "cnn", "carm_source_optical")
+    status = PoseStatus(True, "", 0.83, 0.42, "1712345678.000000042", "cnn", "carm_source_optical", False)
     doc = json.loads(status.to_json())
     assert doc == {
         "valid": True,
@@ -100,8 +100,11 @@ def test_pose_status_json_round_trip():
         "stamp": "1712345678.000000042",
         "source": "cnn",
         "frame_id": "carm_source_optical",
+        "in_view_range": False,
     }
     assert PoseStatus.from_json(status.to_json()) == status
+    del doc["in_view_range"]  # a status from before the key: unknown
+    assert PoseStatus.from_json(json.dumps(doc)).in_view_range is None
     assert status.stamp_ns == 1712345678_000000042
     assert stamp_from_ns(status.stamp_ns) == status.stamp
     rejected = PoseStatus(False, "rejected by the gate: similarity 0.2", float("nan"), None, "5.000000000", None)

@@ -376,3 +376,43 @@ def test_the_multistart_ranks_what_its_budget_allows(registrar, mu, camera):
     assert float(metrics.mtre(generous.result.pose, truth, metrics.grid_targets(mu.center))) < 0.1
     unrefined = multistart(registrar, image, camera, None, poor, None, budget_s=600.0)
     assert unrefined.tried == len(OFFSETS) and unrefined.name in dict(OFFSETS)
+
+
+def test_a_pose_outside_the_models_views_is_flagged_and_still_gated(pipeline, camera, mu):
+    """The fixture's model records no views, so it is an ``ap`` model: a lateral frame registered
+    from its truth is posed, and flagged as outside the views its CNN was trained on."""
+    import math
+
+    import numpy as np
+
+    from diffpose_ros.core.geometry.camera import carm_pose
+
+    assert pipeline.views.name == "ap"
+    for alpha, inside in ((10.0, True), (90.0, False)):
+        truth = carm_pose(math.radians(alpha), math.radians(5.0), 0.0, 750.0, mu.center)
+        pixels = simulate_transmission(pipeline.render(truth, camera), rng=np.random.default_rng(2))
+        result = pipeline.process(prepare_frame(pixels, "transmission", camera), initial_pose=truth)
+        assert result.accepted, result.reason
+        assert result.in_view_range is inside and result.as_dict()["in_view_range"] is inside
+
+
+@pytest.mark.slow
+def test_tracking_follows_a_swing_of_eight_degrees_a_frame(pipeline, camera, mu):
+    """A C-arm swung fast about the patient (8 deg of orbit per frame at 7.5 Hz: 90 deg in 1.5 s):
+    after the cold start every frame is tracked (the first from the last pose, the next from the
+    predicted one), none falls back to the CNN, and every pose is within the tracking floor."""
+    import math
+
+    from diffpose_ros.core.geometry.camera import carm_pose
+
+    alphas = [0.0, 8.0, 16.0, 24.0, 32.0]
+    poses = [carm_pose(math.radians(a), math.radians(5.0), 0.0, 750.0, mu.center) for a in alphas]
+    frames = _prepared(pipeline, poses, camera, 3)
+    targets = metrics.grid_targets(mu.center)
+    pipeline.reset_tracking()
+    results = [pipeline.process(frame, stamp=100.0 + i / 7.5) for i, frame in enumerate(frames)]
+    assert [r.accepted for r in results] == [True] * len(alphas), [r.reason for r in results]
+    assert results[0].mode == "cold" and all(r.mode in ("tracking", "pyramid") for r in results[1:])
+    assert all(r.start == "predicted" for r in results[1:])
+    errors = [float(metrics.mtre(r.pose, T, targets)) for r, T in zip(results, poses)]
+    assert max(errors) < TRACKING_FLOOR_MM, errors
