@@ -85,6 +85,11 @@ class Settings(ParameterSet):
         "at a slower cold start)",
         name="registration.finest_width", read_only=True, choices=FINEST_WIDTHS,
     )
+    multistart_budget_s: float = parameter(
+        _GATE.multistart_budget_s,
+        "seconds a cold start that failed the gate may spend on starts around the CNN's estimate (0: none)",
+        name="registration.multistart_budget_s", bounds=(0.0, 60.0),
+    )
     camera_frame: str = parameter("carm_source_optical", "child frame when header.frame_id is empty")
     invert: bool = parameter(
         False, "publish frame_id -> ct_frame (the inverse) instead of ct_frame -> frame_id"
@@ -185,8 +190,8 @@ def settings_problems(s: Settings) -> list[str]:
 
 
 def pipeline_config(s: Settings, base: PipelineConfig | None = None) -> PipelineConfig:
-    """``base`` (default :class:`PipelineConfig`) with the gate, polarity, tracking, cost, pyramid and
-    renderer of ``s``."""
+    """``base`` (default :class:`PipelineConfig`) with the gate, polarity, tracking, cost, pyramid,
+    multistart budget and renderer of ``s``."""
     base = base or PipelineConfig()
     return dataclasses.replace(
         base,
@@ -196,6 +201,7 @@ def pipeline_config(s: Settings, base: PipelineConfig | None = None) -> Pipeline
         max_source_distance_mm=float(s.max_source_distance_mm),
         polarity=s.polarity,
         renderer=s.renderer,
+        multistart_budget_s=float(s.multistart_budget_s),
         cold=dataclasses.replace(base.cold, cost=s.cost, levels=pyramid(s.finest_width)),
     )
 

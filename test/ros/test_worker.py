@@ -86,8 +86,12 @@ def test_pipeline_config_takes_gate_tracking_cost_and_pyramid():
     s = Settings.from_parameters({"gate.min_similarity": 0.7, "registration.cost": "gradient_ncc", "renderer": "torch"})
     config = pipeline_config(s)
     assert config.min_similarity == 0.7 and config.cold.cost == "gradient_ncc" and config.renderer == "torch"
-    assert config.tracking_max_age_s == s.tracking_max_age_s
+    assert config.tracking_max_age_s == s.tracking_max_age_s and config.multistart_budget_s == 1.0
     assert [level.width for level in config.cold.levels] == [32, 64, 128]
+    none = pipeline_config(Settings.from_parameters({"registration.multistart_budget_s": 0.0}))
+    assert none.multistart_budget_s == 0.0
+    negative = Settings.from_parameters({"registration.multistart_budget_s": -1.0})
+    assert any("registration.multistart_budget_s" in problem for problem in settings_problems(negative))
     fine = pipeline_config(Settings.from_parameters({"registration.finest_width": 256}))
     assert [level.width for level in fine.cold.levels] == [32, 64, 128, 256]
     odd = Settings.from_parameters({"registration.finest_width": 200})
