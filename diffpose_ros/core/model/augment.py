@@ -23,7 +23,7 @@ from that one).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -36,6 +36,8 @@ from diffpose_ros.core.simulation.clinical import (
     metal_rods,
     scatter_and_heel,
 )
+
+from .keys import known_fields
 
 __all__ = ["AugmentConfig", "augment"]
 
@@ -85,10 +87,7 @@ class AugmentConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> AugmentConfig:
-        d = dict(d or {})
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown augmentation keys: {sorted(unknown)}")
+        d = known_fields(cls, d, "augmentation")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def as_dict(self) -> dict:

@@ -40,6 +40,7 @@ from diffpose_ros.core.rendering.renderer import Renderer
 from diffpose_ros.core.rendering.volume import Volume, hu_to_mu
 
 from .augment import AugmentConfig, augment
+from .keys import known_fields
 from .regressor import STEMS, PoseRegressor, bfloat16_is_fast
 from .sampling import sample_views
 from .views import Margin, ViewSet
@@ -122,10 +123,7 @@ class TrainConfig:
         margin = Margin.from_dict(d.pop("view_margin", None))
         view = ViewSet.from_spec(d.pop("view_range", "ap"), margin)
         aug = AugmentConfig.from_dict(d.pop("augment", None))
-        known = {f for f in cls.__dataclass_fields__} - {"view_range", "view_margin", "augment"}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown training keys: {sorted(unknown)}")
+        d = known_fields(cls, d, "training")  # the sections taken above are gone from d
         if d.get("mixed_precision", "auto") not in (True, False, "auto"):
             raise ValueError(f"mixed_precision must be true, false or auto, got {d['mixed_precision']!r}")
         if "backbone" in d:  # a backbone named without widths or stem keeps its own

@@ -21,6 +21,8 @@ import yaml
 
 from diffpose_ros.core.geometry.camera import carm_parameters
 
+from .keys import known_fields
+
 __all__ = ["CLINICAL_RANGE", "Margin", "PRESETS", "ViewRange", "ViewSet"]
 
 
@@ -55,10 +57,7 @@ class ViewRange:
     def from_dict(cls, d: dict | None, base: ViewRange | None = None) -> ViewRange:
         """From a mapping with the field names: missing keys keep ``base``'s values (default: the
         class defaults); unknown keys are errors."""
-        d = dict(d or {})
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown view-range keys: {sorted(unknown)}")
+        d = known_fields(cls, d, "view-range")
         return replace(base, **d) if base is not None else cls(**d)
 
     def as_dict(self) -> dict:
@@ -120,11 +119,7 @@ class Margin:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> Margin:
-        d = dict(d or {})
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown view_margin keys: {sorted(unknown)}")
-        return cls(**d)
+        return cls(**known_fields(cls, d, "view_margin"))
 
     def as_dict(self) -> dict:
         return asdict(self)
