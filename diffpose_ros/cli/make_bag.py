@@ -42,7 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sweep-alpha",
         type=float,
         nargs=2,
-        default=(-20.0, 20.0),
         metavar=("FROM", "TO"),
         help="orbit angles (deg) the sweep goes through at a constant rate (default -20 20; 0 90: AP to lateral)",
     )
@@ -79,6 +78,8 @@ def poses_from_arguments(args: argparse.Namespace, center: torch.Tensor) -> tupl
     """``(N, 4, 4)`` poses and a description of where they came from."""
     if args.views_range and not args.views:
         raise ValueError("--views-range says where --views are drawn from: give --views N with it")
+    if args.sweep_alpha and (args.views or args.poses):
+        raise ValueError("--sweep-alpha says where a --sweep goes: not with --views or --poses")
     if args.poses:
         return load_poses(args.poses), f"poses from {args.poses}"
     if args.views:
@@ -89,7 +90,7 @@ def poses_from_arguments(args: argparse.Namespace, center: torch.Tensor) -> tupl
     n = 24 if args.sweep is None else args.sweep
     if n < 1:
         raise ValueError("--sweep needs at least one frame")
-    a0, a1 = args.sweep_alpha
+    a0, a1 = args.sweep_alpha or (-20.0, 20.0)
     description = f"C-arm sweep alpha {a0:g}..{a1:g} deg, {n} frames, breathing 3 mm at 0.25 Hz"
     return carm_sweep(n, args.fps, center, alpha_deg=(a0, a1)), description
 

@@ -1,8 +1,9 @@
 """``diffpose_node``'s ``/diagnostics``: counters, rates and latencies, and the statuses built from them.
 
 Two kinds of ``diagnostic_msgs/DiagnosticStatus``: ``<node>: frame`` for every frame
-(:func:`frame_status`: OK with a published pose, WARN for a skipped frame, ERROR with the reason for
-a refused or rejected one) and ``<node>: pipeline``, a periodic summary (:meth:`FrameStats.summary`).
+(:func:`frame_status`: OK with a published pose, WARN for a skipped frame or a pose published outside
+the patient model's views, ERROR with the reason for a refused or rejected one) and
+``<node>: pipeline``, a periodic summary (:meth:`FrameStats.summary`).
 """
 
 from __future__ import annotations

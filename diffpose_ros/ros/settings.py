@@ -88,7 +88,7 @@ class Settings(ParameterSet):
     multistart_budget_s: float = parameter(
         _GATE.multistart_budget_s,
         "seconds a cold start that failed the gate may spend on starts around the CNN's estimate (0: none)",
-        name="registration.multistart_budget_s", bounds=(0.0, 60.0),
+        name="registration.multistart_budget_s", bounds=(0.0, 10.0),
     )
     camera_frame: str = parameter("carm_source_optical", "child frame when header.frame_id is empty")
     invert: bool = parameter(

@@ -37,7 +37,7 @@ def outcome_status(outcome, header, frame_id: str, latency_s: float | None) -> P
         stamp=stamp_from_ns(stamp_ns(header.stamp)),
         source=None if result is None else SOURCES.get(result.mode.value),
         frame_id=frame_id,
-        in_view_range=None if result is None else bool(result.in_view_range),
+        in_view_range=None if result is None else result.in_view_range,
     )
 
 

@@ -246,7 +246,7 @@ class FrameWorker:
         if not result.accepted:
             message = f"rejected by the gate: {result.reason}"
             return Outcome(OutcomeKind.REJECTED, DiagnosticStatus.ERROR, message, values, result, frame)
-        if not result.in_view_range:  # a pose the CNN was not trained near: worth a look, still gated
+        if result.in_view_range is False:  # a pose the CNN was not trained near: worth a look, still gated
             message = "pose published, outside the patient model's range of views"
             return Outcome(OutcomeKind.PUBLISHED, DiagnosticStatus.WARN, message, values, result, frame)
         return Outcome(OutcomeKind.PUBLISHED, DiagnosticStatus.OK, "pose published", values, result, frame)

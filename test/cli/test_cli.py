@@ -199,5 +199,7 @@ def test_bags_and_training_take_a_views_range(hu, mu, tmp_path):
     assert "0..90 deg" in description
     with pytest.raises(ValueError, match="give --views N"):
         poses_from_arguments(parser.parse_args(["--sweep", "4", "--views-range", "spine"]), hu.center)
-    assert load_config(None, "cpu", "spine").view_range == PRESETS["spine"].widened(Margin())
-    assert load_config(None, "cuda", "spine").view_range == PRESETS["spine"].widened(Margin(5, 2, 20, 5))
+    assert load_config(None, "cpu", "spine").trained_views == PRESETS["spine"].widened(Margin())
+    assert load_config(None, "cuda", "spine").trained_views == PRESETS["spine"].widened(Margin(5, 2, 20, 5))
+    with pytest.raises(ValueError, match="--sweep-alpha says where a --sweep goes"):
+        poses_from_arguments(parser.parse_args(["--views", "4", "--sweep-alpha", "0", "90"]), hu.center)

@@ -63,8 +63,8 @@ class PatientModel:
     def trained_views(self) -> ViewSet:
         """The views the CNN was trained on (margin included): a pose outside them is extrapolation."""
         training = self.metadata.get("training", {})
-        spec = training.get("view_range", "ap")
-        return ViewSet.from_spec(spec, Margin.from_dict(training.get("view_margin")))
+        margin = Margin.from_dict(training.get("view_margin"))
+        return ViewSet.from_spec(training.get("view_range", "ap"), margin).trained(margin)
 
 
 def save_patient_model(path: str | Path, model: PatientModel) -> None:

@@ -31,7 +31,7 @@ def sample_views(
     what its :class:`~.views.ViewRange` alone draws.
     """
     modes, weights = (views.modes, views.weights) if isinstance(views, ViewSet) else ((views,), (1.0,))
-    if len(modes) == 1:
+    if len(modes) == 1 or n == 0:
         index = torch.zeros(n, dtype=torch.long)
     else:
         index = torch.multinomial(torch.tensor(weights), n, replacement=True, generator=generator)

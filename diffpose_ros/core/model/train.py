@@ -78,8 +78,9 @@ class TrainConfig:
     ``None`` for the model's own (what a ``backbone`` named without widths gets); ``backbone_stem``:
     ``"patch"`` or ``None`` (:data:`.regressor.STEMS`; likewise). ``aim_deg``: largest
     tilt (degrees) of the principal ray about the focal spot applied to pool renders on reuse.
-    ``view_range``: the views trained on, :meth:`.views.ViewSet.from_spec` of the configured value
-    (a preset's name, widened by ``view_margin``; or boxes of one's own, taken as they are).
+    ``view_range``: the views to train for, :meth:`.views.ViewSet.from_spec` of the configured
+    value (a preset, or boxes of one's own); :attr:`trained_views`: what training draws. Pool renders
+    are turned by a roll drawn over every mode's roll range (the presets share one).
     """
 
     image_size: int = 64
@@ -104,7 +105,7 @@ class TrainConfig:
     rotation_weight: float = 1.0
     mixed_precision: bool | str = "auto"
     seed: int = 0
-    view_range: ViewSet = field(default_factory=lambda: ViewSet.from_spec("ap", Margin()))
+    view_range: ViewSet = field(default_factory=lambda: ViewSet.from_spec("ap"))
     view_margin: Margin = field(default_factory=Margin)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -157,6 +158,11 @@ class TrainConfig:
         """The CNN's working camera: the configured detector resampled to ``image_size``."""
         full = Intrinsics.from_detector(self.sdd_mm, self.detector_pixels, self.detector_pixels, self.pixel_mm)
         return full.resized(self.image_size)
+
+    @property
+    def trained_views(self) -> ViewSet:
+        """The views training draws: a preset widened by ``view_margin``, boxes of one's own as they are."""
+        return self.view_range.trained(self.view_margin)
 
 
 def _turn(tilt: torch.Tensor, direction: torch.Tensor, roll: torch.Tensor) -> torch.Tensor:
@@ -218,13 +224,14 @@ class Trainer:
         ]
         self.camera = config.intrinsics
         # Pool renders are larger, so that any turn (roll and aim) can be resampled into image_size.
-        self._roll = tuple(math.radians(g) for g in config.view_range.roll_deg)
+        self.views = config.trained_views
+        self._roll = tuple(math.radians(g) for g in self.views.roll_deg)
         self._max_aim = math.radians(config.aim_deg)
         pool_px = _pool_pixels(self.camera, max(abs(g) for g in self._roll), self._max_aim)
         self.pool_camera = Intrinsics(
             pool_px, pool_px, self.camera.fx, self.camera.fy, (pool_px - 1) / 2, (pool_px - 1) / 2
         )
-        alpha, beta, sod = config.view_range.centre
+        alpha, beta, sod = self.views.centre
         reference = carm_pose(math.radians(alpha), math.radians(beta), 0.0, sod, self.center)
         self.model = PoseRegressor(
             reference, self.center, config.backbone, config.image_size, config.backbone_channels, config.backbone_stem
@@ -252,7 +259,7 @@ class Trainer:
             return renderer.render(poses.to(self.device), camera).float()
 
     def _views(self, n: int, roll: bool) -> torch.Tensor:
-        views = self.config.view_range if roll else self.config.view_range.without_roll()
+        views = self.views if roll else self.views.without_roll()
         return sample_views(views, n, self.center, self.generator)[0]
 
     def _refresh_pool(self, n: int) -> None:
@@ -290,7 +297,7 @@ class Trainer:
     def _make_validation(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Held-out views (own seed), rendered once at full image size with fresh noise."""
         g = torch.Generator().manual_seed(self.config.seed + 10_000)
-        poses = sample_views(self.config.view_range, self.config.validation_views, self.center, g)[0]
+        poses = sample_views(self.views, self.config.validation_views, self.center, g)[0]
         images = self._render(poses, self.camera, self.renderers[0])
         return PoseRegressor.prepare(augment(images, self.config.augment, g)), poses
 

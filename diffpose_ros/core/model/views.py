@@ -28,14 +28,15 @@ __all__ = ["CLINICAL_RANGE", "Margin", "PRESETS", "ViewRange", "ViewSet"]
 
 @dataclass(frozen=True)
 class ViewRange:
-    """Uniform ranges ``(low, high)``: angles in degrees, SOD in mm; ``isocenter_mm``: half-widths
-    of the isocentre box around the CT centre per LPS axis (mm)."""
+    """Uniform ranges ``(low, high)``: angles in degrees (alpha within [-180, 180], beta within
+    [-80, 80], no wrap-around), SOD in mm; ``isocenter_mm``: half-widths of the isocentre box around
+    the CT centre per LPS axis (mm). ``ValueError`` names a bad field."""
 
-    alpha_deg: tuple[float, float] = (-32.0, 32.0)
-    beta_deg: tuple[float, float] = (-22.0, 22.0)
-    gamma_deg: tuple[float, float] = (-11.0, 11.0)
-    sod_mm: tuple[float, float] = (640.0, 860.0)
-    isocenter_mm: tuple[float, float, float] = (42.0, 42.0, 42.0)
+    alpha_deg: tuple[float, float]
+    beta_deg: tuple[float, float]
+    gamma_deg: tuple[float, float]
+    sod_mm: tuple[float, float]
+    isocenter_mm: tuple[float, float, float]
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -54,11 +55,9 @@ class ViewRange:
             )
 
     @classmethod
-    def from_dict(cls, d: dict | None, base: ViewRange | None = None) -> ViewRange:
-        """From a mapping with the field names: missing keys keep ``base``'s values (default: the
-        class defaults); unknown keys are errors."""
-        d = known_fields(cls, d, "view-range")
-        return replace(base, **d) if base is not None else cls(**d)
+    def from_dict(cls, d: dict | None, base: ViewRange) -> ViewRange:
+        """``base`` with the fields a mapping names; unknown keys are errors."""
+        return replace(base, **known_fields(cls, d, "view-range"))
 
     def as_dict(self) -> dict:
         return {k: list(v) for k, v in asdict(self).items()}
@@ -144,22 +143,23 @@ class ViewSet:
 
     @classmethod
     def from_spec(cls, spec, margin: Margin | None = None) -> ViewSet:
-        """The set a user names: a preset's name (widened by ``margin`` when one is given), the path
-        of a YAML file holding one of these (at its top or under ``view_range:``), a mapping of
-        :class:`ViewRange` keys (the ``ap`` preset's box, widened by ``margin``, changed key by key)
-        or a list of such mappings, each with an optional ``weight``. ``ValueError`` names what is
-        wrong."""
+        """The set a user names: a preset's name, the path of a YAML file holding one of these (at
+        its top or under ``view_range:``), a mapping of :class:`ViewRange` keys or a list of such
+        mappings, each with an optional ``weight``. Keys a mapping leaves out keep the ``ap``
+        preset's box, widened by ``margin`` when one is given. ``ValueError`` names what is wrong."""
         if isinstance(spec, ViewSet):
             return spec
         if isinstance(spec, (str, Path)) and str(spec) in PRESETS:
-            preset = PRESETS[str(spec)]
-            return preset.widened(margin) if margin is not None else preset
+            return PRESETS[str(spec)]
         if isinstance(spec, (str, Path)):
             path = Path(spec)
             if not path.is_file():
                 raise ValueError(f"views range {str(spec)!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
-            doc = yaml.safe_load(path.read_text())
-            doc = doc.get("view_range", doc) if isinstance(doc, dict) and "view_range" in doc else doc
+            try:
+                doc = yaml.safe_load(path.read_text())
+            except (yaml.YAMLError, UnicodeDecodeError) as err:
+                raise ValueError(f"{path} is not a YAML file of view ranges: {err}") from None
+            doc = doc["view_range"] if isinstance(doc, dict) and "view_range" in doc else doc
             if isinstance(doc, str) and doc not in PRESETS:  # a name in a file names a preset, not another file
                 raise ValueError(f"{path}: names {doc!r}, which is not a preset ({', '.join(PRESETS)})")
             return cls.from_spec(doc, margin)
@@ -180,8 +180,13 @@ class ViewSet:
         return [{**m.as_dict(), "weight": w} for m, w in zip(self.modes, self.weights)]
 
     def widened(self, margin: Margin) -> ViewSet:
-        """Every mode widened by ``margin`` (the name is kept: training widens a preset)."""
-        return ViewSet(tuple(m.widened(margin) for m in self.modes), self.weights, self.name)
+        """Every mode widened by ``margin`` (a set of its own: no longer the preset)."""
+        return ViewSet(tuple(m.widened(margin) for m in self.modes), self.weights)
+
+    def trained(self, margin: Margin) -> ViewSet:
+        """The views training draws for this set: a preset widened by ``margin``, boxes of one's own
+        as they are."""
+        return self.widened(margin) if self.name else self
 
     def without_roll(self) -> ViewSet:
         """The same views at ``gamma = 0``."""

@@ -52,8 +52,8 @@ class FrameResult:
     deadline once its pose had settled; ``start``: where the result's refinement started: ``cnn``,
     ``given``, ``predicted`` (tracking) or, on the multistart route, the winning start
     (``refined``, or a name of :data:`~.multistart.OFFSETS`); ``in_view_range``: the pose lies among
-    the views the patient model was trained on (:attr:`~diffpose_ros.core.model.bundle.PatientModel.trained_views`);
-    outside them the CNN extrapolated.
+    the views the patient model was trained on (:attr:`~diffpose_ros.core.model.bundle.PatientModel.trained_views`;
+    outside them the CNN extrapolated), None when unknown.
     """
 
     pose: torch.Tensor
@@ -72,7 +72,7 @@ class FrameResult:
     routes: tuple[Route, ...] = ()
     out_of_time: bool = False
     start: str = ""
-    in_view_range: bool = True
+    in_view_range: bool | None = None
 
     @property
     def path(self) -> str:
@@ -88,7 +88,7 @@ class FrameResult:
             "mode": self.mode.value,
             "path": self.path,
             "start": self.start,
-            "in_view_range": bool(self.in_view_range),
+            "in_view_range": self.in_view_range,
             "T_ct_source": self.pose.tolist(),
             "T_ct_source_init": self.initial_pose.tolist(),
             "similarity": float(self.similarity),

@@ -63,9 +63,9 @@ def test_sampling_covers_the_configured_ranges_and_is_deterministic():
 
 def test_view_range_rejects_bad_config():
     with pytest.raises(ValueError, match="alpha_deg"):
-        ViewRange(alpha_deg=(10, -10))
+        ViewRange((10, -10), (0, 0), (0, 0), (700, 800), (0, 0, 0))
     with pytest.raises(ValueError, match="unknown"):
-        ViewRange.from_dict({"alpha": [0, 1]})
+        ViewRange.from_dict({"alpha": [0, 1]}, ViewRange((-1, 1), (0, 0), (0, 0), (700, 800), (0, 0, 0)))
 
 
 def test_augment_is_seeded_and_changes_images():
@@ -384,11 +384,11 @@ def test_device_defaults_and_overrides():
     gpu = TrainConfig.for_device("cuda")
     assert gpu.as_dict() == TrainConfig.from_dict(GPU_PROFILE).as_dict()
     assert gpu.pool_refresh == gpu.batch_size  # every step renders its batch fresh on a GPU
-    assert gpu.backbone_channels is None and gpu.view_range.modes[0].alpha_deg == (-35.0, 35.0)
+    assert gpu.backbone_channels is None and gpu.trained_views.modes[0].alpha_deg == (-35.0, 35.0)
     mixed = TrainConfig.for_device("cuda", {"seed": 3, "batch_size": 16, "view_range": {"alpha_deg": [-40, 40]}})
     assert (mixed.seed, mixed.batch_size, mixed.pool_refresh) == (3, 16, GPU_PROFILE["pool_refresh"])
     # A box of one's own overrides the preset's widened box key by key: the rest of the GPU's range stays.
-    box = mixed.view_range.modes[0]
+    box = mixed.trained_views.modes[0]
     assert box.alpha_deg == (-40.0, 40.0) and box.beta_deg == (-25.0, 25.0) and mixed.view_range.name == ""
     # A backbone named without widths or stem gets its own.
     named = TrainConfig.from_dict({"backbone": "resnet18"})

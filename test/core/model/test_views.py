@@ -35,9 +35,10 @@ def test_a_set_of_one_mode_draws_what_its_range_draws():
         alone = sample_views(views.modes[0], 64, CENTER, torch.Generator().manual_seed(5))
         in_set = sample_views(views, 64, CENTER, torch.Generator().manual_seed(5))
         assert all(torch.equal(a, b) for a, b in zip(alone, in_set))
-    # The CPU training default is the ap preset widened by the default margin.
-    assert PRESETS["ap"].widened(Margin()).modes == (ViewRange(),)
+    # The CPU training default is the ap preset widened by the default margin: the box of before presets.
+    assert TrainConfig().trained_views.modes == (ViewRange((-32, 32), (-22, 22), (-11, 11), (640, 860), (42, 42, 42)),)
     assert PRESETS["ap"].modes == (CLINICAL_RANGE,)
+    assert sample_views(PRESETS["spine"], 0, CENTER)[0].shape == (0, 4, 4)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -68,10 +69,9 @@ def test_a_view_between_the_modes_is_outside_the_set():
 
 
 def test_view_sets_are_named_as_presets_files_or_boxes(tmp_path):
-    assert ViewSet.from_spec("spine") is PRESETS["spine"]
-    widened = ViewSet.from_spec("spine", Margin())
-    assert widened.name == "spine" and widened.modes[1].alpha_deg == (73.0, 107.0)
-    assert widened.as_spec() == "spine"
+    assert ViewSet.from_spec("spine") is PRESETS["spine"] and PRESETS["spine"].as_spec() == "spine"
+    widened = PRESETS["spine"].trained(Margin())
+    assert widened.name == "" and widened.modes[1].alpha_deg == (73.0, 107.0)  # no longer the preset
     box = ViewSet.from_spec({"alpha_deg": [-50, 50]}, Margin())
     assert box.modes[0].alpha_deg == (-50.0, 50.0) and box.modes[0].beta_deg == (-22.0, 22.0) and box.name == ""
     own = [{"alpha_deg": [80, 100], "weight": 3}, {"alpha_deg": [-10, 10]}]
@@ -87,23 +87,31 @@ def test_view_sets_are_named_as_presets_files_or_boxes(tmp_path):
     path.write_text("view_range: views.yaml\n")
     with pytest.raises(ValueError, match="not a preset"):
         ViewSet.from_spec(str(path))
+    path.write_text("view_range: [unclosed\n")
+    with pytest.raises(ValueError, match="not a YAML file"):
+        ViewSet.from_spec(str(path))
+    path.write_bytes(b"\x89\xff\xfe binary")
+    with pytest.raises(ValueError, match="not a YAML file"):
+        ViewSet.from_spec(str(path))
     with pytest.raises(ValueError, match="weight"):
         ViewSet.from_spec([{"alpha_deg": [0, 1], "weight": 0}])
     with pytest.raises(ValueError, match="unknown view-range keys"):
         ViewSet.from_spec({"alpha": [0, 1]})
     with pytest.raises(ValueError, match="alpha_deg must lie"):
-        ViewRange(alpha_deg=(-200, 0))
+        ViewRange((-200, 0), (0, 0), (0, 0), (700, 800), (0, 0, 0))
     with pytest.raises(ValueError, match="non-negative"):
         Margin(angle_deg=-1)
 
 
 def test_training_config_takes_a_preset_and_records_it():
     spine = TrainConfig.from_dict({"view_range": "spine"})
-    assert spine.view_range == PRESETS["spine"].widened(Margin())
+    assert spine.view_range is PRESETS["spine"] and spine.trained_views == PRESETS["spine"].widened(Margin())
     assert spine.as_dict()["view_range"] == "spine"
     assert TrainConfig.from_dict(spine.as_dict()).as_dict() == spine.as_dict()
-    wide = TrainConfig.from_dict({"view_range": "lateral", "view_margin": {"angle_deg": 5}})
-    assert wide.view_range.modes[0].alpha_deg == (70.0, 110.0) and wide.view_range.modes[0].gamma_deg == (-11, 11)
+    wide = TrainConfig.from_dict({"view_range": "lateral", "view_margin": {"angle_deg": 5}}).trained_views
+    assert wide.modes[0].alpha_deg == (70.0, 110.0) and wide.modes[0].gamma_deg == (-11, 11)
+    own = TrainConfig.from_dict({"view_range": [{"alpha_deg": [80, 100]}]})
+    assert own.trained_views is own.view_range  # boxes of one's own are trained on as given
     assert TrainConfig().view_range.centre == (0.0, 0.0, 750.0) and spine.view_range.centre == (0.0, 0.0, 750.0)
 
 
@@ -119,6 +127,7 @@ def test_a_patient_model_says_which_views_it_is_for(mu):
     own = TrainConfig.from_dict({"view_range": [{"alpha_deg": [80, 100]}]}).as_dict()
     assert _model(mu, {"training": own}).views.modes[0].alpha_deg == (80.0, 100.0)
     # Models from before presets recorded their box (the default one): they are ap models.
-    old = {"training": {"view_range": ViewRange().as_dict()}}
-    assert _model(mu, old).views is PRESETS["ap"] and _model(mu, old).trained_views.modes == (ViewRange(),)
+    box = TrainConfig().trained_views.modes[0]
+    old = {"training": {"view_range": box.as_dict()}}
+    assert _model(mu, old).views is PRESETS["ap"] and _model(mu, old).trained_views.modes == (box,)
     assert _model(mu, {}).views is PRESETS["ap"]
