@@ -73,7 +73,7 @@ def add_views_range_argument(parser: argparse.ArgumentParser, default: str) -> N
     """``--views-range`` (see :func:`views_range`); ``default`` says what is taken without it."""
     parser.add_argument(
         "--views-range",
-        metavar="PRESET|FILE",
+        metavar="PRESET|FILE|MODEL",
         help=f"the views: a procedure preset ({', '.join(PRESETS)}; docs/patient-model.md), a YAML file of "
         f"view-range boxes, or a patient model (.safetensors) whose views to take (default: {default})",
     )
