@@ -74,13 +74,14 @@ class ViewRange:
             tuple(h + margin.isocenter_mm for h in self.isocenter_mm),
         )
 
-    def contains(self, poses: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    def contains(self, poses: torch.Tensor, center: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
         """Which poses ``T_ct_source`` ``(..., 4, 4)`` (mm) are views of this range around the CT
         centre ``center`` (mm): bool ``(...)``. The angles of a view are unique; its SOD and
         isocentre slide together along the principal ray, so a view is in the range when some point
-        of that ray is an isocentre of the box at an SOD of the range."""
+        of that ray is an isocentre of the box at an SOD of the range. ``params``: the poses'
+        :func:`~diffpose_ros.core.geometry.camera.carm_parameters` when already computed."""
         poses = poses.to(torch.float64)
-        params = carm_parameters(poses, center)
+        params = carm_parameters(poses, center) if params is None else params
         rad = math.pi / 180
         inside = torch.ones(params.shape[:-1], dtype=torch.bool)
         for i, (lo, hi) in enumerate((self.alpha_deg, self.beta_deg, self.gamma_deg)):
@@ -212,8 +213,9 @@ class ViewSet:
         """Which poses ``T_ct_source`` ``(..., 4, 4)`` (mm) are views of one of the modes around the
         CT centre ``center`` (mm): bool ``(...)`` (:meth:`ViewRange.contains`)."""
         inside = torch.zeros(poses.shape[:-2], dtype=torch.bool)
+        params = carm_parameters(poses.to(torch.float64), center)  # once for every mode
         for mode in self.modes:
-            inside |= mode.contains(poses, center)
+            inside |= mode.contains(poses, center, params)
         return inside
 
 
