@@ -122,6 +122,23 @@ def _per_image(x: torch.Tensor, rows: torch.Tensor, make) -> torch.Tensor:
     return out
 
 
+def _rows(x: torch.Tensor, rows: torch.Tensor, make, rest: torch.Tensor | None = None) -> torch.Tensor:
+    """``rest`` (default ``x``) ``(B, H, W)`` with the images of the boolean ``rows`` ``(B,)`` replaced by
+    ``make`` of those images of ``x`` (batched: a factor is computed only for the images it changes)."""
+    out = (x if rest is None else rest).clone()
+    index = rows.nonzero()[:, 0].to(x.device)
+    if len(index):
+        out[index] = make(x[index]).to(out)
+    return out
+
+
+def _line_integrals(shown: torch.Tensor) -> torch.Tensor:
+    """Display values ``(B, H, W)`` (> 0) taken back to line integrals: ``-log`` against each image's
+    bright level (its 99.9th percentile), as :func:`~diffpose_ros.core.frames.prepare.prepare_frame` does."""
+    bright = torch.quantile(shown.flatten(1), 0.999, dim=1)[:, None, None]
+    return (torch.log(bright) - torch.log(shown)).clamp(min=0)
+
+
 def _numpy(image: torch.Tensor) -> np.ndarray:
     return image.detach().cpu().double().numpy()
 
@@ -180,7 +197,7 @@ def augment(images: torch.Tensor, config: AugmentConfig, generator: torch.Genera
     expected = i0 * torch.exp(-x)
     if config.scatter > 0:
         on = torch.rand(B, generator=g) < config.scatter
-        expected = torch.where((on & ~fp).to(dev)[:, None, None], scatter_and_heel(expected, generator=g), expected)
+        expected = _rows(expected, on & ~fp, lambda rows: scatter_and_heel(rows, generator=g))
         primary = expected
         expected = _per_image(primary, on & fp, lambda i: flat_panel.scatter(_numpy(primary[i]), rng))
     counts = _poisson(expected, g)
@@ -188,10 +205,9 @@ def augment(images: torch.Tensor, config: AugmentConfig, generator: torch.Genera
     if config.display > 0:
         on = torch.rand(B, generator=g) < config.display
         # Each chain's floor (half its lowest level: 8 bit, 10 bit), as prepare_frame's.
-        shown = display_chain(counts, generator=g).clamp(min=0.5 / 255)
+        shown = _rows(counts, on & ~fp, lambda rows: display_chain(rows, generator=g).clamp(min=0.5 / 255))
         shown = _per_image(shown, on & fp, lambda i: flat_panel.display(_numpy(counts[i]), rng).clip(0.5 / 1023, None))
-        bright = torch.quantile(shown.flatten(1), 0.999, dim=1)[:, None, None]
-        x = torch.where(on.to(dev)[:, None, None], (torch.log(bright) - torch.log(shown)).clamp(min=0), x)
+        x = _rows(shown, on, _line_integrals, x)
     if config.monotone > 0:
         x = _monotone(x, torch.rand(B, generator=g) < config.monotone, g)
     if config.local_contrast > 0:

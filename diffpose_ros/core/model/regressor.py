@@ -24,20 +24,27 @@ Pose representation (chosen for conditioning, not the se(3) log of the paper):
 
 ``T_source_ct = [R_source_ct | p - R_source_ct anchor]``; the output is its inverse ``T_ct_source``
 (mm, contract frames).
+
+:meth:`PoseRegressor.estimate` is the estimate a frame gets: the mean over copies of the image turned
+about the principal ray, each an exact view of the same rays (training turns its renders the same
+way), which averages out part of the network's error (``docs/performance.md``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import roma
 import timm
 import torch
+import torch.nn.functional as F
 from timm.layers import GroupNorm
 from torch import nn
 
 from diffpose_ros.core.geometry import se3
+from diffpose_ros.core.geometry.camera import Intrinsics
 
 __all__ = ["PoseRegressor", "STEMS", "bfloat16_is_fast"]
 
@@ -143,3 +150,28 @@ class PoseRegressor(nn.Module):
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=mixed_precision):
             features = self.backbone(x)
         return self.decode(self.head(features.float().flatten(1)))
+
+    @torch.no_grad()
+    def estimate(self, images: torch.Tensor, camera: Intrinsics, turns_deg: Sequence[float] = (0.0,)) -> torch.Tensor:
+        """Poses ``T_ct_source`` ``(B, 4, 4)`` (float64 on the CPU, mm) of line-integral images ``(B, S, S)`` seen by
+        ``camera`` (the working camera at ``image_size``): for each image, the mean of the network's
+        poses for copies turned by ``turns_deg`` (degrees) about the principal ray, each turned back.
+
+        A camera turned about its focal spot sees the same rays, so each copy is an exact view (pixels
+        a turn brings in from outside the image take its mean). Rotations are averaged on SO(3) (the
+        chordal mean), source positions in the CT as points. ``(0,)``: the network's pose as it is.
+        """
+        if tuple(turns_deg) == (0.0,):
+            return self(self.prepare(images)).double().cpu()
+        angles = torch.deg2rad(torch.as_tensor(turns_deg, dtype=torch.float64))
+        zero = torch.zeros_like(angles)
+        turns = roma.rotvec_to_rotmat(torch.stack([zero, zero, angles], -1))  # (K, 3, 3): this camera in the frame's
+        B, K = images.shape[0], len(angles)
+        x = images.float()
+        fill = x.flatten(1).mean(1).repeat_interleave(K)[:, None, None, None]
+        grid = camera.sampling_grid(camera, turns).float().to(x.device)  # (K, S, S, 2)
+        turned = F.grid_sample(x[:, None].repeat_interleave(K, 0) - fill, grid.repeat(B, 1, 1, 1), align_corners=False)
+        poses = self(self.prepare((turned + fill)[:, 0])).double().cpu().reshape(B, K, 4, 4)
+        back = poses @ se3.make_pose(turns.transpose(-1, -2), torch.zeros(K, 3, dtype=torch.float64))
+        rotation = roma.special_procrustes(back[..., :3, :3].mean(1))
+        return se3.make_pose(rotation, back[..., :3, 3].mean(1))

@@ -83,7 +83,9 @@ class PipelineConfig:
     ``renderer``: the renderer backend (:data:`~diffpose_ros.core.rendering.renderer.BACKENDS` or ``auto``, see
     :class:`~diffpose_ros.core.rendering.renderer.Renderer`); ``multistart_budget_s``: seconds a cold
     refinement that failed the gate (each polarity's, when both were refined) may spend on
-    :func:`~.multistart.multistart` (0: none).
+    :func:`~.multistart.multistart` (0: none); ``cnn_turns_deg``: the in-plane turns (degrees) whose
+    mean is the CNN's estimate (:meth:`~diffpose_ros.core.model.regressor.PoseRegressor.estimate`;
+    ``(0,)``: one pass).
     """
 
     min_similarity: float = MIN_SIMILARITY
@@ -98,6 +100,7 @@ class PipelineConfig:
     tracking_similarity_drop: float = 0.1
     renderer: str = "auto"
     multistart_budget_s: float = 1.0
+    cnn_turns_deg: tuple[float, ...] = (-4.0, 0.0, 4.0)
 
     def __post_init__(self) -> None:
         if self.polarity not in (*POLARITIES, "auto"):
@@ -172,13 +175,14 @@ class Pipeline:
         return ""
 
     def _cnn(self, frame: Frame) -> torch.Tensor:
-        """The CNN's poses ``(2, 4, 4)`` (``T_ct_source``, mm) for the frame and its negative; invalid
+        """The CNN's estimates ``(2, 4, 4)`` (``T_ct_source``, mm) for the frame and its negative; invalid
         pixels at the valid mean, as the warp fills what the frame does not cover."""
         image = frame.image
         if not bool(frame.mask.all()):
             image = torch.where(frame.mask, image, image[frame.mask].mean())
-        x = self.regressor.prepare(warp_to_camera(image, frame.intrinsics, self.model.intrinsics)[None])
-        return self.regressor(torch.cat([x, -x]).to(self.device)).double().cpu()
+        camera = self.model.intrinsics
+        x = warp_to_camera(image, frame.intrinsics, camera)[None]
+        return self.regressor.estimate(torch.cat([x, -x]).to(self.device), camera, self.config.cnn_turns_deg)
 
     @torch.no_grad()
     def start(self, frame: Frame, pose: torch.Tensor | None = None, timings: dict | None = None) -> Start:

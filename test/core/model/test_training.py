@@ -187,6 +187,35 @@ def test_regressor_zero_head_predicts_the_reference_and_decodes_rigid_poses():
     torch.testing.assert_close(torch.det(R), torch.ones(5), atol=1e-4, rtol=0)
 
 
+def test_estimate_means_exactly_turned_copies_each_turned_back(trainer):
+    """An oracle network that recognises the views of one camera rolled about its focal spot (rendered,
+    not warped): the estimate over turned copies of one view's image is that view. A copy turned the
+    wrong way, or a pose turned back the wrong way, would leave the mean off by the mean turn (4 deg)."""
+    view = trainer._views(1, roll=False)[0]
+    angles = torch.arange(-12.0, 12.5, 0.5, dtype=torch.float64)
+    zero = torch.zeros_like(angles)
+    rolls = roma.rotvec_to_rotmat(torch.stack([zero, zero, torch.deg2rad(angles)], -1))
+    candidates = view @ se3.make_pose(rolls, torch.zeros(len(angles), 3, dtype=torch.float64))
+    library = trainer._render(candidates, trainer.camera, trainer.renderers[0])
+    S = trainer.camera.width
+    centre = (S - 1) / 2
+    rows, cols = torch.meshgrid(torch.arange(S) - centre, torch.arange(S) - centre, indexing="ij")
+    inner = torch.hypot(rows, cols) < 0.45 * S  # a turned copy's corners come from outside the image
+
+    def oracle(x, mixed_precision=False):
+        scores = ncc(x[:, 0, inner][:, None], library[:, inner][None], dims=1)  # (B, candidates)
+        return candidates[scores.argmax(1)].float()
+
+    net = PoseRegressor(view, trainer.center, image_size=S).eval()
+    net.forward = oracle
+    image = library[angles.tolist().index(0.0)][None]
+    once = net.estimate(image, trainer.camera)
+    assert once.dtype == torch.float64 and torch.equal(once, oracle(net.prepare(image)).double())
+    mean = net.estimate(image, trainer.camera, (0.0, 4.0, 8.0))
+    assert float(torch.rad2deg(se3.rotation_angle(mean, view[None]))) < 0.3
+    torch.testing.assert_close(mean[0, :3, 3], view[:3, 3], atol=1e-3, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def trainer(hu):
     targets = torch.stack(
