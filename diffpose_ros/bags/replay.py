@@ -175,8 +175,9 @@ class Player:
         self.stop_event.wait(MATCH_SETTLE_S)
 
     def _deliver(self, timeout_s: float) -> list[str]:
-        """After the last message: wait up to ``timeout_s`` for every reliable topic's acknowledgements,
-        and :data:`BEST_EFFORT_LINGER_S` for best-effort ones; returns the reliable topics not acknowledged."""
+        """After the last message: wait up to ``timeout_s`` (or until a stop is asked for) for every
+        reliable topic's acknowledgements, and :data:`BEST_EFFORT_LINGER_S` for best-effort ones;
+        returns the reliable topics not acknowledged."""
         from rclpy.duration import Duration
         from rclpy.qos import ReliabilityPolicy
 
@@ -185,8 +186,14 @@ class Player:
         for topic, publisher in self._publishers.items():
             if publisher.qos_profile.reliability != ReliabilityPolicy.RELIABLE:
                 best_effort = True
-            elif not publisher.wait_for_all_acked(Duration(seconds=max(0.0, deadline - time.monotonic()))):
-                missing.append(self.published_name(topic))
+                continue
+            # Short waits with sleeps between: rclpy's wait lets no other Python thread run, and one
+            # until the next heartbeat (seconds) stalled a recorder in this process (its arrival times).
+            while not publisher.wait_for_all_acked(Duration(seconds=0.01)):
+                if time.monotonic() > deadline or self.stop_event.is_set():
+                    missing.append(self.published_name(topic))
+                    break
+                self.stop_event.wait(0.05)
         if best_effort:
             self.stop_event.wait(BEST_EFFORT_LINGER_S)
         return missing

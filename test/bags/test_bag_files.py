@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -330,3 +331,34 @@ def test_bag_topics_keep_offered_qos(tmp_path):
     topics = bag_topics(tmp_path / "q")
     assert topics["/latched"].qos == QosSpec(True, True, 1) and topics["/latched"].count == 1
     assert topics["/fast"].qos.reliable is False and topics["/fast"].count == 0
+
+
+def test_replay_waits_for_acknowledgements_in_short_waits():
+    """After playing, a replay waits for each reliable topic's acknowledgements in short waits with
+    sleeps between: one long wait in rclpy lets no other thread of the process run (the main job's
+    recorder logged the last pose 2.6 s late), and a stop must end the wait. A topic still not
+    acknowledged at the deadline is named."""
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+    from diffpose_ros.bags.replay import Player, ReplayOptions
+
+    class Publisher:
+        def __init__(self, acked_after: int):
+            self.waits: list[float] = []
+            self.acked_after = acked_after
+            self.qos_profile = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+
+        def wait_for_all_acked(self, timeout) -> bool:
+            self.waits.append(timeout.nanoseconds * 1e-9)
+            return len(self.waits) > self.acked_after
+
+    player = Player.__new__(Player)  # only what _deliver reads; a real one needs a node and a bag
+    player.options, player.stop_event = ReplayOptions(remap={"/never": "/renamed"}), threading.Event()
+    player._publishers = {"/acked": Publisher(3), "/never": Publisher(10**9)}
+    assert player._deliver(0.3) == ["/renamed"]
+    acked, never = player._publishers["/acked"], player._publishers["/never"]
+    assert len(acked.waits) == 4 and max(acked.waits + never.waits) <= 0.05
+    assert len(never.waits) >= 2
+    player.stop_event.set()
+    never.waits.clear()
+    assert player._deliver(60.0) == ["/renamed"] and len(never.waits) == 1
