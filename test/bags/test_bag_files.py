@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 
 import numpy as np
 import pytest
@@ -333,14 +332,31 @@ def test_bag_topics_keep_offered_qos(tmp_path):
     assert topics["/fast"].qos.reliable is False and topics["/fast"].count == 0
 
 
-def test_replay_waits_for_acknowledgements_in_short_waits():
+def test_replay_waits_for_acknowledgements_in_short_waits(monkeypatch):
     """After playing, a replay waits for each reliable topic's acknowledgements in short waits with
     sleeps between: one long wait in rclpy lets no other thread of the process run (the main job's
     recorder logged the last pose 2.6 s late), and a stop must end the wait. A topic still not
-    acknowledged at the deadline is named."""
+    acknowledged at the deadline is named. The clock is a stand-in that the sleeps advance."""
     from rclpy.qos import QoSProfile, ReliabilityPolicy
 
-    from diffpose_ros.bags.replay import Player, ReplayOptions
+    from diffpose_ros.bags import replay
+
+    class Clock:  # time.monotonic() for replay, advanced only by the stop event's waits
+        now = 0.0
+
+        def monotonic(self) -> float:
+            return self.now
+
+    class Stop:
+        def __init__(self, clock: Clock):
+            self.clock, self.stopped = clock, False
+
+        def is_set(self) -> bool:
+            return self.stopped
+
+        def wait(self, seconds: float) -> bool:
+            self.clock.now += seconds
+            return self.stopped
 
     class Publisher:
         def __init__(self, acked_after: int):
@@ -352,13 +368,15 @@ def test_replay_waits_for_acknowledgements_in_short_waits():
             self.waits.append(timeout.nanoseconds * 1e-9)
             return len(self.waits) > self.acked_after
 
-    player = Player.__new__(Player)  # only what _deliver reads; a real one needs a node and a bag
-    player.options, player.stop_event = ReplayOptions(remap={"/never": "/renamed"}), threading.Event()
+    clock = Clock()
+    monkeypatch.setattr(replay, "time", clock)
+    player = replay.Player.__new__(replay.Player)  # only what _deliver reads; a real one needs a node and a bag
+    player.options, player.stop_event = replay.ReplayOptions(remap={"/never": "/renamed"}), Stop(clock)
     player._publishers = {"/acked": Publisher(3), "/never": Publisher(10**9)}
-    assert player._deliver(0.3) == ["/renamed"]
+    assert player._deliver(10.0) == ["/renamed"]
     acked, never = player._publishers["/acked"], player._publishers["/never"]
     assert len(acked.waits) == 4 and max(acked.waits + never.waits) <= 0.05
-    assert len(never.waits) >= 2
-    player.stop_event.set()
+    assert 10.0 < clock.now < 10.2 and len(never.waits) > 100  # polled until the deadline, in short waits
+    player.stop_event.stopped = True
     never.waits.clear()
     assert player._deliver(60.0) == ["/renamed"] and len(never.waits) == 1

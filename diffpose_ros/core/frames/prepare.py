@@ -34,6 +34,7 @@ __all__ = [
     "prepare_frame",
     "resample_image",
     "resample_mask",
+    "sample_filled",
     "warp_to_camera",
 ]
 
@@ -159,12 +160,15 @@ def warp_to_camera(image: torch.Tensor, source: Intrinsics, target: Intrinsics) 
         small = F.interpolate(img[None, None], size=(h, w), mode="area")[0, 0]
         source = source.resized(w, h)
         img = small
-    grid = target.sampling_grid(source).float()
-    fill = img.mean()
-    out = F.grid_sample(
-        (img - fill)[None, None], grid[None], mode="bilinear", padding_mode="zeros", align_corners=False
-    )
-    return out[0, 0] + fill
+    return sample_filled(img[None], target.sampling_grid(source).float()[None])[0]
+
+
+def sample_filled(images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Images ``(B, H, W)`` sampled bilinearly at ``grid`` ``(B, h, w, 2)`` (``grid_sample``'s
+    coordinates, ``align_corners=False``): ``(B, h, w)``; points outside an image take its mean."""
+    fill = images.flatten(1).mean(1)[:, None, None]
+    out = F.grid_sample((images - fill)[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out[:, 0] + fill
 
 
 def resample_image(image: torch.Tensor, width: int, height: int) -> torch.Tensor:

@@ -39,10 +39,10 @@ from collections.abc import Sequence
 import roma
 import timm
 import torch
-import torch.nn.functional as F
 from timm.layers import GroupNorm
 from torch import nn
 
+from diffpose_ros.core.frames.prepare import sample_filled
 from diffpose_ros.core.geometry import se3
 from diffpose_ros.core.geometry.camera import Intrinsics
 
@@ -159,19 +159,20 @@ class PoseRegressor(nn.Module):
 
         A camera turned about its focal spot sees the same rays, so each copy is an exact view (pixels
         a turn brings in from outside the image take its mean). Rotations are averaged on SO(3) (the
-        chordal mean), source positions in the CT as points. ``(0,)``: the network's pose as it is.
+        chordal mean), source positions in the CT as points. ``(0,)``: the network's pose as it is;
+        ``ValueError`` for no turns.
         """
+        if not len(turns_deg):
+            raise ValueError("estimate needs at least one turn (0 for the image as it is)")
         if tuple(turns_deg) == (0.0,):
             return self(self.prepare(images)).double().cpu()
         angles = torch.deg2rad(torch.as_tensor(turns_deg, dtype=torch.float64))
         zero = torch.zeros_like(angles)
         turns = roma.rotvec_to_rotmat(torch.stack([zero, zero, angles], -1))  # (K, 3, 3): this camera in the frame's
         B, K = images.shape[0], len(angles)
-        x = images.float()
-        fill = x.flatten(1).mean(1).repeat_interleave(K)[:, None, None, None]
-        grid = camera.sampling_grid(camera, turns).float().to(x.device)  # (K, S, S, 2)
-        turned = F.grid_sample(x[:, None].repeat_interleave(K, 0) - fill, grid.repeat(B, 1, 1, 1), align_corners=False)
-        poses = self(self.prepare((turned + fill)[:, 0])).double().cpu().reshape(B, K, 4, 4)
+        grid = camera.sampling_grid(camera, turns).float().to(images.device)  # (K, S, S, 2)
+        turned = sample_filled(images.float().repeat_interleave(K, 0), grid.repeat(B, 1, 1, 1))
+        poses = self(self.prepare(turned)).double().cpu().reshape(B, K, 4, 4)
         back = poses @ se3.make_pose(turns.transpose(-1, -2), torch.zeros(K, 3, dtype=torch.float64))
         rotation = roma.special_procrustes(back[..., :3, :3].mean(1))
         return se3.make_pose(rotation, back[..., :3, 3].mean(1))

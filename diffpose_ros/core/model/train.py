@@ -233,10 +233,11 @@ class Trainer:
         )
         alpha, beta, sod = self.views.centre
         reference = carm_pose(math.radians(alpha), math.radians(beta), 0.0, sod, self.center)
-        # Channels-last: oneDNN's convolutions run a few percent faster on it (docs/performance.md).
+        # Channels-last on a CPU: oneDNN's convolutions run a few percent faster on it (docs/performance.md).
+        layout = torch.channels_last if self.device.type == "cpu" else torch.preserve_format
         self.model = PoseRegressor(
             reference, self.center, config.backbone, config.image_size, config.backbone_channels, config.backbone_stem
-        ).to(self.device, memory_format=torch.channels_last)
+        ).to(self.device, memory_format=layout)
         auto = config.mixed_precision == "auto"
         self.mixed_precision = bfloat16_is_fast(self.device) if auto else bool(config.mixed_precision)
         self.optimizer = torch.optim.AdamW(

@@ -107,6 +107,8 @@ class PipelineConfig:
             raise ValueError(f"unknown polarity {self.polarity!r}: one of {', '.join(POLARITIES)}, auto")
         if self.renderer not in (*BACKENDS, "auto"):
             raise ValueError(f"unknown renderer backend {self.renderer!r}: one of {', '.join(BACKENDS)}, auto")
+        if not self.cnn_turns_deg:
+            raise ValueError("cnn_turns_deg needs at least one turn ((0,) for one pass of the CNN)")
 
 
 def set_torch_threads(device: str | torch.device, requested: int = 0) -> int:

@@ -188,32 +188,43 @@ def test_regressor_zero_head_predicts_the_reference_and_decodes_rigid_poses():
 
 
 def test_estimate_means_exactly_turned_copies_each_turned_back(trainer):
-    """An oracle network that recognises the views of one camera rolled about its focal spot (rendered,
-    not warped): the estimate over turned copies of one view's image is that view. A copy turned the
-    wrong way, or a pose turned back the wrong way, would leave the mean off by the mean turn (4 deg)."""
-    view = trainer._views(1, roll=False)[0]
+    """An oracle network that recognises the views of two cameras rolled about their focal spots
+    (rendered, not warped): each copy of a view's image turned by ``t`` is recognised as the view
+    rolled by ``t``, and the estimate over the copies, turned back, is the view. A copy turned the
+    wrong way, or a pose turned back the wrong way, would be off by twice the turn."""
+    views = trainer._views(2, roll=False)
     angles = torch.arange(-12.0, 12.5, 0.5, dtype=torch.float64)
     zero = torch.zeros_like(angles)
-    rolls = roma.rotvec_to_rotmat(torch.stack([zero, zero, torch.deg2rad(angles)], -1))
-    candidates = view @ se3.make_pose(rolls, torch.zeros(len(angles), 3, dtype=torch.float64))
+    rolls = se3.make_pose(
+        roma.rotvec_to_rotmat(torch.stack([zero, zero, torch.deg2rad(angles)], -1)),
+        torch.zeros(len(angles), 3, dtype=torch.float64),
+    )
+    candidates = torch.cat([view @ rolls for view in views])  # view 0's rolls, then view 1's
     library = trainer._render(candidates, trainer.camera, trainer.renderers[0])
     S = trainer.camera.width
     centre = (S - 1) / 2
     rows, cols = torch.meshgrid(torch.arange(S) - centre, torch.arange(S) - centre, indexing="ij")
     inner = torch.hypot(rows, cols) < 0.45 * S  # a turned copy's corners come from outside the image
+    picked = []
 
     def oracle(x, mixed_precision=False):
-        scores = ncc(x[:, 0, inner][:, None], library[:, inner][None], dims=1)  # (B, candidates)
-        return candidates[scores.argmax(1)].float()
+        best = ncc(x[:, 0, inner][:, None], library[:, inner][None], dims=1).argmax(1)  # (B,)
+        picked.append([(int(i) // len(angles), float(angles[int(i) % len(angles)])) for i in best])
+        return candidates[best].float()
 
-    net = PoseRegressor(view, trainer.center, image_size=S).eval()
+    net = PoseRegressor(views[0], trainer.center, image_size=S).eval()
     net.forward = oracle
-    image = library[angles.tolist().index(0.0)][None]
-    once = net.estimate(image, trainer.camera)
-    assert once.dtype == torch.float64 and torch.equal(once, oracle(net.prepare(image)).double())
-    mean = net.estimate(image, trainer.camera, (0.0, 4.0, 8.0))
-    assert float(torch.rad2deg(se3.rotation_angle(mean, view[None]))) < 0.3
-    torch.testing.assert_close(mean[0, :3, 3], view[:3, 3], atol=1e-3, rtol=0)
+    unturned = [int(k * len(angles) + angles.tolist().index(0.0)) for k in range(2)]
+    images = library[unturned]
+    once = net.estimate(images, trainer.camera)
+    assert once.dtype == torch.float64 and torch.equal(once, candidates[unturned].float().double())
+    for turns in ((0.0, 4.0, 8.0), (8.0,)):
+        picked.clear()
+        mean = net.estimate(images, trainer.camera, turns)
+        assert picked == [[(k, t) for k in range(2) for t in turns]], "each copy is the view turned by its turn"
+        assert float(torch.rad2deg(se3.rotation_angle(mean, views)).max()) < 0.3
+    with pytest.raises(ValueError, match="at least one turn"):
+        net.estimate(images, trainer.camera, ())
 
 
 @pytest.fixture(scope="module")
