@@ -4,9 +4,10 @@
 validity mask, from :func:`~diffpose_ros.core.frames.prepare.prepare_frame`) and returns a :class:`FrameResult`:
 
 1. cold start: the patient model's CNN predicts ``T_ct_source`` from the frame warped to the CNN's
-   working camera; tracking: when the last accepted pose is recent (fluoroscopy is a video), the
-   start is that pose moved on at the velocity of the last two accepted poses (constant velocity
-   in se(3)), and the refinement is one level on sparse feature patches (cheap by design);
+   working camera (the mean over copies turned about the principal ray, ``cnn_turns_deg``);
+   tracking: when the last accepted pose is recent (fluoroscopy is a video), the start is that pose
+   moved on at the velocity of the last two accepted poses (constant velocity in se(3)), and the
+   refinement is one level on sparse feature patches (cheap by design);
 2. polarity and intensities (:mod:`.intensity`): the DRRs at the CNN's estimates for the frame and
    for its negative (or at the given or tracked start) score whether bones are dark or bright in
    the frame. Unless the configured polarity wins clearly, the frame is refined both ways, and it
