@@ -1,8 +1,11 @@
 """``diffpose_node``'s worker: the newest frame in, a pose or a stated reason out, in its own thread.
 
-The image callback only puts each message into a one-slot :class:`Mailbox` (a frame still waiting
-there is replaced and counted as dropped), so there is never a backlog. The worker takes the newest
-frame, finds its intrinsics (:func:`~.camera_info.choose_intrinsics`), prepares it with the core's
+The image callback only puts each message into a :class:`Mailbox`, which holds the newest frame
+and the one it replaced, so the backlog is never more than one frame. The worker takes the newest
+frame (the replaced one is dropped) unless it is gaining on the stream: after a frame it published
+without tracking (a cold start takes longer than a frame interval, tracking far less), or a tracked
+one it posed within the stream's frame interval, it catches up with the replaced frame first. A
+stream faster than tracking gets the newest frame each time, never a standing lag. It finds its intrinsics (:func:`~.camera_info.choose_intrinsics`), prepares it with the core's
 one preparation step (:func:`~diffpose_ros.core.frames.prepare.prepare_frame`), runs the pipeline and hands an
 :class:`Outcome` to the node, which publishes it. Poses go out only for stamps strictly newer than
 the last published one of the stream (a stream starts at each activation, and again when the node's
@@ -27,6 +30,7 @@ from diffpose_ros.core import (
     Frame,
     FrameResult,
     Pipeline,
+    Route,
     prepare_frame,
     set_renderer_threads,
     stamp_from_ns,
@@ -49,19 +53,22 @@ class Received:
 
 
 class Mailbox:
-    """One slot holding the newest :class:`Received`; ``dropped`` counts the replaced ones, and
-    :meth:`interval_s` tells how often frames arrive (every one put, replaced or not)."""
+    """The newest :class:`Received` and the one it replaced; ``dropped`` counts the frames that left
+    without being taken, and :meth:`interval_s` tells how often frames arrive (every one put, taken
+    or not)."""
 
     def __init__(self):
         self._cond = threading.Condition()
         self._item: Received | None = None
+        self._replaced: Received | None = None
         self._receipts: deque[float] = deque(maxlen=17)
         self.dropped = 0
 
     def put(self, item: Received) -> None:
         with self._cond:
             if self._item is not None:
-                self.dropped += 1
+                self.dropped += self._replaced is not None
+                self._replaced = self._item
             self._item = item
             self._receipts.append(item.wall)
             self._cond.notify_all()
@@ -75,16 +82,22 @@ class Mailbox:
             return None
         return statistics.median(b - a for a, b in zip(times, times[1:]))
 
-    def take(self, timeout: float) -> Received | None:
-        """The waiting item (emptying the slot), after up to ``timeout`` s; None if none came."""
+    def take(self, timeout: float, catch_up: bool = False) -> Received | None:
+        """The frame to process next, after up to ``timeout`` s (None if none came): with ``catch_up``
+        the replaced frame when there is one (the newest stays for the next take), else the newest
+        (emptying the mailbox; the replaced one is dropped)."""
         with self._cond:
             self._cond.wait_for(lambda: self._item is not None, timeout)
-            item, self._item = self._item, None
+            if catch_up and self._replaced is not None:
+                item, self._replaced = self._replaced, None
+                return item
+            self.dropped += self._replaced is not None
+            item, self._item, self._replaced = self._item, None, None
             return item
 
     def clear(self) -> None:
         with self._cond:
-            self._item = None
+            self._item = self._replaced = None
 
 
 class OutcomeKind(str, Enum):
@@ -133,7 +146,8 @@ def diagnostic_values(result: FrameResult) -> dict:
 
 
 class FrameWorker:
-    """Processes the newest frame of :attr:`mailbox` with ``pipeline`` in a thread of its own.
+    """Processes the frames of :attr:`mailbox` with ``pipeline`` in a thread of its own: the newest,
+    or the one the newest replaced while the worker is gaining on the stream (see the module).
 
     ``settings``: the node's current :class:`~.settings.Settings`; ``infos``: the camera_info cache;
     ``camera_info_matched``: whether a camera_info publisher is matched (worth waiting for one);
@@ -159,6 +173,7 @@ class FrameWorker:
         self._restart = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_stamp_ns: int | None = None
+        self._catch_up = False  # take the replaced frame next (:meth:`_gaining`)
         self.renderer_threads = 0
 
     def start(self, keep_running: Callable[[], bool] = lambda: True) -> None:
@@ -168,6 +183,7 @@ class FrameWorker:
             raise RuntimeError("the worker thread is still running: stop it first")
         self._stop.clear()
         self.mailbox.clear()
+        self._catch_up = False
         self.restart_stream()
         self._thread = threading.Thread(target=self._loop, args=(keep_running,), name="diffpose_worker", daemon=True)
         self._thread.start()
@@ -193,18 +209,21 @@ class FrameWorker:
     def _loop(self, keep_running: Callable[[], bool]) -> None:
         self.renderer_threads = set_renderer_threads(self._settings().renderer_threads)
         while not self._stop.is_set() and keep_running():
-            item = self.mailbox.take(0.1)
+            item = self.mailbox.take(0.1, catch_up=self._catch_up)
             if item is None or self._stop.is_set():
                 continue
+            self._catch_up = False
             if self._restart.is_set():
                 self._restart.clear()
                 self._last_stamp_ns = None
                 self.pipeline.reset_tracking()
             try:
+                began = time.monotonic()
                 outcome = self.handle(item)
                 if outcome is not None and not self._stop.is_set():
                     if outcome.kind == OutcomeKind.PUBLISHED:
                         self._last_stamp_ns = stamp_ns(item.msg.header.stamp)
+                        self._catch_up = self._gaining(outcome.result, time.monotonic() - began)
                     self._report(item, outcome)
             except Exception as err:
                 self._logger.error(f"frame failed: {err!r}\n{traceback.format_exc()}")
@@ -213,6 +232,15 @@ class FrameWorker:
                     self._report(item, Outcome(OutcomeKind.FAILED, DiagnosticStatus.ERROR, message))
                 except Exception as again:  # e.g. publishing after shutdown: the thread carries on
                     self._logger.error(f"could not report the failed frame: {again!r}")
+
+    def _gaining(self, published: FrameResult, seconds: float) -> bool:
+        """Whether, after a frame ``published`` in ``seconds``, tracking gains on the stream: the frame
+        was not tracked (the next ones will be), or it was tracked within the stream's frame interval
+        (or before that is known); never with tracking off."""
+        if not self._settings().tracking_enabled:
+            return False
+        interval = self.mailbox.interval_s()
+        return published.mode != Route.TRACKING or interval is None or seconds < interval
 
     def handle(self, item: Received) -> Outcome | None:
         """The :class:`Outcome` of one frame (None when the worker was stopped meanwhile)."""

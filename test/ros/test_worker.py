@@ -217,7 +217,9 @@ def test_the_mailbox_measures_the_stream_and_the_worker_gives_tracking_its_share
     for wall in [10.4, 10.5, 11.5, 11.6, 11.7]:  # a pause of a second in the stream
         box.put(Received(None, wall))
     assert box.interval_s() == pytest.approx(0.1)
-    assert box.dropped == 8  # nobody took them: each one replaced the last
+    assert box.dropped == 7  # nobody took them: the newest and the one it replaced still wait
+    assert box.take(0).wall == 11.7 and box.dropped == 8  # the newest; the one it replaced is let go
+    assert box.take(0) is None
     worker = FrameWorker(None, lambda: None, CameraInfoCache(), lambda: False, lambda *a: None, LogLines())
     worker.mailbox = box
     budget = Settings.from_parameters({"tracking.frame_budget": 0.8})
@@ -226,6 +228,68 @@ def test_the_mailbox_measures_the_stream_and_the_worker_gives_tracking_its_share
     assert worker._deadline(now, Settings.from_parameters({"tracking.frame_budget": 0.0})) is None
     fresh = FrameWorker(None, lambda: None, CameraInfoCache(), lambda: False, lambda *a: None, LogLines())
     assert fresh._deadline(now, budget) is None  # no frame interval yet
+
+
+def test_the_mailbox_catches_up_with_the_replaced_frame_only_when_asked():
+    box = Mailbox()
+    for wall in (1.0, 2.0, 3.0):
+        box.put(Received(None, wall))
+    assert box.take(0, catch_up=True).wall == 2.0  # the frame the newest replaced; the newest waits
+    assert box.take(0, catch_up=True).wall == 3.0  # nothing replaced: the newest
+    assert box.dropped == 1  # the first frame: replaced twice
+    box.put(Received(None, 4.0))
+    assert box.take(0, catch_up=True).wall == 4.0
+    box.clear()
+    assert box.take(0, catch_up=True) is None
+
+
+def test_the_worker_catches_up_only_while_it_gains_on_the_stream():
+    from types import SimpleNamespace
+
+    from diffpose_ros.core import Route
+
+    settings = {"value": Settings.from_parameters({})}
+    worker = FrameWorker(None, lambda: settings["value"], CameraInfoCache(), lambda: False, lambda *a: None, LogLines())
+    cold, tracked = SimpleNamespace(mode=Route.COLD), SimpleNamespace(mode=Route.TRACKING)
+    assert worker._gaining(tracked, 5.0)  # no frame interval yet (a stream's first frames)
+    for i in range(6):
+        worker.mailbox.put(Received(None, 0.1 * i))
+    assert worker._gaining(cold, 0.5)  # the frames after a cold start are tracked
+    assert worker._gaining(tracked, 0.06) and not worker._gaining(tracked, 0.12)  # the stream: 10 Hz
+    settings["value"] = Settings.from_parameters({"tracking.enabled": False})
+    assert not worker._gaining(cold, 0.5)  # every frame starts cold: no catching up
+
+
+def test_after_a_cold_start_the_worker_catches_up_with_a_frame_that_came_meanwhile(scene):
+    """A cold start takes longer than a frame interval: the two frames that came meanwhile are both
+    posed, in order, not just the newest."""
+    pipeline = Pipeline.from_file(scene.model_path)
+    pipeline.warm_up()
+    infos = CameraInfoCache()
+    reports, done = [], threading.Event()
+
+    def report(item, outcome):
+        reports.append((item.msg.header.stamp.sec, str(outcome.kind), outcome.values.get("mode")))
+        if len(reports) == 3:
+            done.set()
+
+    settings = Settings.from_parameters({"camera_info_wait_s": 0.05})
+    worker = FrameWorker(pipeline, lambda: settings, infos, lambda: True, report, LogLines())
+    worker.start()
+    try:
+        worker.mailbox.put(_frame(scene, 0, 200, infos))
+        deadline = time.monotonic() + 60
+        while worker.mailbox._item is not None and time.monotonic() < deadline:  # the worker took it
+            time.sleep(0.001)
+        assert not reports  # the cold start is still running
+        for index, sec in ((1, 201), (5, 202)):
+            worker.mailbox.put(_frame(scene, index, sec, infos))
+        assert done.wait(60)
+    finally:
+        worker.stop()
+    assert [r[:2] for r in reports] == [(200, "published"), (201, "published"), (202, "published")]
+    assert reports[0][2] == "cold" and reports[1][2] == "tracking"
+    assert worker.mailbox.dropped == 0
 
 
 def test_worker_thread_reports_and_skips_old_stamps(scene):
