@@ -5,11 +5,12 @@ and the one it replaced, so the backlog is never more than one frame. The worker
 frame (the replaced one is dropped) unless it is gaining on the stream: after a frame it published
 without tracking (a cold start takes longer than a frame interval, tracking far less), or a tracked
 one it posed within the stream's frame interval, it catches up with the replaced frame first. A
-stream faster than tracking gets the newest frame each time, never a standing lag. It finds its intrinsics (:func:`~.camera_info.choose_intrinsics`), prepares it with the core's
-one preparation step (:func:`~diffpose_ros.core.frames.prepare.prepare_frame`), runs the pipeline and hands an
-:class:`Outcome` to the node, which publishes it. Poses go out only for stamps strictly newer than
-the last published one of the stream (a stream starts at each activation, and again when the node's
-clock jumps back). No rclpy here: tests drive a worker with plain messages.
+stream faster than tracking gets the newest frame each time, never a standing lag. The worker finds
+the frame's intrinsics (:func:`~.camera_info.choose_intrinsics`), prepares it with the core's one
+preparation step (:func:`~diffpose_ros.core.frames.prepare.prepare_frame`), runs the pipeline and
+hands an :class:`Outcome` to the node, which publishes it. Poses go out only for stamps strictly
+newer than the last published one of the stream (a stream starts at each activation, and again when
+the node's clock jumps back). No rclpy here: tests drive a worker with plain messages.
 """
 
 from __future__ import annotations
