@@ -6,7 +6,7 @@ Image + CameraInfo (256^2 mono16, reliable, identical stamps = wall clock) at ``
 ``--seconds`` s and records ``/tf`` and ``/diagnostics``. The frames follow a smooth periodic sweep
 (+-3 deg, +-5 mm, period 10 s; ``--unique`` rendered views) so the node tracks.
 
-Printed: frames published / received by the node / processed / TF published / dropped (newest-frame
+Printed: frames published / received by the node / processed / TF published / dropped (by the
 mailbox) / lost in transport; the node's RSS (``/proc/<pid>/status``) at start, every 10 s and at
 the end; stamp -> TF-arrival latency (median, p90) in the first and the last 10 s; mTRE of the
 published poses; and the backlog check: how many TFs arrive after the last frame was sent, and how
@@ -245,7 +245,8 @@ def main(argv=None) -> int:
             f"(node count {final.get('frames_published')}), rejected {final.get('frames_rejected')}, "
             f"dropped by the mailbox {dropped}, dropped before the callback (depth-1 reader queue, "
             f"from sequence gaps) {before}; published - received = {published - received}; "
-            f"processed + mailbox drops = {processed + dropped} (received - 1 or 2 if frames were waiting at the end)"
+            f"processed + mailbox drops = {processed + dropped} "
+            "(received, less up to 3 in flight or waiting at the end)"
         )
         print(
             "node RSS (MB): "

@@ -26,7 +26,7 @@ Printed per mode: latency median / p90 (ms, image message in -> pose out, what t
 spends) and its ratio to ``cold`` measured in the same run, 3D mTRE median / p90 (mm), paths taken.
 
 ``--node`` (run first): the same bag replayed at its own rate into ``diffpose_node`` in its own process
-(``diffpose-demo --bag BAG --rate 1 --no-igtl``; DDS, newest frame only): frames posed, 3D mTRE,
+(``diffpose-demo --bag BAG --rate 1 --no-igtl``; DDS, the node's own mailbox): frames posed, 3D mTRE,
 latency stamp -> TF, paths, from its ``summary.json``.
 
 Run: ``.venv/bin/python benchmarks/bench_tracking.py --model runs/models/cxr.safetensors [--node]``

@@ -150,7 +150,7 @@ class FrameStats:
         camera_info arrives without images (:data:`LOST_FRAMES`), the last frame's level and message
         while it is recent and not OK, else OK. ``values`` (device, model, ...) follow the state, then
         rates, counters, latencies and the last frame's results; ``mailbox_dropped``: frames the
-        node's mailbox let go without their being processed."""
+        node's mailbox replaced twice or passed over, never processed."""
         now = time.monotonic()
         with self._lock:
             c = dict(self._counts)

@@ -3,14 +3,18 @@
 The image callback only puts each message into a :class:`Mailbox`, which holds the newest frame
 and the one it replaced, so the backlog is never more than one frame. The worker takes the newest
 frame (the replaced one is dropped) unless it is gaining on the stream: after a frame it published
-without tracking (a cold start takes longer than a frame interval, tracking far less), or a tracked
-one it posed within the stream's frame interval, it catches up with the replaced frame first. A
-stream faster than tracking gets the newest frame each time, never a standing lag. The worker finds
-the frame's intrinsics (:func:`~.camera_info.choose_intrinsics`), prepares it with the core's one
-preparation step (:func:`~diffpose_ros.core.frames.prepare.prepare_frame`), runs the pipeline and
-hands an :class:`Outcome` to the node, which publishes it. Poses go out only for stamps strictly
-newer than the last published one of the stream (a stream starts at each activation, and again when
-the node's clock jumps back). No rclpy here: tests drive a worker with plain messages.
+without tracking at the stream's start or after tracked frames (a cold start takes longer than a
+frame interval; the frames after it are tracked again), or a tracked one it posed and reported
+within the stream's frame interval (or before that interval is known), it catches up with the
+replaced frame first. A caught-up frame has waited a frame interval or more, so its tracking
+deadline (``tracking.frame_budget``) has usually passed and its refinement stops at its first
+settled step. A stream faster than tracking, or never tracked, gets the newest frame each time.
+
+The worker finds the frame's intrinsics (:func:`~.camera_info.choose_intrinsics`), prepares it with
+the core's one preparation step (:func:`~diffpose_ros.core.frames.prepare.prepare_frame`), runs the
+pipeline and hands an :class:`Outcome` to the node, which publishes it. Poses go out only for stamps
+strictly newer than the last published one of the stream (a stream starts at each activation, and
+again when the node's clock jumps back). No rclpy here: tests drive a worker with plain messages.
 """
 
 from __future__ import annotations
@@ -54,8 +58,8 @@ class Received:
 
 
 class Mailbox:
-    """The newest :class:`Received` and the one it replaced; ``dropped`` counts the frames that left
-    without being taken, and :meth:`interval_s` tells how often frames arrive (every one put, taken
+    """The newest :class:`Received` and the one it replaced; ``dropped`` counts the frames replaced
+    twice or passed over by a take, and :meth:`interval_s` tells how often frames arrive (every one put, taken
     or not)."""
 
     def __init__(self):
@@ -175,6 +179,7 @@ class FrameWorker:
         self._thread: threading.Thread | None = None
         self._last_stamp_ns: int | None = None
         self._catch_up = False  # take the replaced frame next (:meth:`_gaining`)
+        self._after_tracking = True  # the last published frame was tracked, or the stream starts
         self.renderer_threads = 0
 
     def start(self, keep_running: Callable[[], bool] = lambda: True) -> None:
@@ -210,21 +215,23 @@ class FrameWorker:
     def _loop(self, keep_running: Callable[[], bool]) -> None:
         self.renderer_threads = set_renderer_threads(self._settings().renderer_threads)
         while not self._stop.is_set() and keep_running():
-            item = self.mailbox.take(0.1, catch_up=self._catch_up)
+            # A new stream starts with the newest frame, never with one kept from before the restart.
+            item = self.mailbox.take(0.1, catch_up=self._catch_up and not self._restart.is_set())
             if item is None or self._stop.is_set():
                 continue
             self._catch_up = False
             if self._restart.is_set():
                 self._restart.clear()
                 self._last_stamp_ns = None
+                self._after_tracking = True
                 self.pipeline.reset_tracking()
+            began, published = time.monotonic(), None
             try:
-                began = time.monotonic()
                 outcome = self.handle(item)
                 if outcome is not None and not self._stop.is_set():
                     if outcome.kind == OutcomeKind.PUBLISHED:
                         self._last_stamp_ns = stamp_ns(item.msg.header.stamp)
-                        self._catch_up = self._gaining(outcome.result, time.monotonic() - began)
+                        published = outcome.result
                     self._report(item, outcome)
             except Exception as err:
                 self._logger.error(f"frame failed: {err!r}\n{traceback.format_exc()}")
@@ -233,15 +240,22 @@ class FrameWorker:
                     self._report(item, Outcome(OutcomeKind.FAILED, DiagnosticStatus.ERROR, message))
                 except Exception as again:  # e.g. publishing after shutdown: the thread carries on
                     self._logger.error(f"could not report the failed frame: {again!r}")
+            if published is not None:
+                self._catch_up = self._gaining(published, time.monotonic() - began)
+                self._after_tracking = published.mode == Route.TRACKING
 
     def _gaining(self, published: FrameResult, seconds: float) -> bool:
-        """Whether, after a frame ``published`` in ``seconds``, tracking gains on the stream: the frame
-        was not tracked (the next ones will be), or it was tracked within the stream's frame interval
-        (or before that is known); never with tracking off."""
+        """Whether the worker gains on the stream after a frame ``published`` (and reported) in
+        ``seconds``: a frame that was not tracked but starts the stream or follows a tracked one (the
+        frames after it are tracked again; a stream whose frames are never tracked gains nothing), or
+        a tracked frame done within the stream's frame interval (or before that is known). Never
+        with tracking off."""
         if not self._settings().tracking_enabled:
             return False
+        if published.mode != Route.TRACKING:
+            return self._after_tracking
         interval = self.mailbox.interval_s()
-        return published.mode != Route.TRACKING or interval is None or seconds < interval
+        return interval is None or seconds < interval
 
     def handle(self, item: Received) -> Outcome | None:
         """The :class:`Outcome` of one frame (None when the worker was stopped meanwhile)."""

@@ -284,7 +284,7 @@ def _foreign_bag(path: Path, scene, start_ns: int) -> None:
         c_info = writer.add_connection("/c_arm/info", CameraInfo.__msgtype__, typestore=store)
         c_gt = writer.add_connection("/gt", PoseStamped.__msgtype__, typestore=store)
         for i in (3, 4):
-            t = start_ns + i * 1_000_000_000  # 1 Hz: the node (newest frame only) answers each one
+            t = start_ns + i * 1_000_000_000  # 1 Hz: the node answers each one
             header = Header(stamp=Time(sec=t // 10**9, nanosec=t % 10**9), frame_id="xray_source")
             frame = scene.frames[i]
             img = Image(

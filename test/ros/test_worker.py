@@ -169,14 +169,14 @@ def worker_case(scene):
     return worker, infos, settings
 
 
-def _frame(scene, index, sec, info_cache=None, **image_kw):
+def _frame(scene, index, sec, info_cache=None, nanosec=0, **image_kw):
     from builtin_interfaces.msg import Time
     from std_msgs.msg import Header
 
-    header = Header(stamp=Time(sec=sec, nanosec=0), frame_id="")
+    header = Header(stamp=Time(sec=sec, nanosec=nanosec), frame_id="")
     msg = cv.numpy_to_image(scene.frames[index], "mono16", header=header, **image_kw)
     if info_cache is not None:
-        info_cache.put((sec, 0), cv.intrinsics_to_camera_info(scene.detector, header=Header(stamp=header.stamp)))
+        info_cache.put((sec, nanosec), cv.intrinsics_to_camera_info(scene.detector, header=Header(stamp=header.stamp)))
     return Received(msg, time.monotonic())
 
 
@@ -239,6 +239,12 @@ def test_the_mailbox_catches_up_with_the_replaced_frame_only_when_asked():
     assert box.dropped == 1  # the first frame: replaced twice
     box.put(Received(None, 4.0))
     assert box.take(0, catch_up=True).wall == 4.0
+    for wall in (5.0, 6.0, 7.0):
+        box.put(Received(None, wall))
+    assert box.take(0, catch_up=True).wall == 6.0
+    box.put(Received(None, 8.0))  # 7.0 is now the replaced frame; nothing more was dropped
+    assert box.dropped == 2 and box.take(0, catch_up=True).wall == 7.0
+    box.put(Received(None, 9.0))
     box.clear()
     assert box.take(0, catch_up=True) is None
 
@@ -254,42 +260,90 @@ def test_the_worker_catches_up_only_while_it_gains_on_the_stream():
     assert worker._gaining(tracked, 5.0)  # no frame interval yet (a stream's first frames)
     for i in range(6):
         worker.mailbox.put(Received(None, 0.1 * i))
-    assert worker._gaining(cold, 0.5)  # the frames after a cold start are tracked
+    assert worker._gaining(cold, 0.5)  # at the stream's start: the frames after a cold start are tracked
+    worker._after_tracking = False
+    assert not worker._gaining(cold, 0.5)  # frames that are never tracked: no catching up
+    worker._after_tracking = True
     assert worker._gaining(tracked, 0.06) and not worker._gaining(tracked, 0.12)  # the stream: 10 Hz
     settings["value"] = Settings.from_parameters({"tracking.enabled": False})
     assert not worker._gaining(cold, 0.5)  # every frame starts cold: no catching up
 
 
-def test_after_a_cold_start_the_worker_catches_up_with_a_frame_that_came_meanwhile(scene):
-    """A cold start takes longer than a frame interval: the two frames that came meanwhile are both
-    posed, in order, not just the newest."""
+class _HeldWorker:
+    """A worker on ``pipeline`` whose first frame is held in ``handle`` until :meth:`release`, so that
+    frames put meanwhile arrive while it is busy, whatever the CPU's speed; ``reports`` lists
+    ``(stamp s, kind, mode)``."""
+
+    def __init__(self, pipeline, infos):
+        self.reports, self.entered, self.gate = [], threading.Event(), threading.Event()
+        settings = Settings.from_parameters({"camera_info_wait_s": 0.05})
+        report = lambda item, outcome: self.reports.append(  # noqa: E731
+            (
+                item.msg.header.stamp.sec + item.msg.header.stamp.nanosec * 1e-9,
+                str(outcome.kind),
+                outcome.values.get("mode"),
+            )
+        )
+        self.worker = FrameWorker(pipeline, lambda: settings, infos, lambda: True, report, LogLines())
+        handle = self.worker.handle
+
+        def held(item):
+            if not self.entered.is_set():
+                self.entered.set()
+                assert self.gate.wait(60)
+            return handle(item)
+
+        self.worker.handle = held
+
+    def wait_for(self, count: int) -> None:
+        deadline = time.monotonic() + 60
+        while len(self.reports) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+def test_after_a_cold_start_the_worker_catches_up_and_a_new_stream_starts_with_its_newest_frame(scene):
     pipeline = Pipeline.from_file(scene.model_path)
     pipeline.warm_up()
     infos = CameraInfoCache()
-    reports, done = [], threading.Event()
 
-    def report(item, outcome):
-        reports.append((item.msg.header.stamp.sec, str(outcome.kind), outcome.values.get("mode")))
-        if len(reports) == 3:
-            done.set()
-
-    settings = Settings.from_parameters({"camera_info_wait_s": 0.05})
-    worker = FrameWorker(pipeline, lambda: settings, infos, lambda: True, report, LogLines())
-    worker.start()
+    # A cold start takes longer than a frame interval: the two frames that came meanwhile (7.5 Hz)
+    # are both posed, in order, the older one tracked from the cold start.
+    held = _HeldWorker(pipeline, infos)
+    held.worker.start()
     try:
-        worker.mailbox.put(_frame(scene, 0, 200, infos))
-        deadline = time.monotonic() + 60
-        while worker.mailbox._item is not None and time.monotonic() < deadline:  # the worker took it
-            time.sleep(0.001)
-        assert not reports  # the cold start is still running
-        for index, sec in ((1, 201), (5, 202)):
-            worker.mailbox.put(_frame(scene, index, sec, infos))
-        assert done.wait(60)
+        held.worker.mailbox.put(_frame(scene, 0, 200, infos))
+        assert held.entered.wait(60)
+        held.worker.mailbox.put(_frame(scene, 1, 200, infos, nanosec=133_333_333))
+        held.worker.mailbox.put(_frame(scene, 5, 200, infos, nanosec=266_666_667))
+        held.gate.set()
+        held.wait_for(3)
     finally:
-        worker.stop()
-    assert [r[:2] for r in reports] == [(200, "published"), (201, "published"), (202, "published")]
-    assert reports[0][2] == "cold" and reports[1][2] == "tracking"
-    assert worker.mailbox.dropped == 0
+        held.worker.stop()
+    assert [r[:2] for r in held.reports] == [
+        (200.0, "published"),
+        (pytest.approx(200.133, abs=1e-3), "published"),
+        (pytest.approx(200.267, abs=1e-3), "published"),
+    ]
+    assert held.reports[0][2] == "cold" and held.reports[1][2] == "tracking"
+    assert held.worker.mailbox.dropped == 0
+
+    # A bag that loops: its last frame and the next loop's first (the clock jumped back) come while
+    # the worker is busy. The new stream starts with the newest frame, not the one from before.
+    held = _HeldWorker(pipeline, infos)
+    held.worker.start()
+    try:
+        held.worker.mailbox.put(_frame(scene, 0, 300, infos))
+        assert held.entered.wait(60)
+        held.worker.mailbox.put(_frame(scene, 1, 300, infos, nanosec=133_333_333))
+        held.worker.mailbox.put(_frame(scene, 0, 100, infos))
+        held.worker.restart_stream()
+        held.gate.set()
+        held.wait_for(2)
+        time.sleep(0.2)  # nothing more comes
+    finally:
+        held.worker.stop()
+    assert [r[:2] for r in held.reports] == [(300.0, "published"), (100.0, "published")]
+    assert held.worker.mailbox.dropped == 1
 
 
 def test_worker_thread_reports_and_skips_old_stamps(scene):
