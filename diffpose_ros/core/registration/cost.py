@@ -12,11 +12,6 @@ the gate compares with ``min_similarity``.
 - ``gradient_ncc``: the mean NCC of the horizontal and vertical Sobel gradients (insensitive to a
   smooth offset across the field, such as scatter or a heel effect).
 - ``mixed`` (the default of :class:`~.registrar.RegistrationConfig`): half of each.
-- ``ngf`` (normalised gradient fields; a dense level's own cost, :data:`DENSE_COSTS`): the mean
-  squared sine of the angle between the frame's and the DRR's Sobel gradients, each scaled by
-  ``1 / sqrt(|g|^2 + eps^2)``, so strong edges count by their direction only, whatever the
-  contrast that scatter (it divides each gradient by the local primary plus scatter) or a display
-  chain gives them across the field.
 
 Masks (``(H, W)`` bool, True = valid pixel) restrict a cost to the pixels they keep: the global
 terms standardise and compare kept pixels only, the patch term keeps only patches whose pixels are
@@ -33,19 +28,7 @@ import torch.nn.functional as F
 
 from .similarity import patches, sobel, standardize, standardize_with_jacobian
 
-__all__ = [
-    "COSTS",
-    "DENSE_COSTS",
-    "Cost",
-    "GradientNCC",
-    "MaskTooSmall",
-    "Mixed",
-    "NCC",
-    "NGF",
-    "PatchCost",
-    "check_cost",
-    "make_cost",
-]
+__all__ = ["COSTS", "Cost", "GradientNCC", "MaskTooSmall", "Mixed", "NCC", "PatchCost", "check_cost", "make_cost"]
 
 
 class MaskTooSmall(ValueError):
@@ -121,72 +104,25 @@ class GradientNCC(Cost):
 
     def __init__(self, target: torch.Tensor, mask: torch.Tensor | None, patch: int | None, global_weight: float):
         self.shape = tuple(target.shape)
-        self.keep = _valid_gradients(mask, target.device)
+        self.keep = None
+        if mask is not None and not bool(mask.all()):
+            # A gradient is valid where its whole 3x3 neighbourhood is.
+            inner = -F.max_pool2d(-mask.to(target.device).float()[None, None], 3, stride=1)[0, 0] > 0
+            self.keep = inner.flatten().nonzero()[:, 0]
+            if self.keep.numel() < 2:
+                raise MaskTooSmall("the validity mask leaves no pixel with a valid 3x3 neighbourhood")
         self.target_hat = standardize(self._gradients(target[None]))
 
     def _gradients(self, x: torch.Tensor) -> torch.Tensor:
-        return _kept_gradients(x, self.keep)
+        """``(C, H, W)`` -> ``(C, 2, n)``: the kept gradient values of each channel and direction."""
+        g = sobel(x).flatten(-2)
+        return g if self.keep is None else g[..., self.keep]
 
     def residuals(self, values, jac):
         H, W = self.shape
         gv = self._gradients(values.reshape(1, H, W))[0]  # (2, n)
         gj = self._gradients(jac.reshape(H, W, 6).permute(2, 0, 1)).permute(1, 2, 0)  # (2, n, 6)
         return _weighted(gv, gj, self.target_hat[0], 0.5)
-
-
-def _kept_gradients(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """``(C, H, W)`` -> ``(C, 2, n)``: the Sobel gradients of each channel and direction at ``keep``
-    (:func:`_valid_gradients`; None: all)."""
-    g = sobel(x).flatten(-2)
-    return g if keep is None else g[..., keep]
-
-
-def _valid_gradients(mask: torch.Tensor | None, device) -> torch.Tensor | None:
-    """Indices into the flattened Sobel output of the gradients whose whole 3x3 neighbourhood is valid
-    (None: all); ``MaskTooSmall`` when fewer than two are."""
-    if mask is None or bool(mask.all()):
-        return None
-    inner = -F.max_pool2d(-mask.to(device).float()[None, None], 3, stride=1)[0, 0] > 0
-    keep = inner.flatten().nonzero()[:, 0]
-    if keep.numel() < 2:
-        raise MaskTooSmall("the validity mask leaves no pixel with a valid 3x3 neighbourhood")
-    return keep
-
-
-class NGF(Cost):
-    """Normalised gradient fields over the valid gradients (``patch`` and the weight unused): residuals
-    ``sqrt(2 / n) (u_x v_y - u_y v_x)``, the cross products of the frame's ``u`` and the DRR's ``v``
-    Sobel gradients, each divided by ``sqrt(|g|^2 + eps^2)``; ``eps`` is the image's median gradient
-    magnitude (the DRR's at the first evaluation, then kept), so a positive gain or an offset of
-    either image changes nothing. The cost, ``mean(|u x v|^2)``, lies in [0, 1): 0 where all strong
-    edges are parallel."""
-
-    name = "ngf"
-
-    def __init__(self, target: torch.Tensor, mask: torch.Tensor | None, patch: int | None, global_weight: float):
-        self.shape = tuple(target.shape)
-        self.keep = _valid_gradients(mask, target.device)
-        g = _kept_gradients(target[None], self.keep)[0]
-        self.u = g / (g.square().sum(0) + self._eps(g) ** 2).sqrt()
-        self.eps = None  # the DRR's, at the first evaluation
-
-    @staticmethod
-    def _eps(g: torch.Tensor) -> torch.Tensor:
-        return g.square().sum(0).sqrt().median() + 1e-12
-
-    def residuals(self, values, jac):
-        H, W = self.shape
-        (gx, gy) = _kept_gradients(values.reshape(1, H, W), self.keep)[0]
-        dgx, dgy = _kept_gradients(jac.reshape(H, W, 6).permute(2, 0, 1), self.keep).permute(1, 2, 0)  # (n, 6) each
-        if self.eps is None:
-            self.eps = float(self._eps(torch.stack([gx, gy])))
-        d = (gx.square() + gy.square() + self.eps**2).sqrt()
-        ux, uy = self.u
-        r = (ux * gy - uy * gx) / d
-        # d r / d g = (u_x e_y - u_y e_x) / d - r g / d^2
-        scale = (2.0 / gx.numel()) ** 0.5
-        J = ((ux / d - r * gy / d.square())[:, None] * dgy - (uy / d + r * gx / d.square())[:, None] * dgx) * scale
-        return scale * r, J
 
 
 class Mixed(Cost):
@@ -205,27 +141,21 @@ class Mixed(Cost):
 
 
 COSTS: dict[str, type[Cost]] = {cls.name: cls for cls in (NCC, GradientNCC, Mixed)}
-"""The registration costs by name: each compares whole images and sparse patches (:class:`PatchCost`)."""
-
-DENSE_COSTS: dict[str, type[Cost]] = {**COSTS, NGF.name: NGF}
-"""The costs a dense pyramid level may name (:attr:`~.levels.Level.cost`): :data:`COSTS` and ``ngf``."""
+"""The registration costs by name."""
 
 
-def check_cost(name: str, dense: bool = False) -> str:
-    """``name`` when it names one of :data:`COSTS` (with ``dense``, of :data:`DENSE_COSTS`);
-    ``ValueError`` otherwise."""
-    known = DENSE_COSTS if dense else COSTS
-    if name not in known:
-        raise ValueError(f"unknown registration cost {name!r}: one of {', '.join(known)}")
+def check_cost(name: str) -> str:
+    """``name`` when it names one of :data:`COSTS`; ``ValueError`` otherwise."""
+    if name not in COSTS:
+        raise ValueError(f"unknown registration cost {name!r}: one of {', '.join(COSTS)}")
     return name
 
 
 def make_cost(
     name: str, target: torch.Tensor, mask: torch.Tensor | None, patch: int | None, global_weight: float
 ) -> Cost:
-    """The cost ``name`` (one of :data:`DENSE_COSTS`) for ``target`` ``(H, W)`` (and its validity
-    ``mask``); ``ValueError`` for an unknown name."""
-    return DENSE_COSTS[check_cost(name, dense=True)](target, mask, patch, global_weight)
+    """The cost ``name`` for ``target`` ``(H, W)`` (and its validity ``mask``); ``ValueError`` for an unknown name."""
+    return COSTS[check_cost(name)](target, mask, patch, global_weight)
 
 
 class PatchCost(Cost):

@@ -5,7 +5,7 @@ a sparse level) the pixels that disagree with the DRR far beyond the noise leave
 the CT does not hold (instruments, wires). A sparse level (:attr:`Level.sparse`) renders only square
 patches where the DRR has the strongest edges (:func:`feature_patches`), as DiffPose does, which is
 what makes tracking cheap. A level may compare with a cost of its own (:attr:`Level.cost`): the
-256 px level of :func:`pyramid` compares the directions of the gradients only.
+256 px level of :func:`pyramid` compares gradients only.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class Level:
     iteration cap, the patch size of the cost's local term (None: global terms only),
     ``sparse``: render only this many feature patches of that size (None: the whole image), and
     ``cost``: this level's cost by name (:data:`~.cost.COSTS`; None: the registration's own, the one
-    its gate reads; a sparse level one of :data:`~.cost.COSTS`, a dense one also ``ngf``)."""
+    its gate reads)."""
 
     width: int
     voxel_mm: float
@@ -45,7 +45,7 @@ class Level:
         if self.sparse is not None and not (self.patch and self.patch >= 3 and self.sparse >= 1):
             raise ValueError("a sparse level needs a patch size of at least 3 and at least one patch")
         if self.cost is not None:
-            check_cost(self.cost, dense=self.sparse is None)
+            check_cost(self.cost)
 
 
 FINEST_WIDTHS = (128, 256)
@@ -54,18 +54,17 @@ FINEST_WIDTHS = (128, 256)
 
 def pyramid(finest_width: int = 128) -> tuple[Level, ...]:
     """The cold-start pyramid: 32 px on a 4 mm volume, 64 px on 2 mm, 128 px on 1.4 mm and, for a
-    ``finest_width`` of 256, a last level of 256 px on the same 1.4 mm volume, of up to 20 steps, that
-    compares the directions of the image gradients only (``ngf``); ``ValueError`` for another width.
+    ``finest_width`` of 256, a last level of 256 px on the same 1.4 mm volume that compares image
+    gradients only (``gradient_ncc``); ``ValueError`` for another width.
 
     The 256-pixel level constrains the source's depth, the largest part of a single view's 3D error,
-    better, and the directions of the edges are what scatter and a display chain's local contrast
-    changes (CLAHE, unsharp masks, vignetting) leave in place; it costs time (both in
-    docs/performance.md).
+    better, and gradients are what a display chain's local contrast changes (CLAHE, unsharp masks,
+    vignetting) leave in place; it costs time (both in docs/performance.md).
     """
     if finest_width not in FINEST_WIDTHS:
         raise ValueError(f"finest pyramid width must be one of {FINEST_WIDTHS} (got {finest_width!r})")
     levels = (Level(32, 4.0, 15), Level(64, 2.0, 10, patch=8), Level(128, 1.4, 10, patch=13))
-    return levels + ((Level(256, 1.4, 20, cost="ngf"),) if finest_width == 256 else ())
+    return levels + ((Level(256, 1.4, 10, cost="gradient_ncc"),) if finest_width == 256 else ())
 
 
 MIN_LEVEL_PIXELS = 64

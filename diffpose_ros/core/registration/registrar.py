@@ -78,11 +78,11 @@ class RegistrationResult:
     ``pose``: refined ``T_ct_source`` (4x4 float64, mm); ``similarity``: the gate's measure, the
     registration cost's similarity at the final pose on the last level that compares with that cost
     (a finer level with a cost of its own, :attr:`~.levels.Level.cost`, moves the pose but is not
-    what the gate reads: 256 px gradients are dominated by quantum noise, and ``ngf`` has a scale of
-    its own); ``iterations``: LM steps tried (renders); ``seconds``: wall time; ``converged``: the
-    finest level stopped on a tolerance, not on its cap; ``hessian``: 6x6 Gauss-Newton information
-    ``J^T J`` of the final cost in ``xi = (rho mm, phi rad)``; ``residuals``: how many residuals that
-    cost sums; ``cost``: its value ``0.5 |r|^2``; ``history``: per-step records;
+    what the gate reads: 256 px gradients are dominated by quantum noise); ``iterations``: LM steps
+    tried (renders); ``seconds``: wall time; ``converged``: the finest level stopped on a tolerance,
+    not on its cap; ``hessian``: 6x6 Gauss-Newton
+    information ``J^T J`` of the final cost in ``xi = (rho mm, phi rad)``; ``residuals``: how many
+    residuals that cost sums; ``cost``: its value ``0.5 |r|^2``; ``history``: per-step records;
     ``outlier_fraction``: share of the valid pixels that the finest level left out as outliers;
     ``out_of_time``: stopped at the caller's deadline once the pose had settled
     (``deadline_step_mm``), not on a tolerance: then not ``converged``, and still trusted

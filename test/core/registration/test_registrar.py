@@ -78,14 +78,12 @@ def test_the_pyramid_ends_at_128_or_256_pixels():
 
 
 def test_a_level_with_its_own_cost_moves_the_pose_and_the_gate_reads_the_registrations(registrar, truth, detector):
-    """A level that names a cost (the 256 px level compares gradient directions) refines the pose; the result's
+    """A level that names a cost (the 256 px level compares gradients) refines the pose; the result's
     similarity, what the gate reads, is the registration's own cost at the final pose on the last
     level that uses it."""
     with pytest.raises(ValueError, match="unknown registration cost"):
         Level(64, 2.0, cost="ssd")
-    with pytest.raises(ValueError, match="unknown registration cost"):  # ngf has no sparse form
-        Level(128, 1.4, patch=15, sparse=32, cost="ngf")
-    assert pyramid(256)[-1].cost == "ngf" and all(level.cost is None for level in pyramid(128))
+    assert pyramid(256)[-1].cost == "gradient_ncc" and all(level.cost is None for level in pyramid(128))
     T_true, iso = truth
     drr = registrar.renderer().render(T_true, detector).reshape(256, 256)
     image = line_integrals_from_transmission(simulate_transmission(drr, rng=np.random.default_rng(3)))
@@ -101,14 +99,13 @@ def test_a_level_with_its_own_cost_moves_the_pose_and_the_gate_reads_the_registr
 @pytest.mark.slow
 def test_a_256_pixel_level_pins_the_pose_down_better_on_scattered_frames(registrar, hu, detector):
     """Mono16 frames with scatter and heel (physics the DRR lacks), from 3 deg / 10 mm off: ending
-    the pyramid at 256 px (1.2 mm pixels, the directions of the gradients) instead of 128 gives a
-    smaller 3D error in all, and no frame ends a millimetre off (on 50-frame clinical sets, see
-    docs/performance.md)."""
+    the pyramid at 256 px (1.2 mm pixels) instead of 128 gives a clearly smaller 3D error (on 200
+    clinical frames, see docs/performance.md)."""
     targets = metrics.grid_targets(hu.center)
     iso = hu.center + torch.tensor([12.0, -8.0, 18.0], dtype=torch.float64)
     rng = np.random.default_rng(0)
     errors = {128: [], 256: []}
-    for i in range(8):
+    for i in range(3):
         T = carm_pose(math.radians(-20 + 6 * i), math.radians(-9 + 3 * i), math.radians(4), 760.0 - 5 * i, iso)
         pixels = simulate_transmission(
             registrar.renderer().render(T, detector), rng=rng, clinical=ClinicalFactors(scatter=True)
@@ -119,8 +116,8 @@ def test_a_256_pixel_level_pins_the_pose_down_better_on_scattered_frames(registr
             result = registrar.register(frame, detector, start, levels=pyramid(width))
             assert result.converged and not result.failure()
             errors[width].append(float(metrics.mtre(result.pose, T, targets)))
-    assert sum(errors[256]) < 0.9 * sum(errors[128]), errors
-    assert max(errors[256]) < 1.0, errors
+    assert sum(errors[256]) < 0.75 * sum(errors[128]), errors
+    assert max(errors[256]) < 0.3, errors
 
 
 def test_a_dense_level_renders_each_pose_once(registrar, truth, target, k128, monkeypatch):
