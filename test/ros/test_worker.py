@@ -270,7 +270,7 @@ def test_the_worker_catches_up_only_while_it_gains_on_the_stream():
 
 
 class _HeldWorker:
-    """A worker on ``pipeline`` whose first frame is held in ``handle`` until :meth:`release`, so that
+    """A worker on ``pipeline`` whose first frame is held in ``handle`` (see :meth:`run`), so that
     frames put meanwhile arrive while it is busy, whatever the CPU's speed; ``reports`` lists
     ``(stamp s, kind, mode)``."""
 
@@ -295,10 +295,24 @@ class _HeldWorker:
 
         self.worker.handle = held
 
-    def wait_for(self, count: int) -> None:
-        deadline = time.monotonic() + 60
-        while len(self.reports) < count and time.monotonic() < deadline:
-            time.sleep(0.01)
+    def run(self, first: Received, meanwhile: list[Received], count: int, restart: bool = False) -> None:
+        """Start, hand it ``first``, put ``meanwhile`` (and restart the stream) while it is held,
+        release it, wait for ``count`` reports (and 0.2 s more for any other), stop."""
+        self.worker.start()
+        try:
+            self.worker.mailbox.put(first)
+            assert self.entered.wait(60)
+            for item in meanwhile:
+                self.worker.mailbox.put(item)
+            if restart:
+                self.worker.restart_stream()
+            self.gate.set()
+            deadline = time.monotonic() + 60
+            while len(self.reports) < count and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)
+        finally:
+            self.worker.stop()
 
 
 def test_after_a_cold_start_the_worker_catches_up_and_a_new_stream_starts_with_its_newest_frame(scene):
@@ -309,16 +323,8 @@ def test_after_a_cold_start_the_worker_catches_up_and_a_new_stream_starts_with_i
     # A cold start takes longer than a frame interval: the two frames that came meanwhile (7.5 Hz)
     # are both posed, in order, the older one tracked from the cold start.
     held = _HeldWorker(pipeline, infos)
-    held.worker.start()
-    try:
-        held.worker.mailbox.put(_frame(scene, 0, 200, infos))
-        assert held.entered.wait(60)
-        held.worker.mailbox.put(_frame(scene, 1, 200, infos, nanosec=133_333_333))
-        held.worker.mailbox.put(_frame(scene, 5, 200, infos, nanosec=266_666_667))
-        held.gate.set()
-        held.wait_for(3)
-    finally:
-        held.worker.stop()
+    meanwhile = [_frame(scene, 1, 200, infos, nanosec=133_333_333), _frame(scene, 5, 200, infos, nanosec=266_666_667)]
+    held.run(_frame(scene, 0, 200, infos), meanwhile, count=3)
     assert [r[:2] for r in held.reports] == [
         (200.0, "published"),
         (pytest.approx(200.133, abs=1e-3), "published"),
@@ -330,18 +336,8 @@ def test_after_a_cold_start_the_worker_catches_up_and_a_new_stream_starts_with_i
     # A bag that loops: its last frame and the next loop's first (the clock jumped back) come while
     # the worker is busy. The new stream starts with the newest frame, not the one from before.
     held = _HeldWorker(pipeline, infos)
-    held.worker.start()
-    try:
-        held.worker.mailbox.put(_frame(scene, 0, 300, infos))
-        assert held.entered.wait(60)
-        held.worker.mailbox.put(_frame(scene, 1, 300, infos, nanosec=133_333_333))
-        held.worker.mailbox.put(_frame(scene, 0, 100, infos))
-        held.worker.restart_stream()
-        held.gate.set()
-        held.wait_for(2)
-        time.sleep(0.2)  # nothing more comes
-    finally:
-        held.worker.stop()
+    meanwhile = [_frame(scene, 1, 300, infos, nanosec=133_333_333), _frame(scene, 0, 100, infos)]
+    held.run(_frame(scene, 0, 300, infos), meanwhile, count=2, restart=True)
     assert [r[:2] for r in held.reports] == [(300.0, "published"), (100.0, "published")]
     assert held.worker.mailbox.dropped == 1
 
