@@ -20,11 +20,11 @@ reliability, depth 10. A frame's intrinsics: the camera_info with its stamp (wai
 
 The newest frame, with one frame of catch-up: the image callback puts the message in a mailbox that
 keeps the newest frame and the one it replaced; one worker thread (:mod:`.worker`) takes the newest
-frame (the replaced one first while it gains on the stream), prepares it (the core's ``prepare_frame``) and runs the
-:class:`~diffpose_ros.core.registration.pipeline.Pipeline` (CNN + refinement, tracking when the last
-accepted pose is recent); :class:`~.outputs.NodeOutputs` publishes what it made of it.
-``frames_dropped`` counts frames replaced in the depth-1 DDS reader queue
-(``frames_dropped_before_receipt``) and frames the mailbox replaced twice or passed over.
+frame (the replaced one first while it gains on the stream), prepares it (the core's
+``prepare_frame``) and runs the :class:`~diffpose_ros.core.registration.pipeline.Pipeline` (CNN +
+refinement, tracking when the last accepted pose is recent); :class:`~.outputs.NodeOutputs`
+publishes what it made of it. ``frames_dropped`` counts frames replaced in the depth-1 DDS reader
+queue (``frames_dropped_before_receipt``) and frames the mailbox replaced twice or passed over.
 
 Outputs, stamped with the image's stamp, only for strictly newer stamps:
 

@@ -59,8 +59,8 @@ class Received:
 
 class Mailbox:
     """The newest :class:`Received` and the one it replaced; ``dropped`` counts the frames replaced
-    twice or passed over by a take, and :meth:`interval_s` tells how often frames arrive (every one put, taken
-    or not)."""
+    twice or passed over by a take, and :meth:`interval_s` tells how often frames arrive (every one
+    put, taken or not)."""
 
     def __init__(self):
         self._cond = threading.Condition()
@@ -189,7 +189,6 @@ class FrameWorker:
             raise RuntimeError("the worker thread is still running: stop it first")
         self._stop.clear()
         self.mailbox.clear()
-        self._catch_up = False
         self.restart_stream()
         self._thread = threading.Thread(target=self._loop, args=(keep_running,), name="diffpose_worker", daemon=True)
         self._thread.start()
