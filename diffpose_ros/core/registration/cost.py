@@ -12,6 +12,9 @@ the gate compares with ``min_similarity``.
 - ``gradient_ncc``: the mean NCC of the horizontal and vertical Sobel gradients (insensitive to a
   smooth offset across the field, such as scatter or a heel effect).
 - ``mixed`` (the default of :class:`~.registrar.RegistrationConfig`): half of each.
+- ``gradient_gain`` (a dense level's own cost, :data:`DENSE_COSTS`): the frame's gradients fitted by
+  the DRR's times a gain that varies smoothly with the frame's brightness and across the field
+  (what scatter and the heel effect do to a gradient).
 
 Masks (``(H, W)`` bool, True = valid pixel) restrict a cost to the pixels they keep: the global
 terms standardise and compare kept pixels only, the patch term keeps only patches whose pixels are
@@ -28,7 +31,19 @@ import torch.nn.functional as F
 
 from .similarity import patches, sobel, standardize, standardize_with_jacobian
 
-__all__ = ["COSTS", "Cost", "GradientNCC", "MaskTooSmall", "Mixed", "NCC", "PatchCost", "check_cost", "make_cost"]
+__all__ = [
+    "COSTS",
+    "DENSE_COSTS",
+    "Cost",
+    "GradientGain",
+    "GradientNCC",
+    "MaskTooSmall",
+    "Mixed",
+    "NCC",
+    "PatchCost",
+    "check_cost",
+    "make_cost",
+]
 
 
 class MaskTooSmall(ValueError):
@@ -104,25 +119,91 @@ class GradientNCC(Cost):
 
     def __init__(self, target: torch.Tensor, mask: torch.Tensor | None, patch: int | None, global_weight: float):
         self.shape = tuple(target.shape)
-        self.keep = None
-        if mask is not None and not bool(mask.all()):
-            # A gradient is valid where its whole 3x3 neighbourhood is.
-            inner = -F.max_pool2d(-mask.to(target.device).float()[None, None], 3, stride=1)[0, 0] > 0
-            self.keep = inner.flatten().nonzero()[:, 0]
-            if self.keep.numel() < 2:
-                raise MaskTooSmall("the validity mask leaves no pixel with a valid 3x3 neighbourhood")
-        self.target_hat = standardize(self._gradients(target[None]))
-
-    def _gradients(self, x: torch.Tensor) -> torch.Tensor:
-        """``(C, H, W)`` -> ``(C, 2, n)``: the kept gradient values of each channel and direction."""
-        g = sobel(x).flatten(-2)
-        return g if self.keep is None else g[..., self.keep]
+        self.keep = _valid_gradients(mask, target.device)
+        self.target_hat = standardize(_kept_gradients(target[None], self.keep))
 
     def residuals(self, values, jac):
         H, W = self.shape
-        gv = self._gradients(values.reshape(1, H, W))[0]  # (2, n)
-        gj = self._gradients(jac.reshape(H, W, 6).permute(2, 0, 1)).permute(1, 2, 0)  # (2, n, 6)
+        gv = _kept_gradients(values.reshape(1, H, W), self.keep)[0]  # (2, n)
+        gj = _kept_gradients(jac.reshape(H, W, 6).permute(2, 0, 1), self.keep).permute(1, 2, 0)  # (2, n, 6)
         return _weighted(gv, gj, self.target_hat[0], 0.5)
+
+
+def _valid_gradients(mask: torch.Tensor | None, device) -> torch.Tensor | None:
+    """Indices into the flattened Sobel output of the gradients whose whole 3x3 neighbourhood is valid
+    (None: all); ``MaskTooSmall`` when fewer than two are."""
+    if mask is None or bool(mask.all()):
+        return None
+    inner = -F.max_pool2d(-mask.to(device).float()[None, None], 3, stride=1)[0, 0] > 0
+    keep = inner.flatten().nonzero()[:, 0]
+    if keep.numel() < 2:
+        raise MaskTooSmall("the validity mask leaves no pixel with a valid 3x3 neighbourhood")
+    return keep
+
+
+def _kept_gradients(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``(C, H, W)`` -> ``(C, 2, n)``: the Sobel gradients of each channel and direction at ``keep``
+    (:func:`_valid_gradients`; None: all)."""
+    g = sobel(x).flatten(-2)
+    return g if keep is None else g[..., keep]
+
+
+class GradientGain(Cost):
+    """The frame's Sobel gradients fitted by least squares by the DRR's times a smooth gain
+    ``w = c0 + c1 f + c2 u + c3 v``, plus a constant per direction (``f``: the frame's standardised
+    value at the gradient; ``u, v``: its position, -1 to 1), the coefficients solved anew at each
+    evaluation (variable projection). Scatter scales a gradient by the local share of primary
+    ``P / (P + S)``, least where the body attenuates most, and the heel effect by the position
+    along the anode axis; this gain absorbs both, which one NCC over the whole field cannot.
+
+    Residuals ``sqrt(1 / (2 n)) (y - G c)`` over the ``2 n`` valid gradients, ``y`` the frame's
+    centred per direction and scaled to unit RMS over both: the cost is ``(1 - R^2) / 2`` and the
+    similarity ``R^2``. The Jacobian holds ``c`` and is projected off the fitted columns, so
+    ``J^T r`` is the cost's exact gradient. ``patch`` and the weight are unused."""
+
+    name = "gradient_gain"
+
+    def __init__(self, target: torch.Tensor, mask: torch.Tensor | None, patch: int | None, global_weight: float):
+        H, W = self.shape = tuple(target.shape)
+        self.keep = _valid_gradients(mask, target.device)
+        g = _kept_gradients(target[None], self.keep)[0]  # (2, n)
+        n = g.shape[-1]
+        centred = g - g.mean(-1, keepdim=True)
+        self.y = (centred / (centred.square().mean().sqrt() + 1e-12)).reshape(-1).double()  # one scale for both
+        v, u = torch.meshgrid(
+            torch.linspace(-1, 1, H - 2, dtype=target.dtype, device=target.device),
+            torch.linspace(-1, 1, W - 2, dtype=target.dtype, device=target.device),
+            indexing="ij",
+        )
+        columns = torch.stack([target[1:-1, 1:-1], u, v]).flatten(-2)  # the gradient's centre pixel
+        if self.keep is not None:
+            columns = columns[:, self.keep]
+        columns[0] = standardize(columns[0])
+        basis = torch.cat([torch.ones_like(columns[:1]), columns]).T.double()  # (n, 4)
+        self.basis = torch.cat([basis, basis])  # (2 n, 4): the same gain in both directions
+        self.offsets = torch.zeros(2 * n, 2, dtype=torch.float64, device=target.device)
+        self.offsets[:n, 0] = self.offsets[n:, 1] = 1.0
+        self.scale = (0.5 / n) ** 0.5
+
+    @staticmethod
+    def similarity(cost: float) -> float:
+        """``R^2`` in [0, 1] of a cost value ``(1 - R^2) / 2``."""
+        return 1.0 - 2.0 * cost
+
+    def residuals(self, values, jac):
+        H, W = self.shape
+        gv = _kept_gradients(values.reshape(1, H, W), self.keep)[0].reshape(-1).double()  # (2 n,)
+        gj = _kept_gradients(jac.reshape(H, W, 6).permute(2, 0, 1), self.keep)  # (6, 2, n)
+        gj = gj.permute(1, 2, 0).reshape(-1, 6).double()
+        size = gv.square().mean().sqrt() + 1e-12  # the fit's columns at unit scale
+        gv, gj = gv / size, gj / size
+        G = torch.cat([self.basis * gv[:, None], self.offsets], 1)  # (2 n, 6)
+        normal = G.T @ G + 1e-9 * torch.eye(G.shape[1], dtype=G.dtype, device=G.device)
+        c = torch.linalg.solve(normal, G.T @ self.y)
+        r = self.y - G @ c
+        moved = (self.basis @ c[: self.basis.shape[1]])[:, None] * gj  # d(G c) at fixed c
+        J = G @ torch.linalg.solve(normal, G.T @ moved) - moved
+        return (self.scale * r).to(values.dtype), (self.scale * J).to(values.dtype)
 
 
 class Mixed(Cost):
@@ -141,21 +222,28 @@ class Mixed(Cost):
 
 
 COSTS: dict[str, type[Cost]] = {cls.name: cls for cls in (NCC, GradientNCC, Mixed)}
-"""The registration costs by name."""
+"""The registration costs by name: each compares whole images and sparse patches (:class:`PatchCost`)."""
+
+DENSE_COSTS: dict[str, type[Cost]] = {**COSTS, GradientGain.name: GradientGain}
+"""The costs a dense pyramid level may name (:attr:`~.levels.Level.cost`): :data:`COSTS` and
+``gradient_gain``."""
 
 
-def check_cost(name: str) -> str:
-    """``name`` when it names one of :data:`COSTS`; ``ValueError`` otherwise."""
-    if name not in COSTS:
-        raise ValueError(f"unknown registration cost {name!r}: one of {', '.join(COSTS)}")
+def check_cost(name: str, dense: bool = False) -> str:
+    """``name`` when it names one of :data:`COSTS` (with ``dense``, of :data:`DENSE_COSTS`);
+    ``ValueError`` otherwise."""
+    known = DENSE_COSTS if dense else COSTS
+    if name not in known:
+        raise ValueError(f"unknown registration cost {name!r}: one of {', '.join(known)}")
     return name
 
 
 def make_cost(
     name: str, target: torch.Tensor, mask: torch.Tensor | None, patch: int | None, global_weight: float
 ) -> Cost:
-    """The cost ``name`` for ``target`` ``(H, W)`` (and its validity ``mask``); ``ValueError`` for an unknown name."""
-    return COSTS[check_cost(name)](target, mask, patch, global_weight)
+    """The cost ``name`` (one of :data:`DENSE_COSTS`) for ``target`` ``(H, W)`` (and its validity
+    ``mask``); ``ValueError`` for an unknown name."""
+    return DENSE_COSTS[check_cost(name, dense=True)](target, mask, patch, global_weight)
 
 
 class PatchCost(Cost):

@@ -4,8 +4,9 @@ A level renders at its own width on a volume of its own voxel size. From the sec
 a sparse level) the pixels that disagree with the DRR far beyond the noise leave the cost: whatever
 the CT does not hold (instruments, wires). A sparse level (:attr:`Level.sparse`) renders only square
 patches where the DRR has the strongest edges (:func:`feature_patches`), as DiffPose does, which is
-what makes tracking cheap. A level may compare with a cost of its own (:attr:`Level.cost`): the
-256 px level of :func:`pyramid` compares gradients only.
+what makes tracking cheap. A level may compare with a cost of its own (:attr:`Level.cost`) and map
+the frame's grey values anew onto its own DRR (:attr:`Level.remap`): the 256 px level of
+:func:`pyramid` does both, and compares gradients only.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from diffpose_ros.core.geometry.camera import Intrinsics
 from diffpose_ros.core.rendering.renderer import Renderer, patch_pixels
 
 from .cost import Cost, MaskTooSmall, PatchCost, check_cost, make_cost
+from .intensity import match_quantiles
 from .similarity import sobel, standardize
 
 __all__ = ["FINEST_WIDTHS", "MIN_LEVEL_PIXELS", "Level", "LevelProblem", "feature_patches", "prepare_level", "pyramid"]
@@ -30,9 +32,12 @@ __all__ = ["FINEST_WIDTHS", "MIN_LEVEL_PIXELS", "Level", "LevelProblem", "featur
 class Level:
     """One pyramid level: image width (pixels; height keeps the aspect), volume voxel size (mm),
     iteration cap, the patch size of the cost's local term (None: global terms only),
-    ``sparse``: render only this many feature patches of that size (None: the whole image), and
-    ``cost``: this level's cost by name (:data:`~.cost.COSTS`; None: the registration's own, the one
-    its gate reads)."""
+    ``sparse``: render only this many feature patches of that size (None: the whole image),
+    ``cost``: this level's cost by name (None: the registration's own, the one its gate reads; a
+    sparse level one of :data:`~.cost.COSTS`, a dense one of :data:`~.cost.DENSE_COSTS`), and
+    ``remap``: a dense level after the pyramid's first maps the frame's grey values anew onto its
+    own DRR at its start pose (:func:`~.intensity.match_quantiles`) before comparing, since the
+    caller's map came from a coarse DRR at the CNN's start and a wrong map moves the optimum."""
 
     width: int
     voxel_mm: float
@@ -40,12 +45,15 @@ class Level:
     patch: int | None = None
     sparse: int | None = None
     cost: str | None = None
+    remap: bool = False
 
     def __post_init__(self) -> None:
         if self.sparse is not None and not (self.patch and self.patch >= 3 and self.sparse >= 1):
             raise ValueError("a sparse level needs a patch size of at least 3 and at least one patch")
+        if self.remap and self.sparse is not None:
+            raise ValueError("only a dense level can map the frame's grey values onto its own DRR")
         if self.cost is not None:
-            check_cost(self.cost)
+            check_cost(self.cost, dense=self.sparse is None)
 
 
 FINEST_WIDTHS = (128, 256)
@@ -54,17 +62,19 @@ FINEST_WIDTHS = (128, 256)
 
 def pyramid(finest_width: int = 128) -> tuple[Level, ...]:
     """The cold-start pyramid: 32 px on a 4 mm volume, 64 px on 2 mm, 128 px on 1.4 mm and, for a
-    ``finest_width`` of 256, a last level of 256 px on the same 1.4 mm volume that compares image
-    gradients only (``gradient_ncc``); ``ValueError`` for another width.
+    ``finest_width`` of 256, a last level of 256 px on the same 1.4 mm volume that maps the frame's
+    grey values anew onto its own DRR (``remap``) and compares image gradients only, up to a smooth
+    gain (``gradient_gain``); ``ValueError`` for another width.
 
     The 256-pixel level constrains the source's depth, the largest part of a single view's 3D error,
-    better, and gradients are what a display chain's local contrast changes (CLAHE, unsharp masks,
-    vignetting) leave in place; it costs time (both in docs/performance.md).
+    better; gradients are what a display chain's local contrast changes (CLAHE, unsharp masks,
+    vignetting) leave in place, the gain absorbs scatter, and the map taken at the level's start
+    pose no longer moves the optimum as the CNN start's did (all measured in docs/performance.md).
     """
     if finest_width not in FINEST_WIDTHS:
         raise ValueError(f"finest pyramid width must be one of {FINEST_WIDTHS} (got {finest_width!r})")
     levels = (Level(32, 4.0, 15), Level(64, 2.0, 10, patch=8), Level(128, 1.4, 10, patch=13))
-    return levels + ((Level(256, 1.4, 10, cost="gradient_ncc"),) if finest_width == 256 else ())
+    return levels + ((Level(256, 1.4, 10, cost="gradient_gain", remap=True),) if finest_width == 256 else ())
 
 
 MIN_LEVEL_PIXELS = 64
@@ -134,9 +144,12 @@ def prepare_level(
         if guide is None:
             guide = renderer.render(pose, k.resized(max(8, k.width // 2)))
         drr = resample_image(guide.cpu().float(), k.width, k.height)
-    elif outlier_sigma > 0 and not first:  # the level's first render: its image is the outliers' DRR
+    elif (outlier_sigma > 0 or level.remap) and not first:  # the level's first render: the outliers' DRR
         rendered = renderer.render_jacobian(pose, k)
         drr = rendered[0][0].reshape(k.height, k.width).cpu()
+        if level.remap:
+            valid = torch.ones(target.shape, dtype=torch.bool) if level_mask is None else level_mask
+            target = match_quantiles(target, drr[valid.cpu()], valid)
     if outlier_sigma > 0 and drr is not None:
         valid = torch.ones(target.shape, dtype=torch.bool) if level_mask is None else level_mask
         outliers = _outliers(drr, target.cpu(), valid, outlier_sigma)

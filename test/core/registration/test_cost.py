@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffpose_ros.core.registration.cost import COSTS, GradientNCC, PatchCost, make_cost
+from diffpose_ros.core.registration.cost import COSTS, DENSE_COSTS, GradientNCC, PatchCost, make_cost
 from diffpose_ros.core.registration.similarity import gradient_ncc, multiscale_ncc, ncc, sobel
 
 
@@ -73,6 +73,38 @@ def test_mixed_cost_is_half_ncc_half_gradient_ncc(pair):
     assert mixed == pytest.approx(0.5 * sum(parts), abs=1e-6)
 
 
+def test_gradient_gain_fits_a_gain_that_follows_the_brightness(pair):
+    """Scatter compresses the line integrals most where they are largest (``-log(exp(-L) + s)``): each
+    gradient is scaled by a gain that falls with the frame's brightness. The gain cost fits it (R^2
+    near 1), the gradient NCC cannot; a frame equal to the DRR up to a gain and an offset gives 1."""
+    values, jac, target = pair
+    same = make_cost("gradient_gain", 3.0 * target + 1.0, None, None, 0.5)
+    assert _similarity(same, target.flatten(), jac) == pytest.approx(1.0, abs=1e-9)
+    hazed = -torch.log(torch.exp(-target) + 0.3 * float(torch.exp(-target).mean()))
+    gain = _similarity(make_cost("gradient_gain", hazed, None, None, 0.5), target.flatten(), jac)
+    ncc_squared = _similarity(make_cost("gradient_ncc", hazed, None, None, 0.5), target.flatten(), jac) ** 2
+    assert gain > ncc_squared + 0.5 * (1.0 - ncc_squared), (gain, ncc_squared)  # half the misfit gone
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradient_gain_jacobian_gives_the_exact_gradient_of_the_cost(pair, masked):
+    """Variable projection: the Jacobian holds the gain's coefficients, so it is not the residuals'
+    derivative, but ``J^T r`` is the exact gradient of the cost (the residuals are orthogonal to the fit)."""
+    values, jac, target = pair
+    mask = None
+    if masked:
+        mask = torch.ones(64, 64, dtype=torch.bool)
+        mask[:, :20] = False
+    cost = make_cost("gradient_gain", target, mask, None, 0.5)
+    r, J = cost.residuals(values, jac)
+
+    def half_squared(q):
+        return 0.5 * cost.residuals(values + jac @ q, jac)[0].square().sum()
+
+    reference = torch.autograd.functional.jacobian(half_squared, torch.zeros(6, dtype=torch.float64))
+    torch.testing.assert_close(J.T @ r, reference, rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("name", sorted(COSTS))
 @pytest.mark.parametrize("masked", [False, True])
 def test_jacobian_is_the_derivative_of_the_residuals(pair, name, masked):
@@ -125,6 +157,9 @@ def test_unknown_cost_and_empty_masks_are_refused(pair):
         make_cost("ncc", target, sparse, 8, 0.5)
     with pytest.raises(ValueError, match="3x3"):
         make_cost("gradient_ncc", target, sparse, None, 0.5)
+    with pytest.raises(ValueError, match="3x3"):
+        make_cost("gradient_gain", target, sparse, None, 0.5)
+    assert set(COSTS) < set(DENSE_COSTS)
 
 
 @pytest.mark.parametrize("name", sorted(COSTS))

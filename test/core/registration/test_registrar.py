@@ -11,7 +11,7 @@ import torch
 from diffpose_ros.core.frames.prepare import line_integrals_from_transmission, resample_image, resample_mask
 from diffpose_ros.core.geometry import metrics, se3
 from diffpose_ros.core.geometry.camera import carm_pose
-from diffpose_ros.core.registration.levels import Level, feature_patches, pyramid
+from diffpose_ros.core.registration.levels import Level, feature_patches, prepare_level, pyramid
 from diffpose_ros.core.registration.registrar import Registrar, RegistrationConfig, RegistrationResult
 from diffpose_ros.core.simulation.clinical import ClinicalFactors
 from diffpose_ros.core.simulation.detector import simulate_transmission
@@ -78,12 +78,15 @@ def test_the_pyramid_ends_at_128_or_256_pixels():
 
 
 def test_a_level_with_its_own_cost_moves_the_pose_and_the_gate_reads_the_registrations(registrar, truth, detector):
-    """A level that names a cost (the 256 px level compares gradients) refines the pose; the result's
+    """A level that names a cost (the 256 px level fits gradients) refines the pose; the result's
     similarity, what the gate reads, is the registration's own cost at the final pose on the last
     level that uses it."""
     with pytest.raises(ValueError, match="unknown registration cost"):
         Level(64, 2.0, cost="ssd")
-    assert pyramid(256)[-1].cost == "gradient_ncc" and all(level.cost is None for level in pyramid(128))
+    with pytest.raises(ValueError, match="unknown registration cost"):  # gradient_gain has no sparse form
+        Level(128, 1.4, patch=15, sparse=32, cost="gradient_gain")
+    assert pyramid(256)[-1].cost == "gradient_gain" and pyramid(256)[-1].remap
+    assert all(level.cost is None and not level.remap for level in pyramid(128))
     T_true, iso = truth
     drr = registrar.renderer().render(T_true, detector).reshape(256, 256)
     image = line_integrals_from_transmission(simulate_transmission(drr, rng=np.random.default_rng(3)))
@@ -94,6 +97,27 @@ def test_a_level_with_its_own_cost_moves_the_pose_and_the_gate_reads_the_registr
     assert not torch.equal(polished.pose, alone.pose)
     gauge = registrar.register(image, detector, polished.pose, levels=(Level(64, 2.0, 0, patch=8),))
     assert gauge.iterations == 0 and polished.similarity == gauge.similarity
+
+
+def test_a_remapping_level_maps_the_frame_onto_its_own_drr(registrar, truth, detector):
+    """A dense level with ``remap`` compares the frame's grey values mapped onto its DRR at its start
+    pose: a frame bent by a steep monotone display curve compares as if it were line integrals. The
+    pyramid's first level has no DRR of its own (it keeps the caller's map); a sparse level cannot remap."""
+    with pytest.raises(ValueError, match="dense level"):
+        Level(128, 1.4, patch=15, sparse=32, remap=True)
+    T_true, _ = truth
+    k = detector.resized(64)
+    renderer = registrar.renderer(2.0)
+    drr = renderer.render(T_true, k).reshape(64, 64)
+    shown = (drr / drr.max()) ** 6  # increasing, far from affine
+
+    def similarity(level, first=False):
+        problem = prepare_level(level, first, shown, k, None, T_true, renderer, "ncc", 0.5, 0.0)
+        return problem.cost.similarity(problem.residuals(T_true)[0])
+
+    plain, remapped = similarity(Level(64, 2.0, 5)), similarity(Level(64, 2.0, 5, remap=True))
+    assert remapped > 0.995 and remapped > plain + 0.1, (plain, remapped)
+    assert similarity(Level(64, 2.0, 5, remap=True), first=True) == plain
 
 
 @pytest.mark.slow
