@@ -187,7 +187,7 @@ class GradientGain(Cost):
 
     @staticmethod
     def similarity(cost: float) -> float:
-        """``R^2`` in [0, 1] of a cost value ``(1 - R^2) / 2``."""
+        """``R^2`` in [0, 1] of a cost value ``(1 - R^2) / 2`` (not the [-1, 1] scale of :data:`COSTS`)."""
         return 1.0 - 2.0 * cost
 
     def residuals(self, values, jac):
